@@ -1,0 +1,36 @@
+# Thin wrapper around meson/ninja. Every target installs what it needs first,
+# so a fresh Debian 12 machine needs only `make run` or `make test`.
+BUILD   ?= build
+ASAN    ?= build-asan
+MESON_OPTS ?= --buildtype=debugoptimized
+
+.PHONY: all deps build asan run test test-unit test-integration bench clean
+
+all: build
+
+deps:
+	@scripts/deps.sh
+
+$(BUILD)/build.ninja:
+	meson setup $(BUILD) $(MESON_OPTS)
+
+build: deps $(BUILD)/build.ninja
+	ninja -C $(BUILD)
+
+$(ASAN)/build.ninja:
+	meson setup $(ASAN) --buildtype=debug -Db_sanitize=address,undefined -Db_lundef=false
+
+asan: deps $(ASAN)/build.ninja
+	ninja -C $(ASAN)
+
+run: build
+	@scripts/demo.sh $(BUILD)
+
+test: build
+	@scripts/test.sh $(BUILD)
+
+bench: build
+	@bench/run.sh $(BUILD)
+
+clean:
+	rm -rf $(BUILD) $(ASAN)

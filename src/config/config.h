@@ -1,0 +1,94 @@
+// Config: everything `baton serve` reads from its YAML file, validated.
+//
+// Loading never throws: it returns either a Config or a ConfigError naming
+// file:line:column and what was expected there. Every field has a default
+// except tls.cert, tls.key and at least one route.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+namespace baton::config {
+
+struct HostPort {
+  std::string host;  // name or literal address; IPv6 literals are written [::1]:443 in YAML
+  uint16_t port = 0;
+  std::string to_string() const;  // "host:port", "[v6]:port"
+};
+
+// Parses "host:port" / "[v6]:port". Port 0 allowed only if allow_zero.
+[[nodiscard]] std::optional<HostPort> parse_host_port(std::string_view s, bool allow_zero);
+
+struct Token {
+  std::string name;                  // for logs and metrics, never the secret
+  std::array<uint8_t, 32> sha256{};  // digest of the token bytes
+};
+
+struct Route {
+  std::string name;  // 1..255 printable ASCII, the preamble's route name
+  HostPort upstream;
+};
+
+struct TlsSettings {
+  std::string cert_file;
+  std::string key_file;
+  std::string client_ca_file;       // empty: no client certificates asked for
+  bool require_client_cert = false; // only with client_ca_file
+  std::string ticket_key_file;      // empty: random ticket key per process (a warning is logged)
+  uint32_t ticket_lifetime_s = 86400;
+};
+
+struct Limits {
+  uint32_t max_tunnels = 10000;
+  uint32_t max_streams_per_tunnel = 1024;
+  uint32_t handshake_timeout_ms = 10000;        // TLS handshake + HELLO
+  uint32_t idle_timeout_ms = 300000;            // nothing received for this long closes the tunnel
+  uint32_t upstream_connect_timeout_ms = 5000;
+  uint32_t heartbeat_ms = 15000;                // sent to clients in WELCOME
+  uint32_t tunnel_output_high_water = 1048576;  // bytes queued to a client before upstream reads pause
+};
+
+struct Drain {
+  uint32_t grace_ms = 30000;
+  std::string reconnect_hint;  // optional host:port sent in DRAIN
+};
+
+struct Config {
+  std::string source;  // file the config was read from
+  std::string server_id;  // empty: the host name
+  HostPort listen{"0.0.0.0", 7443};
+  TlsSettings tls;
+  bool require_token = true;  // false only if client certificates are required
+  std::vector<Token> tokens;
+  std::vector<Route> routes;
+  Limits limits;
+  HostPort admin{"127.0.0.1", 9901};
+  std::string handoff_socket = "/run/baton/handoff.sock";
+  Drain drain;
+  std::string log_level = "info";   // trace, debug, info, warn, error
+  std::string log_format = "text";  // text, json
+
+  const Route* find_route(std::string_view name) const;
+};
+
+struct ConfigError {
+  std::string file;
+  uint32_t line = 0;    // 1-based; 0 if the error is not tied to a place (file unreadable)
+  uint32_t column = 0;  // 1-based
+  std::string message;  // what was expected, e.g. "expected an integer for limits.max_tunnels"
+  std::string to_string() const;  // "file:line:column: message" (or "file: message")
+};
+
+using LoadResult = std::variant<Config, ConfigError>;
+
+[[nodiscard]] LoadResult load_file(const std::string& path);
+// `name` is used as the file name in errors. Relative file paths inside the
+// config (tls.cert, ...) are resolved against `base_dir` if not empty.
+[[nodiscard]] LoadResult parse(std::string_view yaml, const std::string& name, const std::string& base_dir = "");
+
+}  // namespace baton::config

@@ -1,0 +1,95 @@
+// Control messages on stream 1 (PROTOCOL.md section 3) and the route preamble
+// (section 4). Pure codecs: no I/O, no state beyond the decoder's partial input.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace baton::mux {
+
+enum class ControlType : uint8_t { hello = 0x01, welcome = 0x02, reject = 0x03, drain = 0x04 };
+
+namespace tag {
+constexpr uint8_t version = 0x01;
+constexpr uint8_t token = 0x02;
+constexpr uint8_t client_id = 0x03;
+constexpr uint8_t session_id = 0x05;
+constexpr uint8_t server_id = 0x06;
+constexpr uint8_t heartbeat_ms = 0x07;
+constexpr uint8_t code = 0x09;
+constexpr uint8_t reason = 0x0a;
+constexpr uint8_t grace_ms = 0x0b;
+constexpr uint8_t reconnect_hint = 0x0c;
+constexpr uint8_t retry_after_ms = 0x0d;
+}  // namespace tag
+
+enum class RejectCode : uint16_t { unsupported_version = 1, unauthorized = 2, overloaded = 3, draining = 4 };
+
+struct Hello {
+  std::optional<uint16_t> version;  // absent = malformed HELLO
+  std::string token;                // bytes, may be empty
+  std::string client_id;            // UTF-8, <= 128 bytes
+};
+struct Welcome {
+  std::array<uint8_t, 16> session_id{};
+  std::string server_id;
+  uint32_t heartbeat_ms = 0;
+};
+struct Reject {
+  uint16_t code = 0;
+  std::string reason;
+  std::optional<uint32_t> retry_after_ms;
+};
+struct Drain {
+  std::string reason;
+  uint32_t grace_ms = 0;
+  std::string reconnect_hint;  // empty = not sent
+};
+
+// Encoders append one whole message to out.
+void encode(const Hello& m, std::vector<uint8_t>& out);
+void encode(const Welcome& m, std::vector<uint8_t>& out);
+void encode(const Reject& m, std::vector<uint8_t>& out);
+void encode(const Drain& m, std::vector<uint8_t>& out);
+
+// One decoded message. Unknown message types come back with type set and no body
+// (the caller ignores them); unknown field tags are skipped.
+struct ControlMessage {
+  uint8_t type = 0;
+  std::optional<Hello> hello;
+  std::optional<Welcome> welcome;
+  std::optional<Reject> reject;
+  std::optional<Drain> drain;
+};
+
+enum class DecodeStatus : uint8_t {
+  message = 0,     // *msg is filled, `used` bytes were taken
+  need_more = 1,   // not a whole message yet; nothing taken
+  malformed = 2,   // a known field has the wrong size, or fields overrun the message
+};
+
+struct DecodeResult {
+  DecodeStatus status = DecodeStatus::need_more;
+  size_t used = 0;
+  const char* error = nullptr;  // static text when malformed
+};
+
+// Decodes at most one message from the front of `in`.
+[[nodiscard]] DecodeResult decode(std::span<const uint8_t> in, ControlMessage& msg);
+
+// Route preamble: length u8 (1..255) | name (ASCII).
+enum class PreambleStatus : uint8_t { route = 0, need_more = 1, malformed = 2 };
+struct PreambleResult {
+  PreambleStatus status = PreambleStatus::need_more;
+  size_t used = 0;
+  std::string route;
+};
+// Malformed: length 0, or a byte outside printable ASCII (0x21..0x7e).
+[[nodiscard]] PreambleResult decode_preamble(std::span<const uint8_t> in);
+void encode_preamble(const std::string& route, std::vector<uint8_t>& out);
+
+}  // namespace baton::mux

@@ -1,0 +1,177 @@
+// A sans-IO yamux session (PROTOCOL.md section 2 and hashicorp/yamux framing).
+//
+// The session owns no socket and no timer. Plaintext yamux bytes from the peer
+// go in through consume(); bytes for the peer accumulate in output(), which the
+// owner seals into TLS records and writes. Events are reported synchronously
+// through SessionHandler while consume() or another call runs.
+//
+// All state lives in one plain struct, SessionState, so that a session can be
+// exported mid-stream (state()) and rebuilt in another process (the
+// constructor taking a SessionState); the rebuilt session behaves exactly like
+// the original from the next byte on.
+//
+// Flow control: every stream starts with kInitialWindow credit each way.
+// Received Data is kept in the stream's inbound queue (bounded by the receive
+// window the session granted) until the owner calls consumed(); credit is
+// returned to the peer with a Window Update once at least half the window has
+// been consumed (as hashicorp/yamux does). write() never queues more than the
+// peer's send window allows, so output() is bounded by the sum of the send
+// windows; the owner bounds that further by not writing while output() is large.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <span>
+#include <vector>
+
+#include "mux/frame.h"
+#include "util/byte_queue.h"
+
+namespace baton::mux {
+
+enum class Role : uint8_t { client = 0, server = 1 };
+
+struct SessionLimits {
+  uint32_t max_streams = 1024;          // streams open at once; a SYN beyond it is answered with RST
+  uint32_t max_frame_data = 16 * 1024;  // largest Data body this side sends
+  uint32_t max_pending_pings = 16;      // unanswered pings we keep track of
+  uint32_t max_ping_replies = 64;       // queued Ping ACKs; a flood beyond it is a protocol error
+};
+
+// What each stream is waiting for, named for what is awaited (ARCHITECTURE principle 3).
+enum class StreamPhase : uint8_t {
+  awaiting_ack = 0,     // we sent SYN, the peer has not ACKed yet (data may flow already)
+  awaiting_accept = 1,  // the peer sent SYN, the owner has not called accept() yet
+  open = 2,             // both directions may carry data
+};
+const char* to_str(StreamPhase p);
+
+struct StreamState {
+  uint32_t id = 0;
+  StreamPhase phase = StreamPhase::open;
+  bool local_fin = false;     // we sent FIN: no more write()
+  bool remote_fin = false;    // peer sent FIN: inbound ends after the queued bytes
+  uint32_t send_window = kInitialWindow;   // bytes we may still send
+  uint32_t recv_window = kInitialWindow;   // bytes the peer may still send (credit not yet used)
+  uint32_t recv_window_max = kInitialWindow;  // the window size we grant
+  uint32_t unacked_credit = 0;  // consumed bytes not yet returned in a Window Update
+  util::ByteQueue inbound;      // received, not yet consumed by the owner
+};
+
+struct PendingPing {
+  uint32_t value = 0;
+  uint64_t sent_at_ms = 0;  // owner-supplied time, for RTT and heartbeat deadlines
+};
+
+struct SessionState {
+  Role role = Role::server;
+  uint32_t next_local_id = 0;      // next id we open (client: 1,3,5.. server: 2,4,6..)
+  uint32_t highest_remote_id = 0;  // ids from the peer must be greater than this
+  bool go_away_sent = false;
+  bool go_away_received = false;
+  bool failed = false;  // a fatal protocol error happened; the session is dead
+  GoAwayCode go_away_code = GoAwayCode::normal;  // the code received (or sent when failed)
+  uint32_t ping_replies_queued = 0;
+  // Partially received frame: the header bytes and the part of a Data body
+  // received so far for a frame whose body has not fully arrived.
+  util::ByteQueue partial_input;
+  util::ByteQueue output;  // encoded frames for the peer, not yet taken by the owner
+  std::map<uint32_t, StreamState> streams;
+  std::vector<PendingPing> pings;  // pings we sent and have not seen answered
+};
+
+class SessionHandler {
+ public:
+  virtual ~SessionHandler() = default;
+  // The peer opened stream `id` (SYN). The owner must call accept(id) or reset(id),
+  // now or later; data that arrives meanwhile is queued (within the window).
+  virtual void on_stream_opened(uint32_t id) = 0;
+  // New inbound bytes are queued on the stream (see read()/consumed()).
+  virtual void on_stream_data(uint32_t id) = 0;
+  // The peer half-closed: after the queued inbound bytes, no more will come.
+  virtual void on_stream_fin(uint32_t id) = 0;
+  // The peer reset the stream, or the session reset it (limits). The stream is
+  // already erased when this is called.
+  virtual void on_stream_reset(uint32_t id) = 0;
+  // The stream's send window grew from 0 (or its ACK arrived): write() may accept bytes again.
+  virtual void on_stream_writable(uint32_t id) = 0;
+  // Both directions finished (FIN sent and received, inbound drained by consumed()):
+  // the stream is erased after this returns.
+  virtual void on_stream_closed(uint32_t id) = 0;
+  virtual void on_ping_answered(uint32_t value, uint64_t sent_at_ms) { (void)value; (void)sent_at_ms; }
+  virtual void on_go_away(GoAwayCode code) { (void)code; }
+};
+
+// What consume() found.
+enum class ConsumeStatus : uint8_t {
+  ok = 0,              // all input processed (a partial frame is kept in state)
+  protocol_error = 1,  // Go Away(1) is queued in output(); the owner flushes it and closes the tunnel
+  already_failed = 2,  // the session failed earlier; input ignored
+};
+
+struct ConsumeResult {
+  ConsumeStatus status = ConsumeStatus::ok;
+  const char* error = nullptr;  // static text naming the violation when status == protocol_error
+};
+
+class Session {
+ public:
+  Session(Role role, SessionHandler& handler, SessionLimits limits = {});
+  // Rebuilds a session from exported state. `state` must come from state() of
+  // a session with the same role (the handoff codec validates before this).
+  Session(SessionState state, SessionHandler& handler, SessionLimits limits = {});
+
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  // Feeds plaintext from the peer. Handles every complete frame; keeps a partial one.
+  [[nodiscard]] ConsumeResult consume(std::span<const uint8_t> in);
+
+  // Bytes to send to the peer. The owner pops what it has taken.
+  util::ByteQueue& output() { return st_.output; }
+
+  // Opens a stream (SYN via Window Update). Returns its id, or 0 if the session
+  // has sent or received Go Away, failed, or is at max_streams.
+  [[nodiscard]] uint32_t open();
+  // Accepts a stream the peer opened (ACK). No-op unless awaiting_accept.
+  void accept(uint32_t id);
+  // Queues up to data.size() bytes as Data frames, limited by the send window.
+  // Returns how many bytes were taken (0 if the window is empty, the stream is
+  // unknown, or we already sent FIN). A stream awaiting_accept is accepted first.
+  [[nodiscard]] size_t write(uint32_t id, std::span<const uint8_t> data);
+  // Sends FIN (half-close). No-op if already sent or the stream is unknown.
+  void close_write(uint32_t id);
+  // Sends RST and erases the stream (no on_stream_reset for a local reset).
+  void reset(uint32_t id);
+
+  // Inbound bytes of a stream, in order, without dropping them. Empty if none or unknown.
+  const util::ByteQueue* inbound(uint32_t id) const;
+  // Drops n inbound bytes (n <= inbound size) and returns window credit to the
+  // peer once enough has accumulated. May fire on_stream_closed.
+  void consumed(uint32_t id, size_t n);
+  // Grants the peer a bigger receive window for this stream (sends the difference).
+  void set_recv_window(uint32_t id, uint32_t window);
+
+  // Sends Ping(SYN) with `value`, recording now_ms. False if max_pending_pings are outstanding.
+  bool ping(uint32_t value, uint64_t now_ms);
+  // Sends Go Away with the code. Afterwards open() fails and peer SYNs are reset.
+  void go_away(GoAwayCode code);
+
+  bool has_stream(uint32_t id) const { return st_.streams.count(id) != 0; }
+  uint32_t send_window(uint32_t id) const;
+  size_t stream_count() const { return st_.streams.size(); }
+  bool failed() const { return st_.failed; }
+  bool go_away_received() const { return st_.go_away_received; }
+  bool go_away_sent() const { return st_.go_away_sent; }
+  const std::vector<PendingPing>& pending_pings() const { return st_.pings; }
+
+  // The whole state, for handoff and tests.
+  const SessionState& state() const { return st_; }
+
+ private:
+  SessionState st_;
+  SessionHandler& handler_;
+  SessionLimits limits_;
+};
+
+}  // namespace baton::mux

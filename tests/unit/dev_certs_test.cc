@@ -1,0 +1,1 @@
+// placeholder: tests for dev_certs

@@ -1,0 +1,1 @@
+// placeholder: tests for mux_frame
