@@ -27,12 +27,22 @@ std::span<uint8_t> ByteQueue::prepare(size_t want) {
   // Small writes into an empty queue get a small chunk so that a queue holding
   // a few bytes (a control message, a partial record header) stays cheap.
   size_t cap = want >= kChunk || size_ > 0 ? kChunk : std::max<size_t>(want, 256 - sizeof(Chunk));
+  push_chunk(cap);
+  return {tail_->data(), std::min(want, cap)};
+}
+
+std::span<uint8_t> ByteQueue::prepare_contiguous(size_t n) {
+  if (tail_ && tail_->cap - tail_->end >= n) return {tail_->data() + tail_->end, n};
+  push_chunk(std::max(n, size_ > 0 ? kChunk : std::min(n, kChunk)));
+  return {tail_->data(), n};
+}
+
+void ByteQueue::push_chunk(size_t cap) {
   void* mem = std::malloc(sizeof(Chunk) + cap);
   if (!mem) throw std::bad_alloc();
   Chunk* c = new (mem) Chunk{nullptr, uint32_t(cap), 0, 0};
   if (tail_) tail_->next = c; else head_ = c;
   tail_ = c;
-  return {c->data(), std::min(want, cap)};
 }
 
 void ByteQueue::commit(size_t n) {

@@ -51,6 +51,9 @@ class ByteQueue {
   // the queue between the two calls.
   std::span<uint8_t> prepare(size_t want);
   void commit(size_t n);
+  // Like prepare(), but the span is exactly `n` contiguous bytes (a new chunk
+  // is started if the last one has less room).
+  std::span<uint8_t> prepare_contiguous(size_t n);
 
   // The first contiguous run of queued bytes (empty span if the queue is empty).
   std::span<const uint8_t> front() const;
@@ -78,6 +81,7 @@ class ByteQueue {
     const uint8_t* data() const { return reinterpret_cast<const uint8_t*>(this + 1); }
   };
   void pop_chunk();
+  void push_chunk(size_t cap);
   Chunk* head_ = nullptr;
   Chunk* tail_ = nullptr;
   size_t size_ = 0;

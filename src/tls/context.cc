@@ -1,0 +1,137 @@
+#include "tls/context.h"
+
+#include <mbedtls/error.h>
+
+#include <array>
+
+namespace baton::tls {
+
+std::string mbedtls_error_text(int code) {
+  char buf[160];
+  mbedtls_strerror(code, buf, sizeof buf);
+  return std::string(buf) + " (-0x" + [&] {
+    char h[16];
+    snprintf(h, sizeof h, "%04x", unsigned(-code));
+    return std::string(h);
+  }() + ")";
+}
+
+namespace {
+const int kSuites[] = {
+    MBEDTLS_TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,  MBEDTLS_TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+    MBEDTLS_TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,  MBEDTLS_TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    MBEDTLS_TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, MBEDTLS_TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    0};
+const mbedtls_ecp_group_id kCurves[] = {MBEDTLS_ECP_DP_CURVE25519, MBEDTLS_ECP_DP_SECP256R1,
+                                        // Peer certificates may be signed on P-384.
+                                        MBEDTLS_ECP_DP_SECP384R1, MBEDTLS_ECP_DP_NONE};
+const char* kAlpn[] = {"baton/1", nullptr};
+}  // namespace
+
+Context::Context(Side side) : side_(side) {
+  mbedtls_entropy_init(&entropy_);
+  mbedtls_ctr_drbg_init(&drbg_);
+  mbedtls_ssl_config_init(&conf_);
+  mbedtls_x509_crt_init(&cert_);
+  mbedtls_pk_init(&key_);
+  mbedtls_x509_crt_init(&ca_);
+}
+
+Context::~Context() {
+  tickets_.reset();
+  mbedtls_ssl_config_free(&conf_);
+  mbedtls_x509_crt_free(&cert_);
+  mbedtls_pk_free(&key_);
+  mbedtls_x509_crt_free(&ca_);
+  mbedtls_ctr_drbg_free(&drbg_);
+  mbedtls_entropy_free(&entropy_);
+}
+
+std::string Context::init_common() {
+  static const char pers[] = "baton";
+  int ret = mbedtls_ctr_drbg_seed(&drbg_, mbedtls_entropy_func, &entropy_,
+                                  reinterpret_cast<const unsigned char*>(pers), sizeof pers - 1);
+  if (ret != 0) return "seeding the random generator: " + mbedtls_error_text(ret);
+  ret = mbedtls_ssl_config_defaults(&conf_, side_ == Side::server ? MBEDTLS_SSL_IS_SERVER : MBEDTLS_SSL_IS_CLIENT,
+                                    MBEDTLS_SSL_TRANSPORT_STREAM, MBEDTLS_SSL_PRESET_DEFAULT);
+  if (ret != 0) return "TLS defaults: " + mbedtls_error_text(ret);
+  mbedtls_ssl_conf_rng(&conf_, mbedtls_ctr_drbg_random, &drbg_);
+  mbedtls_ssl_conf_min_version(&conf_, MBEDTLS_SSL_MAJOR_VERSION_3, MBEDTLS_SSL_MINOR_VERSION_3);
+  mbedtls_ssl_conf_max_version(&conf_, MBEDTLS_SSL_MAJOR_VERSION_3, MBEDTLS_SSL_MINOR_VERSION_3);
+  mbedtls_ssl_conf_ciphersuites(&conf_, kSuites);
+  mbedtls_ssl_conf_curves(&conf_, kCurves);
+  mbedtls_ssl_conf_renegotiation(&conf_, MBEDTLS_SSL_RENEGOTIATION_DISABLED);
+  mbedtls_ssl_conf_legacy_renegotiation(&conf_, MBEDTLS_SSL_LEGACY_NO_RENEGOTIATION);
+  ret = mbedtls_ssl_conf_alpn_protocols(&conf_, kAlpn);
+  if (ret != 0) return "ALPN: " + mbedtls_error_text(ret);
+  return "";
+}
+
+static std::string load_pair(mbedtls_x509_crt* crt, mbedtls_pk_context* key, const std::string& cert_file,
+                             const std::string& key_file, mbedtls_ctr_drbg_context* rng) {
+  int ret = mbedtls_x509_crt_parse_file(crt, cert_file.c_str());
+  if (ret != 0) return cert_file + ": cannot load certificate: " + mbedtls_error_text(ret);
+  ret = mbedtls_pk_parse_keyfile(key, key_file.c_str(), nullptr);
+  if (ret != 0) return key_file + ": cannot load private key: " + mbedtls_error_text(ret);
+  (void)rng;
+  ret = mbedtls_pk_check_pair(&crt->pk, key);
+  if (ret != 0) return key_file + ": private key does not match " + cert_file;
+  return "";
+}
+
+std::unique_ptr<Context> Context::make_server(const ServerTlsOptions& o, std::string& error) {
+  std::unique_ptr<Context> c(new Context(Side::server));
+  if (!(error = c->init_common()).empty()) return nullptr;
+  if (!(error = load_pair(&c->cert_, &c->key_, o.cert_file, o.key_file, &c->drbg_)).empty()) return nullptr;
+  int ret = mbedtls_ssl_conf_own_cert(&c->conf_, &c->cert_, &c->key_);
+  if (ret != 0) {
+    error = "server certificate: " + mbedtls_error_text(ret);
+    return nullptr;
+  }
+  if (!o.client_ca_file.empty()) {
+    ret = mbedtls_x509_crt_parse_file(&c->ca_, o.client_ca_file.c_str());
+    if (ret != 0) {
+      error = o.client_ca_file + ": cannot load client CA: " + mbedtls_error_text(ret);
+      return nullptr;
+    }
+    mbedtls_ssl_conf_ca_chain(&c->conf_, &c->ca_, nullptr);
+    mbedtls_ssl_conf_authmode(&c->conf_, o.require_client_cert ? MBEDTLS_SSL_VERIFY_REQUIRED
+                                                               : MBEDTLS_SSL_VERIFY_OPTIONAL);
+    c->has_client_ca_ = true;
+  } else {
+    mbedtls_ssl_conf_authmode(&c->conf_, MBEDTLS_SSL_VERIFY_NONE);
+  }
+  std::vector<TicketKey> keys = o.ticket_keys;
+  if (keys.empty()) {
+    keys.emplace_back();
+    (void)mbedtls_ctr_drbg_random(&c->drbg_, keys[0].data(), keys[0].size());
+  }
+  c->tickets_ = std::make_unique<TicketSealer>(keys, o.ticket_lifetime_s, &c->drbg_);
+  c->tickets_->install(&c->conf_);
+  return c;
+}
+
+std::unique_ptr<Context> Context::make_client(const ClientTlsOptions& o, std::string& error) {
+  std::unique_ptr<Context> c(new Context(Side::client));
+  if (!(error = c->init_common()).empty()) return nullptr;
+  std::string ca = o.ca_file.empty() ? "/etc/ssl/certs/ca-certificates.crt" : o.ca_file;
+  int ret = mbedtls_x509_crt_parse_file(&c->ca_, ca.c_str());
+  if (ret < 0) {  // > 0: some certificates in a bundle could not be parsed; the rest are usable
+    error = ca + ": cannot load CA certificates: " + mbedtls_error_text(ret);
+    return nullptr;
+  }
+  mbedtls_ssl_conf_ca_chain(&c->conf_, &c->ca_, nullptr);
+  mbedtls_ssl_conf_authmode(&c->conf_, MBEDTLS_SSL_VERIFY_REQUIRED);
+  mbedtls_ssl_conf_session_tickets(&c->conf_, MBEDTLS_SSL_SESSION_TICKETS_ENABLED);
+  if (!o.cert_file.empty()) {
+    if (!(error = load_pair(&c->cert_, &c->key_, o.cert_file, o.key_file, &c->drbg_)).empty()) return nullptr;
+    ret = mbedtls_ssl_conf_own_cert(&c->conf_, &c->cert_, &c->key_);
+    if (ret != 0) {
+      error = "client certificate: " + mbedtls_error_text(ret);
+      return nullptr;
+    }
+  }
+  return c;
+}
+
+}  // namespace baton::tls

@@ -1,0 +1,68 @@
+// Context: one mbedtls_ssl_config with its credentials, shared by every
+// handshake of one side. PROTOCOL.md section 1 fixes what it allows: TLS 1.2
+// only, ECDHE on P-256 or X25519, the six AEAD suites, no renegotiation,
+// session tickets, ALPN "baton/1" accepted.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <mbedtls/ctr_drbg.h>
+#include <mbedtls/entropy.h>
+#include <mbedtls/pk.h>
+#include <mbedtls/ssl.h>
+#include <mbedtls/x509_crt.h>
+
+#include "tls/record.h"
+#include "tls/ticket.h"
+
+namespace baton::tls {
+
+struct ServerTlsOptions {
+  std::string cert_file;
+  std::string key_file;
+  std::string client_ca_file;  // empty: no client certificates
+  bool require_client_cert = false;
+  std::vector<TicketKey> ticket_keys;  // empty: one random key for this process
+  uint32_t ticket_lifetime_s = 86400;
+};
+
+struct ClientTlsOptions {
+  std::string ca_file;    // empty: the system bundle /etc/ssl/certs/ca-certificates.crt
+  std::string cert_file;  // optional client certificate (mTLS)
+  std::string key_file;
+};
+
+class Context {
+ public:
+  // Return nullptr and set `error` (naming the file and mbedTLS's reason) on failure.
+  static std::unique_ptr<Context> make_server(const ServerTlsOptions& o, std::string& error);
+  static std::unique_ptr<Context> make_client(const ClientTlsOptions& o, std::string& error);
+  ~Context();
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+
+  mbedtls_ssl_config* conf() { return &conf_; }
+  Side side() const { return side_; }
+  bool verifies_client_certs() const { return has_client_ca_; }
+  mbedtls_ctr_drbg_context* rng() { return &drbg_; }
+
+ private:
+  explicit Context(Side side);
+  std::string init_common();
+  Side side_;
+  bool has_client_ca_ = false;
+  mbedtls_entropy_context entropy_;
+  mbedtls_ctr_drbg_context drbg_;
+  mbedtls_ssl_config conf_;
+  mbedtls_x509_crt cert_;
+  mbedtls_pk_context key_;
+  mbedtls_x509_crt ca_;
+  std::unique_ptr<TicketSealer> tickets_;
+};
+
+// mbedTLS's message for an error code, e.g. "X509 - Certificate verification failed".
+std::string mbedtls_error_text(int code);
+
+}  // namespace baton::tls

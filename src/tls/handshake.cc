@@ -1,0 +1,150 @@
+#include "tls/handshake.h"
+
+#include <mbedtls/platform_util.h>
+#include <mbedtls/ssl_ciphersuites.h>
+
+#include <cstring>
+
+#include "util/bytes.h"
+
+namespace baton::tls {
+
+const char* to_str(HandshakeStatus s) {
+  switch (s) {
+    case HandshakeStatus::awaiting_peer: return "awaiting_peer";
+    case HandshakeStatus::done: return "done";
+    case HandshakeStatus::failed: return "failed";
+  }
+  return "?";
+}
+
+ClientSession::ClientSession() { mbedtls_ssl_session_init(&s_); }
+ClientSession::~ClientSession() { mbedtls_ssl_session_free(&s_); }
+
+namespace {
+// mbedTLS's key export callback receives the config's pointer, not the
+// connection's; the configuration is shared, so the handshake being stepped
+// is recorded here. The loop is single-threaded per Context.
+thread_local Handshake* g_stepping = nullptr;
+}  // namespace
+
+Handshake::Handshake(Context& ctx, const std::string& server_name, ClientSession* resume)
+    : ctx_(ctx), ssl_(std::make_unique<mbedtls_ssl_context>()) {
+  mbedtls_ssl_init(ssl_.get());
+  mbedtls_ssl_conf_export_keys_ext_cb(ctx.conf(), export_keys_cb, nullptr);
+  int ret = mbedtls_ssl_setup(ssl_.get(), ctx.conf());
+  if (ret == 0 && ctx.side() == Side::client && !server_name.empty())
+    ret = mbedtls_ssl_set_hostname(ssl_.get(), server_name.c_str());
+  if (ret == 0 && resume && resume->valid) (void)mbedtls_ssl_set_session(ssl_.get(), resume->get());
+  if (ret != 0) {
+    status_ = HandshakeStatus::failed;
+    error_ = "TLS setup: " + mbedtls_error_text(ret);
+  }
+  mbedtls_ssl_set_bio(ssl_.get(), this, send_cb, recv_cb, nullptr);
+}
+
+Handshake::~Handshake() {
+  if (ssl_) mbedtls_ssl_free(ssl_.get());
+  mbedtls_platform_zeroize(key_block_.data(), key_block_.size());
+}
+
+int Handshake::send_cb(void* p, const unsigned char* buf, size_t len) {
+  static_cast<Handshake*>(p)->out_.append({buf, len});
+  return int(len);
+}
+
+int Handshake::recv_cb(void* p, unsigned char* buf, size_t len) {
+  auto* h = static_cast<Handshake*>(p);
+  if (h->in_.empty()) return MBEDTLS_ERR_SSL_WANT_READ;
+  size_t n = h->in_.peek({buf, len});
+  h->in_.pop(n);
+  return int(n);
+}
+
+int Handshake::export_keys_cb(void*, const unsigned char*, const unsigned char* kb, size_t maclen, size_t keylen,
+                              size_t ivlen, const unsigned char*, const unsigned char*, mbedtls_tls_prf_types) {
+  Handshake* h = g_stepping;
+  if (!h || maclen != 0 || keylen > 32 || ivlen > 12) return 0;  // not an AEAD suite: finish() refuses it
+  std::memcpy(h->key_block_.data(), kb, 2 * keylen + 2 * ivlen);
+  h->keylen_ = keylen;
+  h->ivlen_ = ivlen;
+  h->keys_exported_ = true;
+  return 0;
+}
+
+void Handshake::feed(std::span<const uint8_t> in) { in_.append(in); }
+
+HandshakeStatus Handshake::step() {
+  if (status_ != HandshakeStatus::awaiting_peer) return status_;
+  g_stepping = this;
+  uint64_t tickets_before = tickets_opened();
+  int ret = mbedtls_ssl_handshake(ssl_.get());
+  if (tickets_opened() != tickets_before) resumed_ = true;
+  g_stepping = nullptr;
+  if (ret == MBEDTLS_ERR_SSL_WANT_READ || ret == MBEDTLS_ERR_SSL_WANT_WRITE) return status_;
+  if (ret != 0) {
+    status_ = HandshakeStatus::failed;
+    error_ = mbedtls_error_text(ret);
+    if (ret == MBEDTLS_ERR_SSL_BAD_HS_PROTOCOL_VERSION) error_ = "client offered no TLS 1.2: " + error_;
+    return status_;
+  }
+  const char* suite_name = mbedtls_ssl_get_ciphersuite(ssl_.get());
+  peer_.suite_name = suite_name ? suite_name : "";
+  Cipher cipher;
+  int suite_id = suite_name ? mbedtls_ssl_get_ciphersuite_id(suite_name) : 0;
+  if (!keys_exported_ || !cipher_of_suite(uint16_t(suite_id), cipher) || keylen_ != key_length(cipher) ||
+      ivlen_ != fixed_iv_length(cipher)) {
+    status_ = HandshakeStatus::failed;
+    error_ = "negotiated suite is not an allowed AEAD suite";
+    return status_;
+  }
+  if (ctx_.side() == Side::server && ctx_.verifies_client_certs()) {
+    const mbedtls_x509_crt* peer = mbedtls_ssl_get_peer_cert(ssl_.get());
+    if (peer && mbedtls_ssl_get_verify_result(ssl_.get()) != 0) {
+      // VERIFY_OPTIONAL lets a bad certificate through; a presented certificate must verify.
+      status_ = HandshakeStatus::failed;
+      error_ = "client certificate did not verify";
+      return status_;
+    }
+  }
+  if (const mbedtls_x509_crt* peer = mbedtls_ssl_get_peer_cert(ssl_.get())) {
+    char subject[256];
+    if (mbedtls_x509_dn_gets(subject, sizeof subject, &peer->subject) > 0) peer_.cert_subject = subject;
+  }
+  const char* alpn = mbedtls_ssl_get_alpn_protocol(ssl_.get());
+  peer_.alpn = alpn ? alpn : "";
+  peer_.resumed = resumed_;
+  status_ = HandshakeStatus::done;
+  return status_;
+}
+
+RecordState Handshake::finish() {
+  RecordState st;
+  int suite_id = mbedtls_ssl_get_ciphersuite_id(mbedtls_ssl_get_ciphersuite(ssl_.get()));
+  st.suite = uint16_t(suite_id);
+  st.side = ctx_.side();
+  const uint8_t* client_key = key_block_.data();
+  const uint8_t* server_key = client_key + keylen_;
+  const uint8_t* client_iv = server_key + keylen_;
+  const uint8_t* server_iv = client_iv + ivlen_;
+  bool server = ctx_.side() == Side::server;
+  std::memcpy(st.read.key.data(), server ? client_key : server_key, keylen_);
+  std::memcpy(st.write.key.data(), server ? server_key : client_key, keylen_);
+  std::memcpy(st.read.iv.data(), server ? client_iv : server_iv, ivlen_);
+  std::memcpy(st.write.iv.data(), server ? server_iv : client_iv, ivlen_);
+  // The context's own counters: the Finished messages used sequence number 0
+  // of the new epoch, so application data normally starts at 1.
+  st.read.seq = util::load_u64(ssl_->in_ctr);
+  st.write.seq = util::load_u64(ssl_->cur_out_ctr);
+  st.partial_input = std::move(in_);
+  mbedtls_platform_zeroize(key_block_.data(), key_block_.size());
+  mbedtls_ssl_free(ssl_.get());
+  ssl_.reset();
+  return st;
+}
+
+void Handshake::save_session(ClientSession& out) {
+  if (ssl_ && mbedtls_ssl_get_session(ssl_.get(), out.get()) == 0) out.valid = true;
+}
+
+}  // namespace baton::tls

@@ -1,0 +1,270 @@
+#include "tls/record.h"
+
+#include <mbedtls/chachapoly.h>
+#include <mbedtls/gcm.h>
+
+#include <cstring>
+
+#include "util/bytes.h"
+
+namespace baton::tls {
+
+using util::load_u16;
+using util::store_u16;
+using util::store_u64;
+
+bool cipher_of_suite(uint16_t id, Cipher& out) {
+  switch (id) {
+    case suite::ecdhe_ecdsa_aes128_gcm_sha256:
+    case suite::ecdhe_rsa_aes128_gcm_sha256: out = Cipher::aes128_gcm; return true;
+    case suite::ecdhe_ecdsa_aes256_gcm_sha384:
+    case suite::ecdhe_rsa_aes256_gcm_sha384: out = Cipher::aes256_gcm; return true;
+    case suite::ecdhe_ecdsa_chacha20_poly1305:
+    case suite::ecdhe_rsa_chacha20_poly1305: out = Cipher::chacha20_poly1305; return true;
+    default: return false;
+  }
+}
+
+size_t key_length(Cipher c) { return c == Cipher::aes128_gcm ? 16 : 32; }
+size_t fixed_iv_length(Cipher c) { return c == Cipher::chacha20_poly1305 ? 12 : 4; }
+
+const char* to_str(Cipher c) {
+  switch (c) {
+    case Cipher::aes128_gcm: return "AES-128-GCM";
+    case Cipher::aes256_gcm: return "AES-256-GCM";
+    case Cipher::chacha20_poly1305: return "CHACHA20-POLY1305";
+  }
+  return "?";
+}
+
+const char* to_str(OpenStatus s) {
+  switch (s) {
+    case OpenStatus::data: return "data";
+    case OpenStatus::need_more: return "need_more";
+    case OpenStatus::closed: return "closed";
+    case OpenStatus::fatal: return "fatal";
+  }
+  return "?";
+}
+
+// One direction's AEAD: a keyed mbedTLS context plus the nonce rule of the suite.
+struct RecordLayer::Aead {
+  Cipher cipher;
+  mbedtls_gcm_context gcm;
+  mbedtls_chachapoly_context chacha;
+
+  Aead(Cipher c, const DirectionState& d) : cipher(c) {
+    if (c == Cipher::chacha20_poly1305) {
+      mbedtls_chachapoly_init(&chacha);
+      (void)mbedtls_chachapoly_setkey(&chacha, d.key.data());
+    } else {
+      mbedtls_gcm_init(&gcm);
+      (void)mbedtls_gcm_setkey(&gcm, MBEDTLS_CIPHER_ID_AES, d.key.data(), unsigned(key_length(c) * 8));
+    }
+  }
+  ~Aead() {
+    if (cipher == Cipher::chacha20_poly1305) mbedtls_chachapoly_free(&chacha);
+    else mbedtls_gcm_free(&gcm);
+  }
+  // RFC 5288 (GCM: salt || explicit seq) and RFC 7905 (ChaCha: iv XOR seq).
+  void nonce(const DirectionState& d, uint8_t out[12]) const {
+    if (cipher == Cipher::chacha20_poly1305) {
+      std::memcpy(out, d.iv.data(), 12);
+      uint8_t s[8];
+      store_u64(s, d.seq);
+      for (int i = 0; i < 8; ++i) out[4 + i] ^= s[i];
+    } else {
+      std::memcpy(out, d.iv.data(), 4);
+      store_u64(out + 4, d.seq);
+    }
+  }
+  bool seal(const uint8_t nonce[12], const uint8_t aad[13], const uint8_t* in, size_t n, uint8_t* out, uint8_t* tag) {
+    if (cipher == Cipher::chacha20_poly1305)
+      return mbedtls_chachapoly_encrypt_and_tag(&chacha, n, nonce, aad, 13, in, out, tag) == 0;
+    return mbedtls_gcm_crypt_and_tag(&gcm, MBEDTLS_GCM_ENCRYPT, n, nonce, 12, aad, 13, in, out, kTagSize, tag) == 0;
+  }
+  bool open(const uint8_t nonce[12], const uint8_t aad[13], const uint8_t* in, size_t n, const uint8_t* tag, uint8_t* out) {
+    if (cipher == Cipher::chacha20_poly1305)
+      return mbedtls_chachapoly_auth_decrypt(&chacha, n, nonce, aad, 13, tag, in, out) == 0;
+    return mbedtls_gcm_auth_decrypt(&gcm, n, nonce, 12, aad, 13, tag, kTagSize, in, out) == 0;
+  }
+};
+
+static void make_aad(uint64_t seq, uint8_t type, size_t plain_len, uint8_t aad[13]) {
+  store_u64(aad, seq);
+  aad[8] = type;
+  aad[9] = 3;
+  aad[10] = 3;
+  store_u16(aad + 11, uint16_t(plain_len));
+}
+
+RecordLayer::RecordLayer(RecordState state) : st_(std::move(state)), cipher_(Cipher::aes128_gcm) {
+  (void)cipher_of_suite(st_.suite, cipher_);
+  read_aead_ = std::make_unique<Aead>(cipher_, st_.read);
+  write_aead_ = std::make_unique<Aead>(cipher_, st_.write);
+}
+
+RecordLayer::~RecordLayer() = default;
+
+static Opened need_more(size_t used) {
+  Opened o;
+  o.used = used;
+  return o;
+}
+
+static Opened fatal(uint8_t alert, const char* reason) {
+  Opened o;
+  o.status = OpenStatus::fatal;
+  o.alert = alert;
+  o.send_alert = true;
+  o.reason = reason;
+  return o;
+}
+
+Opened RecordLayer::open(std::span<const uint8_t> in, std::span<uint8_t> scratch) {
+  if (st_.close_notify_received) {
+    Opened o;
+    o.status = OpenStatus::closed;
+    o.used = in.size();  // bytes after close_notify are ignored (RFC 5246 7.2.1)
+    return o;
+  }
+  size_t have = st_.partial_input.size();
+  if (have == 0) {
+    // Fast path: a whole record sits in `in`; open it in place, no copy.
+    if (in.size() >= kHeaderSize) {
+      size_t len = load_u16(in.data() + 3);
+      if (len > kMaxCiphertext) return fatal(alert::record_overflow, "record longer than 2^14+2048");
+      if (in.size() >= kHeaderSize + len) {
+        Opened o = open_record(in.data(), kHeaderSize + len, scratch);
+        if (o.status != OpenStatus::fatal) o.used = kHeaderSize + len;
+        return o;
+      }
+    }
+    st_.partial_input.append(in);
+    Opened o;
+    o.used = in.size();
+    return o;
+  }
+  // Slow path: complete the partial record from `in`.
+  size_t used = 0;
+  if (have < kHeaderSize) {
+    size_t take = std::min(kHeaderSize - have, in.size());
+    st_.partial_input.append(in.first(take));
+    used += take;
+    have += take;
+    if (have < kHeaderSize) return need_more(used);
+  }
+  uint8_t hdr[kHeaderSize];
+  st_.partial_input.peek(hdr);
+  size_t len = load_u16(hdr + 3);
+  if (len > kMaxCiphertext) return fatal(alert::record_overflow, "record longer than 2^14+2048");
+  size_t want = kHeaderSize + len;
+  size_t take = std::min(want - have, in.size() - used);
+  st_.partial_input.append(in.subspan(used, take));
+  used += take;
+  if (st_.partial_input.size() < want) return need_more(used);
+  // The record is whole: copy it behind the plaintext area of scratch.
+  std::span<uint8_t> rec = scratch.subspan(kMaxPlaintext, want);
+  st_.partial_input.peek(rec);
+  st_.partial_input.clear();
+  Opened o = open_record(rec.data(), want, scratch);
+  if (o.status != OpenStatus::fatal) o.used = used;
+  return o;
+}
+
+Opened RecordLayer::open_record(const uint8_t* rec, size_t len, std::span<uint8_t> scratch) {
+  uint8_t type = rec[0];
+  if (rec[1] != 3 || rec[2] != 3) return fatal(alert::protocol_version, "record version is not TLS 1.2");
+  size_t body = len - kHeaderSize;
+  size_t explicit_len = cipher_ == Cipher::chacha20_poly1305 ? 0 : kExplicitNonceGcm;
+  if (body < explicit_len + kTagSize) return fatal(alert::bad_record_mac, "record shorter than nonce and tag");
+  size_t plain_len = body - explicit_len - kTagSize;
+  if (plain_len > kMaxPlaintext) return fatal(alert::record_overflow, "plaintext longer than 2^14");
+  if (st_.read.seq == UINT64_MAX) return fatal(alert::internal_error, "read sequence number exhausted");
+
+  uint8_t nonce[12];
+  read_aead_->nonce(st_.read, nonce);
+  // GCM: the nonce's explicit part travels in the record; the sender chooses
+  // it. mbedTLS uses the sequence number, but any value is valid.
+  if (explicit_len) std::memcpy(nonce + 4, rec + kHeaderSize, explicit_len);
+  uint8_t aad[13];
+  make_aad(st_.read.seq, type, plain_len, aad);
+  const uint8_t* ct = rec + kHeaderSize + explicit_len;
+  uint8_t* out = scratch.data();
+  if (!read_aead_->open(nonce, aad, ct, plain_len, ct + plain_len, out))
+    return fatal(alert::bad_record_mac, "record authentication failed");
+  st_.read.seq++;
+
+  Opened o;
+  switch (ContentType(type)) {
+    case ContentType::application_data:
+      o.status = OpenStatus::data;
+      o.plaintext = {out, plain_len};
+      return o;
+    case ContentType::alert: {
+      if (plain_len != 2) return fatal(alert::decode_error, "alert record of wrong length");
+      if (out[1] == alert::close_notify) {
+        st_.close_notify_received = true;
+        o.status = OpenStatus::closed;
+        return o;
+      }
+      if (out[0] == 1 && out[1] != alert::no_renegotiation) {
+        // Warning alerts other than close_notify carry no action for us.
+        o.status = OpenStatus::data;
+        o.plaintext = {};
+        return o;
+      }
+      o.status = OpenStatus::fatal;
+      o.send_alert = false;
+      o.reason = "peer sent a fatal alert";
+      o.alert = out[1];
+      return o;
+    }
+    case ContentType::handshake: {
+      // After the handshake the only handshake messages a peer can send are
+      // a ClientHello / HelloRequest (renegotiation). PROTOCOL.md: refuse it.
+      Opened f = fatal(alert::no_renegotiation, "renegotiation attempt");
+      f.alert_warning = true;
+      if (plain_len == 0) return fatal(alert::unexpected_message, "empty handshake record");
+      return f;
+    }
+    default:
+      return fatal(alert::unexpected_message, "unexpected record type after handshake");
+  }
+}
+
+void RecordLayer::seal(std::span<const uint8_t> data) {
+  while (!data.empty()) {
+    size_t n = std::min(data.size(), kMaxPlaintext);
+    seal_record(ContentType::application_data, data.first(n));
+    data = data.subspan(n);
+  }
+}
+
+void RecordLayer::seal_record(ContentType type, std::span<const uint8_t> data) {
+  size_t explicit_len = cipher_ == Cipher::chacha20_poly1305 ? 0 : kExplicitNonceGcm;
+  size_t total = kHeaderSize + explicit_len + data.size() + kTagSize;
+  std::span<uint8_t> rec = st_.output.prepare_contiguous(total);
+  rec[0] = uint8_t(type);
+  rec[1] = 3;
+  rec[2] = 3;
+  store_u16(rec.data() + 3, uint16_t(total - kHeaderSize));
+  uint8_t nonce[12];
+  write_aead_->nonce(st_.write, nonce);
+  if (explicit_len) std::memcpy(rec.data() + kHeaderSize, nonce + 4, explicit_len);
+  uint8_t aad[13];
+  make_aad(st_.write.seq, uint8_t(type), data.size(), aad);
+  uint8_t* ct = rec.data() + kHeaderSize + explicit_len;
+  (void)write_aead_->seal(nonce, aad, data.data(), data.size(), ct, ct + data.size());
+  st_.write.seq++;
+  st_.output.commit(total);
+}
+
+void RecordLayer::seal_alert(uint8_t description, bool is_fatal) {
+  if (st_.close_notify_sent) return;
+  uint8_t a[2] = {uint8_t(is_fatal ? 2 : 1), description};
+  seal_record(ContentType::alert, a);
+  if (description == alert::close_notify || is_fatal) st_.close_notify_sent = true;
+}
+
+}  // namespace baton::tls
