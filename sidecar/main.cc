@@ -1,2 +1,379 @@
+// baton: the sidecar (`serve`), the client (`connect`) and their tools.
+#include <mbedtls/sha256.h>
+#include <signal.h>
+#include <spdlog/pattern_formatter.h>
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
+#include <uv.h>
+
 #include <cstdio>
-int main() { std::puts("baton " BATON_VERSION); return 0; }
+#include <cstring>
+#include <iostream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "baton/client.h"
+#include "config/config.h"
+#include "proxy/server.h"
+#include "tls/context.h"
+#include "tls/dev_certs.h"
+#include "util/bytes.h"
+
+namespace {
+
+constexpr int kExitOk = 0, kExitFailure = 1, kExitUsage = 2, kExitRejected = 3;
+
+const char* kUsage = R"(baton )" BATON_VERSION R"( - TLS tunnel sidecar with hot restart
+
+usage:
+  baton serve -c FILE [--log-level L] [--log-format text|json]
+      Terminate client tunnels as configured in FILE. Prints one JSON line
+      {"event":"ready",...} to stdout once listening; logs go to stderr.
+  baton connect --server HOST:PORT --forward LISTEN=ROUTE [--forward ...]
+                [--token T | --token-file F] [--ca FILE] [--cert FILE --key FILE]
+                [--server-name NAME] [--client-id ID] [--log-level L] [--log-format F]
+      Open a tunnel and forward each local connection on LISTEN to ROUTE.
+      The token may also come from the BATON_TOKEN environment variable.
+  baton check -c FILE        Validate a configuration (and load its TLS files).
+  baton certs --out DIR [--name DNS]... [--ip ADDR]...
+      Write a development CA, server and client certificates and a ticket key.
+  baton hash-token           Read a token on stdin, print the sha256 hex for the config.
+  baton version
+
+exit status: 0 ok, 1 failure, 2 usage or configuration error, 3 rejected by the server
+)";
+
+// Log lines as JSON need the message escaped; spdlog's pattern cannot do it.
+class JsonEscapedMessage : public spdlog::custom_flag_formatter {
+ public:
+  void format(const spdlog::details::log_msg& msg, const std::tm&, spdlog::memory_buf_t& dest) override {
+    for (char c : msg.payload) {
+      switch (c) {
+        case '"': dest.append(std::string_view("\\\"")); break;
+        case '\\': dest.append(std::string_view("\\\\")); break;
+        case '\n': dest.append(std::string_view("\\n")); break;
+        case '\t': dest.append(std::string_view("\\t")); break;
+        default:
+          if (static_cast<unsigned char>(c) < 0x20) {
+            char buf[8];
+            snprintf(buf, sizeof buf, "\\u%04x", c);
+            dest.append(std::string_view(buf));
+          } else {
+            dest.push_back(c);
+          }
+      }
+    }
+  }
+  std::unique_ptr<custom_flag_formatter> clone() const override { return std::make_unique<JsonEscapedMessage>(); }
+};
+
+bool setup_logging(const std::string& level, const std::string& format) {
+  auto logger = std::make_shared<spdlog::logger>("baton", std::make_shared<spdlog::sinks::stderr_sink_mt>());
+  auto lvl = spdlog::level::from_str(level);
+  if (lvl == spdlog::level::off && level != "off") {
+    std::fprintf(stderr, "baton: unknown log level \"%s\" (expected trace, debug, info, warn, error)\n", level.c_str());
+    return false;
+  }
+  logger->set_level(lvl);
+  if (format == "json") {
+    auto f = std::make_unique<spdlog::pattern_formatter>();
+    f->add_flag<JsonEscapedMessage>('*').set_pattern(R"({"time":"%Y-%m-%dT%H:%M:%S.%e%z","level":"%l","msg":"%*"})");
+    logger->set_formatter(std::move(f));
+  } else if (format == "text") {
+    logger->set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
+  } else {
+    std::fprintf(stderr, "baton: unknown log format \"%s\" (expected text or json)\n", format.c_str());
+    return false;
+  }
+  spdlog::set_default_logger(logger);
+  return true;
+}
+
+struct Args {
+  std::vector<std::string> v;
+  size_t i = 0;
+  bool more() const { return i < v.size(); }
+  // Value of an option: "--opt VALUE" or "--opt=VALUE".
+  bool take(const std::string& name, std::string& out, bool& error) {
+    const std::string& a = v[i];
+    if (a == name) {
+      if (i + 1 >= v.size()) {
+        std::fprintf(stderr, "baton: %s needs a value\n", name.c_str());
+        error = true;
+        return true;
+      }
+      out = v[i + 1];
+      i += 2;
+      return true;
+    }
+    if (a.rfind(name + "=", 0) == 0) {
+      out = a.substr(name.size() + 1);
+      ++i;
+      return true;
+    }
+    return false;
+  }
+};
+
+int usage_error(const std::string& msg) {
+  std::fprintf(stderr, "baton: %s\n(see 'baton help')\n", msg.c_str());
+  return kExitUsage;
+}
+
+std::string json_string(const std::string& s) {
+  std::string o = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') o += '\\';
+    if (static_cast<unsigned char>(c) < 0x20) continue;
+    o += c;
+  }
+  return o + "\"";
+}
+
+void print_line(const std::string& s) {
+  std::fputs((s + "\n").c_str(), stdout);
+  std::fflush(stdout);
+}
+
+// SIGTERM / SIGINT handling on the loop.
+struct Signals {
+  uv_signal_t term, intr;
+  std::function<void(int)> fn;
+  void start(uv_loop_t* loop, std::function<void(int)> f) {
+    fn = std::move(f);
+    for (uv_signal_t* s : {&term, &intr}) {
+      uv_signal_init(loop, s);
+      s->data = this;
+    }
+    auto cb = [](uv_signal_t* s, int signum) { static_cast<Signals*>(s->data)->fn(signum); };
+    uv_signal_start(&term, cb, SIGTERM);
+    uv_signal_start(&intr, cb, SIGINT);
+  }
+  void stop() {
+    for (uv_signal_t* s : {&term, &intr})
+      if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(s))) uv_close(reinterpret_cast<uv_handle_t*>(s), nullptr);
+  }
+};
+
+int load_config(const std::string& path, baton::config::Config& out) {
+  auto r = baton::config::load_file(path);
+  if (auto* e = std::get_if<baton::config::ConfigError>(&r)) {
+    std::fprintf(stderr, "%s\n", e->to_string().c_str());
+    return kExitUsage;
+  }
+  out = std::get<baton::config::Config>(r);
+  return kExitOk;
+}
+
+int cmd_serve(Args& a) {
+  std::string cfg_path, level, format;
+  bool err = false;
+  while (a.more() && !err) {
+    if (a.take("-c", cfg_path, err) || a.take("--config", cfg_path, err) || a.take("--log-level", level, err) ||
+        a.take("--log-format", format, err))
+      continue;
+    return usage_error("serve: unknown argument " + a.v[a.i]);
+  }
+  if (err) return kExitUsage;
+  if (cfg_path.empty()) return usage_error("serve needs -c FILE");
+  baton::config::Config cfg;
+  if (int rc = load_config(cfg_path, cfg)) return rc;
+  if (!setup_logging(level.empty() ? cfg.log_level : level, format.empty() ? cfg.log_format : format))
+    return kExitUsage;
+  signal(SIGPIPE, SIG_IGN);
+
+  uv_loop_t* loop = uv_default_loop();
+  std::string error;
+  auto server = baton::proxy::Server::create(loop, cfg, error);
+  if (!server) {
+    spdlog::error("{}", error);
+    return kExitUsage;
+  }
+  error = server->listen();
+  if (!error.empty()) {
+    spdlog::error("{}", error);
+    return kExitFailure;
+  }
+  spdlog::info("baton {} serving tunnels on {} as \"{}\" ({} routes)", BATON_VERSION, server->listen_address(),
+               server->server_id(), cfg.routes.size());
+  print_line("{\"event\":\"ready\",\"listen\":" + json_string(server->listen_address()) +
+             ",\"pid\":" + std::to_string(getpid()) + "}");
+  Signals sig;
+  sig.start(loop, [&](int signum) {
+    spdlog::info("received {}, closing {} tunnels", signum == SIGTERM ? "SIGTERM" : "SIGINT", server->tunnel_count());
+    server->stop();
+    sig.stop();
+  });
+  uv_run(loop, UV_RUN_DEFAULT);
+  server.reset();
+  uv_run(loop, UV_RUN_DEFAULT);  // let the close callbacks run
+  spdlog::info("stopped");
+  return kExitOk;
+}
+
+int cmd_connect(Args& a) {
+  baton::ClientOptions o;
+  std::string level = "info", format = "text", token_file, fwd;
+  bool err = false;
+  while (a.more() && !err) {
+    if (a.take("--forward", fwd, err) || a.take("-L", fwd, err)) {
+      size_t eq = fwd.rfind('=');
+      if (eq == std::string::npos) return usage_error("--forward expects LISTEN=ROUTE, got \"" + fwd + "\"");
+      o.forwards.push_back({fwd.substr(0, eq), fwd.substr(eq + 1)});
+      continue;
+    }
+    if (a.take("--server", o.server, err) || a.take("--token", o.token, err) ||
+        a.take("--token-file", token_file, err) || a.take("--ca", o.ca_file, err) ||
+        a.take("--cert", o.cert_file, err) || a.take("--key", o.key_file, err) ||
+        a.take("--server-name", o.server_name, err) || a.take("--client-id", o.client_id, err) ||
+        a.take("--log-level", level, err) || a.take("--log-format", format, err))
+      continue;
+    return usage_error("connect: unknown argument " + a.v[a.i]);
+  }
+  if (err) return kExitUsage;
+  if (o.server.empty()) return usage_error("connect needs --server HOST:PORT");
+  if (o.forwards.empty()) return usage_error("connect needs at least one --forward LISTEN=ROUTE");
+  if (o.cert_file.empty() != o.key_file.empty()) return usage_error("--cert and --key go together");
+  if (!token_file.empty()) {
+    FILE* f = std::fopen(token_file.c_str(), "r");
+    if (!f) return usage_error("cannot read --token-file " + token_file);
+    char buf[4096];
+    size_t n = std::fread(buf, 1, sizeof buf, f);
+    std::fclose(f);
+    o.token.assign(buf, n);
+    while (!o.token.empty() && (o.token.back() == '\n' || o.token.back() == '\r')) o.token.pop_back();
+  }
+  if (o.token.empty())
+    if (const char* t = std::getenv("BATON_TOKEN")) o.token = t;
+  if (!setup_logging(level, format)) return kExitUsage;
+  signal(SIGPIPE, SIG_IGN);
+
+  uv_loop_t* loop = uv_default_loop();
+  int exit_code = kExitOk;
+  Signals sig;
+  baton::Client* client_ptr = nullptr;
+  baton::ClientEvents ev;
+  ev.on_ready = [&](const baton::ClientReady& r) {
+    std::string fw;
+    for (auto& [addr, route] : r.forwards) {
+      if (!fw.empty()) fw += ",";
+      fw += "{\"listen\":" + json_string(addr) + ",\"route\":" + json_string(route) + "}";
+      spdlog::info("forwarding {} -> route \"{}\"", addr, route);
+    }
+    spdlog::info("tunnel up to {} (server \"{}\", heartbeat {} ms)", o.server, r.server_id, r.heartbeat_ms);
+    print_line("{\"event\":\"ready\",\"forwards\":[" + fw + "],\"session_id\":\"" +
+               baton::util::to_hex(r.session_id) + "\",\"server_id\":" + json_string(r.server_id) + "}");
+  };
+  ev.on_reject = [&](uint16_t code, const std::string& reason) {
+    static const char* names[] = {"?", "unsupported version", "unauthorized", "overloaded", "draining"};
+    spdlog::error("rejected by server: code {} ({}): {}", code, code < 5 ? names[code] : "?", reason);
+    exit_code = kExitRejected;
+  };
+  ev.on_closed = [&](const std::string& why) {
+    if (exit_code == kExitOk) {
+      spdlog::error("tunnel closed: {}", why);
+      exit_code = kExitFailure;
+    }
+    sig.stop();
+  };
+  baton::Client client(loop, o, ev);
+  client_ptr = &client;
+  std::string e = client.start();
+  if (!e.empty()) {
+    spdlog::error("{}", e);
+    return kExitUsage;
+  }
+  sig.start(loop, [&](int) {
+    spdlog::info("stopping");
+    client_ptr->stop();
+    sig.stop();
+  });
+  uv_run(loop, UV_RUN_DEFAULT);
+  return exit_code;
+}
+
+int cmd_check(Args& a) {
+  std::string cfg_path;
+  bool err = false;
+  while (a.more() && !err) {
+    if (a.take("-c", cfg_path, err) || a.take("--config", cfg_path, err)) continue;
+    return usage_error("check: unknown argument " + a.v[a.i]);
+  }
+  if (err) return kExitUsage;
+  if (cfg_path.empty()) return usage_error("check needs -c FILE");
+  baton::config::Config cfg;
+  if (int rc = load_config(cfg_path, cfg)) return rc;
+  spdlog::set_level(spdlog::level::err);
+  std::string error;
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  auto server = baton::proxy::Server::create(&loop, cfg, error);
+  server.reset();
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
+  if (!error.empty()) {
+    std::fprintf(stderr, "%s: %s\n", cfg_path.c_str(), error.c_str());
+    return kExitUsage;
+  }
+  std::printf("%s: ok (%zu routes, %zu tokens, listen %s)\n", cfg_path.c_str(), cfg.routes.size(), cfg.tokens.size(),
+              cfg.listen.to_string().c_str());
+  return kExitOk;
+}
+
+int cmd_certs(Args& a) {
+  baton::tls::DevCertOptions o;
+  std::vector<std::string> names, ips;
+  std::string v;
+  bool err = false;
+  while (a.more() && !err) {
+    if (a.take("--out", o.out_dir, err)) continue;
+    if (a.take("--name", v, err)) { names.push_back(v); continue; }
+    if (a.take("--ip", v, err)) { ips.push_back(v); continue; }
+    return usage_error("certs: unknown argument " + a.v[a.i]);
+  }
+  if (err) return kExitUsage;
+  if (o.out_dir.empty()) return usage_error("certs needs --out DIR");
+  if (!names.empty()) o.server_names.insert(o.server_names.end(), names.begin(), names.end());
+  if (!ips.empty()) o.server_ips.insert(o.server_ips.end(), ips.begin(), ips.end());
+  std::string e = baton::tls::write_dev_certs(o);
+  if (!e.empty()) {
+    std::fprintf(stderr, "baton certs: %s\n", e.c_str());
+    return kExitFailure;
+  }
+  std::printf("wrote ca.crt ca.key server.crt server.key client.crt client.key ticket.key to %s\n", o.out_dir.c_str());
+  return kExitOk;
+}
+
+int cmd_hash_token() {
+  std::string token((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
+  while (!token.empty() && (token.back() == '\n' || token.back() == '\r')) token.pop_back();
+  if (token.empty()) return usage_error("hash-token: no token on stdin");
+  uint8_t d[32];
+  mbedtls_sha256_ret(reinterpret_cast<const unsigned char*>(token.data()), token.size(), d, 0);
+  std::printf("%s\n", baton::util::to_hex(d).c_str());
+  return kExitOk;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args a;
+  for (int i = 2; i < argc; ++i) a.v.push_back(argv[i]);
+  std::string cmd = argc > 1 ? argv[1] : "help";
+  if (cmd == "serve") return cmd_serve(a);
+  if (cmd == "connect") return cmd_connect(a);
+  if (cmd == "check") return cmd_check(a);
+  if (cmd == "certs") return cmd_certs(a);
+  if (cmd == "hash-token") return cmd_hash_token();
+  if (cmd == "version" || cmd == "--version") {
+    std::printf("baton %s (mbedTLS 2.28, libuv %s)\n", BATON_VERSION, uv_version_string());
+    return kExitOk;
+  }
+  if (cmd == "help" || cmd == "--help" || cmd == "-h") {
+    std::fputs(kUsage, stdout);
+    return kExitOk;
+  }
+  std::fprintf(stderr, "baton: unknown command \"%s\"\n%s", cmd.c_str(), kUsage);
+  return kExitUsage;
+}

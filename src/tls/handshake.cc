@@ -137,6 +137,9 @@ RecordState Handshake::finish() {
   st.read.seq = util::load_u64(ssl_->in_ctr);
   st.write.seq = util::load_u64(ssl_->cur_out_ctr);
   st.partial_input = std::move(in_);
+  // The last flight may still be unwritten (or in flight: moving a ByteQueue
+  // keeps its chunks where they are).
+  st.output = std::move(out_);
   mbedtls_platform_zeroize(key_block_.data(), key_block_.size());
   mbedtls_ssl_free(ssl_.get());
   ssl_.reset();

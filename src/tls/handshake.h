@@ -70,8 +70,9 @@ class Handshake {
   // When done: whether the client presented a certificate that verified (server side).
   const PeerInfo& peer() const { return peer_; }
 
-  // When done: the record state (keys, sequence numbers, unread input), ready
-  // for RecordLayer. Frees the mbedTLS context. Call once.
+  // When done: the record state (keys, sequence numbers, unread input, and
+  // output() not yet written), ready for RecordLayer. Frees the mbedTLS
+  // context. Call once.
   RecordState finish();
   // Client side, when done: saves the session for resumption.
   void save_session(ClientSession& out);

@@ -1,0 +1,174 @@
+#include "net/tcp.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
+#include <cstring>
+
+namespace baton::net {
+
+namespace {
+// One read buffer for the whole loop: an idle connection owns none, and a
+// busy one only keeps what its owner could not process yet.
+constexpr size_t kReadBuffer = 64 * 1024;
+thread_local uint8_t g_read_buffer[kReadBuffer];
+
+struct ShutdownReq {
+  uv_shutdown_t req;
+  Tcp* tcp;
+};
+struct ConnectReq {
+  uv_connect_t req;
+  Tcp* tcp;
+};
+}  // namespace
+
+Tcp* Tcp::create(uv_loop_t* loop, TcpHandler* handler) {
+  Tcp* t = new Tcp(handler);
+  uv_tcp_init(loop, &t->tcp_);
+  t->tcp_.data = t;
+  return t;
+}
+
+int Tcp::open_fd(int fd) { return uv_tcp_open(&tcp_, fd); }
+
+int Tcp::connect(const sockaddr* addr) {
+  auto* r = new ConnectReq;
+  r->tcp = this;
+  int err = uv_tcp_connect(&r->req, &tcp_, addr, connect_cb);
+  if (err) delete r;
+  return err;
+}
+
+void Tcp::connect_cb(uv_connect_t* req, int status) {
+  auto* r = reinterpret_cast<ConnectReq*>(req);
+  Tcp* t = r->tcp;
+  delete r;
+  if (status == UV_ECANCELED || t->closing_) return;
+  uv_tcp_nodelay(&t->tcp_, 1);
+  t->handler_->on_connected(status);
+}
+
+void Tcp::alloc_cb(uv_handle_t*, size_t, uv_buf_t* buf) {
+  // A read callback never re-enters the loop, so the shared buffer is free
+  // whenever libuv asks for one.
+  *buf = uv_buf_init(reinterpret_cast<char*>(g_read_buffer), kReadBuffer);
+}
+
+void Tcp::read_cb(uv_stream_t* s, ssize_t n, const uv_buf_t*) {
+  Tcp* t = static_cast<Tcp*>(s->data);
+  if (t->closing_ || n == 0) return;
+  if (n < 0) {
+    uv_read_stop(s);
+    t->reading_ = false;
+    t->handler_->on_read_end(n == UV_EOF ? 0 : int(n));
+    return;
+  }
+  t->handler_->on_read({g_read_buffer, size_t(n)});
+}
+
+void Tcp::start_read() {
+  if (reading_ || closing_) return;
+  if (uv_read_start(stream(), alloc_cb, read_cb) == 0) reading_ = true;
+}
+
+void Tcp::stop_read() {
+  if (!reading_) return;
+  uv_read_stop(stream());
+  reading_ = false;
+}
+
+void Tcp::write_from(const util::ByteQueue& q) {
+  std::span<const uint8_t> spans[16];
+  size_t n = q.front_spans(spans);
+  uv_buf_t bufs[16];
+  write_len_ = 0;
+  for (size_t i = 0; i < n; ++i) {
+    bufs[i] = uv_buf_init(const_cast<char*>(reinterpret_cast<const char*>(spans[i].data())), unsigned(spans[i].size()));
+    write_len_ += spans[i].size();
+  }
+  write_req_.data = this;
+  int err = uv_write(&write_req_, stream(), bufs, unsigned(n), write_cb);
+  if (err) {
+    // Report asynchronously-shaped: the owner handles it like a failed write.
+    write_len_ = 0;
+    handler_->on_written(0, err);
+    return;
+  }
+  writing_ = true;
+}
+
+void Tcp::write_cb(uv_write_t* req, int status) {
+  Tcp* t = static_cast<Tcp*>(req->data);
+  t->writing_ = false;
+  if (t->closing_) return;
+  size_t n = status == 0 ? t->write_len_ : 0;
+  t->write_len_ = 0;
+  t->handler_->on_written(n, status);
+}
+
+void Tcp::shutdown() {
+  if (closing_ || shutdown_pending_) return;
+  auto* r = new ShutdownReq;
+  r->tcp = this;
+  if (uv_shutdown(&r->req, stream(), shutdown_cb) != 0) {
+    delete r;
+    return;
+  }
+  shutdown_pending_ = true;
+}
+
+void Tcp::shutdown_cb(uv_shutdown_t* req, int status) {
+  auto* r = reinterpret_cast<ShutdownReq*>(req);
+  Tcp* t = r->tcp;
+  delete r;
+  if (status == UV_ECANCELED || t->closing_) return;
+  t->handler_->on_shutdown(status);
+}
+
+void Tcp::close(bool reset) {
+  if (closing_) return;
+  closing_ = true;
+  reading_ = false;
+  if (reset && uv_tcp_close_reset(&tcp_, close_cb) == 0) return;
+  uv_close(reinterpret_cast<uv_handle_t*>(&tcp_), close_cb);
+}
+
+void Tcp::close_cb(uv_handle_t* h) { delete static_cast<Tcp*>(h->data); }
+
+int Tcp::fd() const {
+  uv_os_fd_t fd;
+  if (uv_fileno(reinterpret_cast<const uv_handle_t*>(&tcp_), &fd) != 0) return -1;
+  return fd;
+}
+
+std::string format_address(const sockaddr* sa) {
+  char host[INET6_ADDRSTRLEN] = "?";
+  if (sa->sa_family == AF_INET) {
+    auto* in = reinterpret_cast<const sockaddr_in*>(sa);
+    inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+    return std::string(host) + ":" + std::to_string(ntohs(in->sin_port));
+  }
+  if (sa->sa_family == AF_INET6) {
+    auto* in6 = reinterpret_cast<const sockaddr_in6*>(sa);
+    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+    return "[" + std::string(host) + "]:" + std::to_string(ntohs(in6->sin6_port));
+  }
+  return "?";
+}
+
+std::string Tcp::peer_address() const {
+  sockaddr_storage ss;
+  int len = sizeof ss;
+  if (uv_tcp_getpeername(&tcp_, reinterpret_cast<sockaddr*>(&ss), &len) != 0) return "?";
+  return format_address(reinterpret_cast<sockaddr*>(&ss));
+}
+
+std::string Tcp::local_address() const {
+  sockaddr_storage ss;
+  int len = sizeof ss;
+  if (uv_tcp_getsockname(&tcp_, reinterpret_cast<sockaddr*>(&ss), &len) != 0) return "?";
+  return format_address(reinterpret_cast<sockaddr*>(&ss));
+}
+
+}  // namespace baton::net

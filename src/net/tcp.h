@@ -1,0 +1,92 @@
+// Tcp: one libuv TCP handle with the close rule built in (ARCHITECTURE
+// principle 7). The object is heap-allocated; close() detaches the owner and
+// the object frees itself in the close callback, so an owner can forget it
+// right after close().
+//
+// Output: the owner keeps its bytes in a ByteQueue it owns (the TLS record
+// state's output, a yamux stream's inbound queue) and calls write_from(q).
+// The bytes stay in the owner's queue while the write is in flight; when it
+// completes, on_written(n) tells the owner to drop n bytes. At most one write
+// is in flight, so a queue is never referenced twice.
+#pragma once
+
+#include <uv.h>
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "util/byte_queue.h"
+
+namespace baton::net {
+
+class TcpHandler {
+ public:
+  virtual ~TcpHandler() = default;
+  // Data read; the span is valid only during the call.
+  virtual void on_read(std::span<const uint8_t> data) = 0;
+  // The peer half-closed (EOF) or reading failed (err < 0, a UV_* code).
+  virtual void on_read_end(int err) = 0;
+  // A write_from() completed: `n` bytes may be dropped (err < 0: write failed, nothing written).
+  virtual void on_written(size_t n, int err) = 0;
+  // connect() finished (0 or a UV_* code).
+  virtual void on_connected(int status) { (void)status; }
+  // shutdown() finished.
+  virtual void on_shutdown(int status) { (void)status; }
+};
+
+class Tcp {
+ public:
+  static Tcp* create(uv_loop_t* loop, TcpHandler* handler);
+
+  uv_tcp_t* handle() { return &tcp_; }
+  uv_stream_t* stream() { return reinterpret_cast<uv_stream_t*>(&tcp_); }
+  void set_handler(TcpHandler* h) { handler_ = h; }
+
+  // Adopts an already connected or listening socket. Returns 0 or a UV_* code.
+  int open_fd(int fd);
+  // Starts a non-blocking connect; on_connected reports the outcome.
+  int connect(const sockaddr* addr);
+
+  void start_read();
+  void stop_read();
+  bool reading() const { return reading_; }
+
+  // Writes up to the first 16 chunks of q. Precondition: !writing(), !q.empty().
+  void write_from(const util::ByteQueue& q);
+  bool writing() const { return writing_; }
+  // Half-closes the sending side once in-flight writes are done.
+  void shutdown();
+  // Closes the handle; the handler gets no more calls. With reset, the peer
+  // gets a TCP RST instead of FIN (SO_LINGER 0).
+  void close(bool reset = false);
+  bool closing() const { return closing_; }
+
+  // The OS fd (for handoff and socket options), or -1.
+  int fd() const;
+  std::string peer_address() const;
+  std::string local_address() const;
+
+ private:
+  explicit Tcp(TcpHandler* h) : handler_(h) {}
+  static void alloc_cb(uv_handle_t*, size_t, uv_buf_t* buf);
+  static void read_cb(uv_stream_t* s, ssize_t n, const uv_buf_t* buf);
+  static void write_cb(uv_write_t* req, int status);
+  static void connect_cb(uv_connect_t* req, int status);
+  static void shutdown_cb(uv_shutdown_t* req, int status);
+  static void close_cb(uv_handle_t* h);
+
+  uv_tcp_t tcp_;
+  TcpHandler* handler_;
+  uv_write_t write_req_;
+  size_t write_len_ = 0;
+  bool writing_ = false;
+  bool reading_ = false;
+  bool closing_ = false;
+  bool shutdown_pending_ = false;
+};
+
+// Formats a socket address as "host:port" ("[v6]:port").
+std::string format_address(const sockaddr* sa);
+
+}  // namespace baton::net

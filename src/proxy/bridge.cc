@@ -1,0 +1,208 @@
+#include "proxy/bridge.h"
+
+#include <spdlog/spdlog.h>
+
+#include "mux/control.h"
+#include "proxy/link.h"
+
+namespace baton::proxy {
+
+const char* to_str(BridgePhase p) {
+  switch (p) {
+    case BridgePhase::awaiting_preamble: return "awaiting_preamble";
+    case BridgePhase::awaiting_upstream: return "awaiting_upstream";
+    case BridgePhase::relaying: return "relaying";
+    case BridgePhase::done: return "done";
+  }
+  return "?";
+}
+
+Bridge::Bridge(Link& link, uint32_t id) : link_(link), id_(id), phase_(BridgePhase::awaiting_preamble) {}
+
+Bridge::Bridge(Link& link, uint32_t id, net::Tcp* local)
+    : link_(link), id_(id), phase_(BridgePhase::relaying), tcp_(local) {
+  tcp_->set_handler(this);
+  tcp_->start_read();
+}
+
+Bridge::~Bridge() { stream_gone(true); }
+
+void Bridge::stream_data() {
+  if (phase_ == BridgePhase::awaiting_preamble) {
+    const util::ByteQueue* in = link_.session().inbound(id_);
+    if (!in) return;
+    uint8_t buf[256];
+    size_t n = in->peek(buf);
+    mux::PreambleResult r = mux::decode_preamble({buf, n});
+    if (r.status == mux::PreambleStatus::need_more) return;
+    if (r.status == mux::PreambleStatus::malformed) {
+      fail("malformed route preamble");
+      return;
+    }
+    link_.session().consumed(id_, r.used);
+    phase_ = BridgePhase::awaiting_upstream;
+    route_ = r.route;
+    if (on_preamble) on_preamble(*this, r.route);
+    return;
+  }
+  pump_to_tcp();
+}
+
+void Bridge::connect(const std::string& route, const std::string& host, uint16_t port, uint32_t timeout_ms) {
+  route_ = route;
+  phase_ = BridgePhase::awaiting_upstream;
+  connect_timer_ = new uv_timer_t;
+  uv_timer_init(link_.loop(), connect_timer_);
+  connect_timer_->data = this;
+  uv_timer_start(connect_timer_, [](uv_timer_t* t) {
+    auto* b = static_cast<Bridge*>(t->data);
+    Link::EntryGuard g(&b->link_);
+    b->fail("upstream connect timeout");
+  }, timeout_ms, 0);
+  resolve_ = net::Resolve::start(link_.loop(), host, port, [this](int status, const sockaddr* addr) {
+    Link::EntryGuard g(&link_);
+    resolve_ = nullptr;
+    if (status != 0) {
+      fail("upstream name resolution failed");
+      return;
+    }
+    tcp_ = net::Tcp::create(link_.loop(), this);
+    if (tcp_->connect(addr) != 0) fail("upstream connect failed");
+  });
+}
+
+void Bridge::stop_connect_timer() {
+  if (!connect_timer_) return;
+  uv_close(reinterpret_cast<uv_handle_t*>(connect_timer_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+  connect_timer_ = nullptr;
+}
+
+void Bridge::on_connected(int status) {
+  Link::EntryGuard g(&link_);
+  stop_connect_timer();
+  if (status != 0) {
+    spdlog::debug("stream {}: upstream for route {} refused: {}", id_, route_, uv_strerror(status));
+    fail("upstream connect failed");
+    return;
+  }
+  phase_ = BridgePhase::relaying;
+  link_.session().accept(id_);
+  tcp_->start_read();
+  pump_to_tcp();
+  link_.flush();
+}
+
+void Bridge::pump_to_tcp() {
+  if (phase_ != BridgePhase::relaying || !tcp_ || tcp_->writing()) return;
+  const util::ByteQueue* in = link_.session().inbound(id_);
+  if (in && !in->empty()) {
+    tcp_->write_from(*in);
+    return;
+  }
+  if (peer_fin_ && !shutdown_sent_) {
+    shutdown_sent_ = true;
+    tcp_->shutdown();
+  }
+}
+
+void Bridge::on_written(size_t n, int err) {
+  Link::EntryGuard g(&link_);
+  if (err) {
+    fail("write to upstream failed");
+    return;
+  }
+  bytes_up += n;
+  // Window credit goes back only now that the bytes have left this process.
+  link_.session().consumed(id_, n);
+  if (phase_ == BridgePhase::done) {
+    link_.flush();
+    return;
+  }
+  pump_to_tcp();
+  link_.flush();
+}
+
+void Bridge::stream_fin() {
+  peer_fin_ = true;
+  pump_to_tcp();
+}
+
+void Bridge::on_read(std::span<const uint8_t> data) {
+  Link::EntryGuard g(&link_);
+  if (phase_ != BridgePhase::relaying) return;
+  bytes_down += data.size();
+  size_t n = pending_.empty() ? link_.session().write(id_, data) : 0;
+  if (n < data.size()) {
+    pending_.append(data.subspan(n));
+    tcp_->stop_read();
+  }
+  link_.flush();
+  if (link_.congested()) tcp_->stop_read();
+}
+
+void Bridge::on_read_end(int err) {
+  Link::EntryGuard g(&link_);
+  if (err) {
+    fail("upstream connection error");
+    return;
+  }
+  tcp_eof_ = true;
+  if (pending_.empty() && !fin_sent_) {
+    fin_sent_ = true;
+    link_.session().close_write(id_);
+    link_.flush();
+  }
+}
+
+void Bridge::pump_to_stream() {
+  while (!pending_.empty()) {
+    auto f = pending_.front();
+    size_t n = link_.session().write(id_, f);
+    pending_.pop(n);
+    if (n < f.size()) break;
+  }
+  if (!pending_.empty()) return;
+  if (tcp_eof_) {
+    if (!fin_sent_) {
+      fin_sent_ = true;
+      link_.session().close_write(id_);
+    }
+  } else if (tcp_ && !link_.congested()) {
+    tcp_->start_read();
+  }
+}
+
+void Bridge::stream_writable() {
+  if (phase_ != BridgePhase::relaying) return;
+  pump_to_stream();
+  link_.flush();
+}
+
+void Bridge::link_decongested() {
+  if (phase_ == BridgePhase::relaying && pending_.empty() && !tcp_eof_ && tcp_) tcp_->start_read();
+}
+
+void Bridge::stream_gone(bool reset_tcp) {
+  phase_ = BridgePhase::done;
+  stop_connect_timer();
+  if (resolve_) {
+    resolve_->cancel();
+    resolve_ = nullptr;
+  }
+  if (tcp_) {
+    tcp_->close(reset_tcp);
+    tcp_ = nullptr;
+  }
+  pending_.clear();
+}
+
+void Bridge::fail(const char* why) {
+  if (phase_ == BridgePhase::done) return;
+  spdlog::debug("stream {} ({}): reset: {}", id_, route_.empty() ? "?" : route_, why);
+  if (link_.session().has_stream(id_)) link_.session().reset(id_);
+  stream_gone(true);
+  link_.remove_bridge(id_);
+  link_.flush();
+}
+
+}  // namespace baton::proxy

@@ -1,0 +1,94 @@
+// Bridge: relays one yamux stream to one TCP connection, both ways, with
+// backpressure and half-close (PROTOCOL.md section 4).
+//
+//   stream -> TCP: bytes stay in the stream's inbound queue until the TCP
+//     write completes; only then is window credit returned (consumed()).
+//   TCP -> stream: a read is written into the session within the send
+//     window; what does not fit waits in `pending_` and reading stops until
+//     the window opens. Reading also stops while the link is congested.
+//   FIN from the peer -> TCP shutdown once everything before it is written;
+//   TCP EOF -> FIN once everything read is in the session.
+//   TCP error -> RST; RST -> TCP closed.
+//
+// The server side connects to an upstream after reading the preamble; the
+// client side starts with an accepted local connection.
+#pragma once
+
+#include <uv.h>
+
+#include <cstdint>
+#include <string>
+
+#include "net/listener.h"
+#include "net/tcp.h"
+#include "util/byte_queue.h"
+
+namespace baton::proxy {
+
+class Link;
+
+enum class BridgePhase : uint8_t {
+  awaiting_preamble = 0,  // server: the route name has not fully arrived
+  awaiting_upstream = 1,  // server: resolving / connecting to the route's upstream
+  relaying = 2,           // bytes flow
+  done = 3,               // TCP closed; the link drops the bridge
+};
+const char* to_str(BridgePhase p);
+
+class Bridge : public net::TcpHandler {
+ public:
+  // Server side: waits for the preamble on stream `id`.
+  Bridge(Link& link, uint32_t id);
+  // Client side: relays stream `id` to an accepted local connection.
+  Bridge(Link& link, uint32_t id, net::Tcp* local);
+  ~Bridge() override;
+
+  uint32_t id() const { return id_; }
+  BridgePhase phase() const { return phase_; }
+  const std::string& route() const { return route_; }
+
+  // Starts connecting to host:port (server side, after the preamble).
+  void connect(const std::string& route, const std::string& host, uint16_t port, uint32_t timeout_ms);
+
+  // From the link (session events).
+  void stream_data();      // inbound bytes queued
+  void stream_fin();       // peer half-closed
+  void stream_writable();  // send window opened
+  void link_decongested(); // the link's output fell below its low-water mark
+  // The stream is gone (reset by peer, closed, or the link is ending): close TCP.
+  void stream_gone(bool reset_tcp);
+
+  // Server hook: the preamble named `route`; the owner looks it up and calls
+  // connect() or resets. Set by the server tunnel.
+  std::function<void(Bridge&, const std::string& route)> on_preamble;
+
+  uint64_t bytes_up = 0;    // stream -> TCP
+  uint64_t bytes_down = 0;  // TCP -> stream
+
+ private:
+  void on_read(std::span<const uint8_t> data) override;
+  void on_read_end(int err) override;
+  void on_written(size_t n, int err) override;
+  void on_connected(int status) override;
+  void on_shutdown(int status) override { (void)status; }
+
+  void pump_to_tcp();
+  void pump_to_stream();
+  void fail(const char* why);  // RST the stream and close TCP
+  void stop_connect_timer();
+
+  Link& link_;
+  uint32_t id_;
+  BridgePhase phase_;
+  net::Tcp* tcp_ = nullptr;
+  net::Resolve* resolve_ = nullptr;
+  uv_timer_t* connect_timer_ = nullptr;
+  std::string route_;
+  util::ByteQueue pending_;  // read from TCP, not yet accepted by the send window
+  bool tcp_eof_ = false;     // TCP EOF seen; FIN once pending_ is empty
+  bool fin_sent_ = false;
+  bool peer_fin_ = false;    // stream FIN seen; TCP shutdown once inbound is written
+  bool shutdown_sent_ = false;
+};
+
+}  // namespace baton::proxy

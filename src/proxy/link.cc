@@ -1,0 +1,342 @@
+#include "proxy/link.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+
+#include "proxy/bridge.h"
+
+namespace baton::proxy {
+
+const char* to_str(LinkPhase p) {
+  switch (p) {
+    case LinkPhase::awaiting_handshake: return "awaiting_handshake";
+    case LinkPhase::awaiting_hello: return "awaiting_hello";
+    case LinkPhase::serving: return "serving";
+    case LinkPhase::flushing: return "flushing";
+    case LinkPhase::closed: return "closed";
+  }
+  return "?";
+}
+
+namespace {
+thread_local uint8_t g_scratch[tls::kScratchSize];
+thread_local uint8_t g_coalesce[tls::kMaxPlaintext];
+}  // namespace
+
+Link::EntryGuard::~EntryGuard() {
+  if (--l_->depth_ > 0) return;
+  l_->graveyard_.clear();
+  if (l_->phase_ == LinkPhase::closed) delete l_;
+}
+
+Link::Link(uv_loop_t* loop, net::Tcp* tcp, tls::Context& tls_ctx, mux::Role role, const LinkLimits& limits,
+           const std::string& server_name, tls::ClientSession* resume)
+    : loop_(loop), tcp_(tcp), timer_(new uv_timer_t), tls_ctx_(tls_ctx), client_session_(resume), role_(role),
+      limits_(limits) {
+  tcp_->set_handler(this);
+  uv_timer_init(loop_, timer_);
+  timer_->data = this;
+  handshake_ = std::make_unique<tls::Handshake>(tls_ctx_, server_name, resume);
+  peer_ = tcp_->peer_address();
+  started_ms_ = last_rx_ms_ = uv_now(loop_);
+}
+
+Link::~Link() {
+  // Bridges first: their Tcp handles must close before the session that owns
+  // the queues their writes point into goes away.
+  close_bridges();
+  if (tcp_) tcp_->close(true);
+  if (timer_) uv_close(reinterpret_cast<uv_handle_t*>(timer_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+}
+
+void Link::start() {
+  EntryGuard g(this);
+  tcp_->start_read();
+  if (role_ == mux::Role::client) handshake_input({});
+  rearm_timer();
+}
+
+util::ByteQueue& Link::out_queue() { return record_ ? record_->output() : handshake_->output(); }
+
+void Link::pump_write() {
+  if (!tcp_ || tcp_->writing()) return;
+  util::ByteQueue& q = out_queue();
+  if (!q.empty()) tcp_->write_from(q);
+}
+
+bool Link::congested() const {
+  return record_ && record_->state().output.size() > limits_.output_high_water;
+}
+
+void Link::flush() {
+  if (phase_ == LinkPhase::closed) return;
+  if (record_ && session_) {
+    util::ByteQueue& so = session_->output();
+    if (record_->state().close_notify_sent) {
+      so.clear();
+    } else {
+      // Seal full-size records: coalesce small frames (window updates, acks)
+      // instead of sealing each on its own.
+      while (!so.empty()) {
+        size_t n = std::min(so.size(), tls::kMaxPlaintext);
+        auto front = so.front();
+        if (front.size() >= n) {
+          record_->seal(front.first(n));
+        } else {
+          so.peek({g_coalesce, n});
+          record_->seal({g_coalesce, n});
+        }
+        so.pop(n);
+      }
+    }
+    if (congested()) was_congested_ = true;
+  }
+  pump_write();
+}
+
+void Link::on_read(std::span<const uint8_t> data) {
+  EntryGuard g(this);
+  counters_.bytes_in += data.size();
+  last_rx_ms_ = uv_now(loop_);
+  if (phase_ == LinkPhase::awaiting_handshake) handshake_input(data);
+  else if (phase_ == LinkPhase::awaiting_hello || phase_ == LinkPhase::serving) record_input(data);
+}
+
+void Link::on_read_end(int err) {
+  EntryGuard g(this);
+  if (phase_ >= LinkPhase::flushing) return;
+  // TCP FIN without close_notify, or a reset: nothing more can be said.
+  close(err ? "connection error" : "peer closed the connection", false);
+  if (phase_ == LinkPhase::flushing) finish_close();
+}
+
+void Link::on_written(size_t n, int err) {
+  EntryGuard g(this);
+  if (err) {
+    if (phase_ < LinkPhase::flushing) close("write to peer failed", false);
+    finish_close();
+    return;
+  }
+  out_queue().pop(n);
+  counters_.bytes_out += n;
+  pump_write();
+  if (phase_ == LinkPhase::flushing && out_queue().empty()) {
+    finish_close();
+    return;
+  }
+  if (was_congested_ && record_ && record_->state().output.size() <= limits_.output_high_water / 2) {
+    was_congested_ = false;
+    for (auto& [id, b] : bridges_) b->link_decongested();
+    flush();
+  }
+}
+
+void Link::handshake_input(std::span<const uint8_t> data) {
+  if (!data.empty()) handshake_->feed(data);
+  tls::HandshakeStatus st = handshake_->step();
+  if (st == tls::HandshakeStatus::failed) {
+    spdlog::info("tunnel {}: TLS handshake failed: {}", peer_, handshake_->error());
+    close("TLS handshake failed", false);
+    return;
+  }
+  if (st == tls::HandshakeStatus::done) {
+    become_secure();
+    return;
+  }
+  pump_write();
+}
+
+void Link::become_secure() {
+  if (client_session_) handshake_->save_session(*client_session_);
+  peer_info_ = handshake_->peer();
+  tls::RecordState st = handshake_->finish();
+  handshake_.reset();
+  record_ = std::make_unique<tls::RecordLayer>(std::move(st));
+  mux::SessionLimits sl;
+  sl.max_streams = limits_.max_streams;
+  session_ = std::make_unique<mux::Session>(role_, *this, sl);
+  phase_ = LinkPhase::awaiting_hello;
+  spdlog::debug("tunnel {}: TLS established ({}{})", peer_, peer_info_.suite_name,
+                peer_info_.resumed ? ", resumed" : "");
+  on_secure();
+  // Records that arrived right behind the Finished message.
+  if (phase_ == LinkPhase::awaiting_hello || phase_ == LinkPhase::serving) record_input({});
+  flush();
+}
+
+void Link::record_input(std::span<const uint8_t> data) {
+  while (phase_ == LinkPhase::awaiting_hello || phase_ == LinkPhase::serving) {
+    tls::Opened o = record_->open(data, g_scratch);
+    data = data.subspan(o.used);
+    if (o.status == tls::OpenStatus::data) {
+      if (o.plaintext.empty()) continue;
+      mux::ConsumeResult r = session_->consume(o.plaintext);
+      if (r.status != mux::ConsumeStatus::ok) {
+        spdlog::info("tunnel {}: yamux protocol error: {}", peer_, r.error ? r.error : "?");
+        close("protocol error", false);  // Go Away(1) is already queued
+        return;
+      }
+      continue;
+    }
+    if (o.status == tls::OpenStatus::need_more) break;
+    if (o.status == tls::OpenStatus::closed) {
+      close("peer sent close_notify", false);
+      return;
+    }
+    spdlog::info("tunnel {}: TLS record error: {}", peer_, o.reason);
+    if (o.send_alert) record_->seal_alert(o.alert, !o.alert_warning);
+    close(o.reason, false);
+    return;
+  }
+  flush();
+}
+
+void Link::close_bridges() {
+  auto bridges = std::move(bridges_);
+  bridges_.clear();
+  for (auto& [id, b] : bridges) b->stream_gone(true);
+  for (auto& [id, b] : bridges) graveyard_.push_back(std::move(b));
+  if (depth_ == 0) graveyard_.clear();
+}
+
+void Link::close(const char* reason, bool go_away, mux::GoAwayCode code) {
+  EntryGuard g(this);
+  if (phase_ >= LinkPhase::flushing) return;
+  spdlog::debug("tunnel {}: closing: {}", peer_, reason);
+  on_closed(reason);
+  close_bridges();
+  if (session_ && go_away && !session_->go_away_sent() && !session_->failed()) session_->go_away(code);
+  flush();
+  if (record_) {
+    record_->seal_alert(tls::alert::close_notify, false);
+  }
+  phase_ = LinkPhase::flushing;
+  if (tcp_) tcp_->stop_read();
+  flush_deadline_ms_ = uv_now(loop_) + limits_.flush_timeout_ms;
+  pump_write();
+  if (!tcp_ || (!tcp_->writing() && out_queue().empty())) finish_close();
+  else rearm_timer();
+}
+
+void Link::finish_close() {
+  if (phase_ == LinkPhase::closed) return;
+  phase_ = LinkPhase::closed;
+  if (tcp_) {
+    tcp_->close();
+    tcp_ = nullptr;
+  }
+  uv_timer_stop(timer_);
+}
+
+void Link::rearm_timer() {
+  if (phase_ == LinkPhase::closed) return;
+  uint64_t deadline = 0;
+  switch (phase_) {
+    case LinkPhase::awaiting_handshake:
+    case LinkPhase::awaiting_hello: deadline = started_ms_ + limits_.handshake_timeout_ms; break;
+    case LinkPhase::serving: deadline = last_rx_ms_ + limits_.idle_timeout_ms; break;
+    case LinkPhase::flushing: deadline = flush_deadline_ms_; break;
+    case LinkPhase::closed: return;
+  }
+  uint64_t role = role_deadline();
+  if (role && role < deadline) deadline = role;
+  uint64_t now = uv_now(loop_);
+  uv_timer_start(timer_, timer_cb, deadline > now ? deadline - now : 0, 0);
+}
+
+void Link::timer_cb(uv_timer_t* t) {
+  Link* l = static_cast<Link*>(t->data);
+  EntryGuard g(l);
+  uint64_t now = uv_now(l->loop_);
+  switch (l->phase_) {
+    case LinkPhase::awaiting_handshake:
+    case LinkPhase::awaiting_hello:
+      if (now >= l->started_ms_ + l->limits_.handshake_timeout_ms) {
+        spdlog::info("tunnel {}: handshake timeout ({} ms)", l->peer_, l->limits_.handshake_timeout_ms);
+        l->close("handshake timeout", false);
+        return;
+      }
+      break;
+    case LinkPhase::serving:
+      if (now >= l->last_rx_ms_ + l->limits_.idle_timeout_ms) {
+        spdlog::info("tunnel {}: idle timeout ({} ms)", l->peer_, l->limits_.idle_timeout_ms);
+        l->close("idle timeout", true);
+        return;
+      }
+      break;
+    case LinkPhase::flushing:
+      if (now >= l->flush_deadline_ms_) {
+        l->finish_close();
+        return;
+      }
+      break;
+    case LinkPhase::closed: return;
+  }
+  uint64_t role = l->role_deadline();
+  if (role && now >= role) l->on_role_deadline();
+  l->rearm_timer();
+}
+
+void Link::add_bridge(uint32_t id, std::unique_ptr<Bridge> b) {
+  counters_.streams_opened++;
+  bridges_[id] = std::move(b);
+}
+
+Bridge* Link::bridge(uint32_t id) {
+  auto it = bridges_.find(id);
+  return it == bridges_.end() ? nullptr : it->second.get();
+}
+
+void Link::remove_bridge(uint32_t id) {
+  auto it = bridges_.find(id);
+  if (it == bridges_.end()) return;
+  graveyard_.push_back(std::move(it->second));
+  bridges_.erase(it);
+  if (session_ && session_->go_away_received() && bridges_.empty() && phase_ == LinkPhase::serving)
+    close("peer sent Go Away and its last stream ended", false);
+}
+
+// --- mux::SessionHandler ---
+
+void Link::on_stream_opened(uint32_t id) { on_peer_stream(id); }
+
+void Link::on_stream_data(uint32_t id) {
+  if (id == 1) on_control_data();
+  else if (Bridge* b = bridge(id)) b->stream_data();
+}
+
+void Link::on_stream_fin(uint32_t id) {
+  if (id == 1) close("control stream closed by peer", true);
+  else if (Bridge* b = bridge(id)) b->stream_fin();
+}
+
+void Link::on_stream_reset(uint32_t id) {
+  counters_.streams_reset++;
+  if (id == 1) {
+    close("control stream reset by peer", true);
+    return;
+  }
+  if (Bridge* b = bridge(id)) {
+    b->stream_gone(true);
+    remove_bridge(id);
+  }
+}
+
+void Link::on_stream_writable(uint32_t id) {
+  if (Bridge* b = bridge(id)) b->stream_writable();
+}
+
+void Link::on_stream_closed(uint32_t id) {
+  if (Bridge* b = bridge(id)) {
+    b->stream_gone(false);
+    remove_bridge(id);
+  }
+}
+
+void Link::on_go_away(mux::GoAwayCode code) {
+  spdlog::debug("tunnel {}: peer sent Go Away ({})", peer_, uint32_t(code));
+  if (bridges_.empty()) close("peer sent Go Away", false);
+}
+
+}  // namespace baton::proxy

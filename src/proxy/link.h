@@ -1,0 +1,162 @@
+// Link: one TLS connection carrying one yamux session; the part of a tunnel
+// that is the same on the server and the client.
+//
+//   peer TCP <-> Tcp <-> (Handshake | RecordLayer) <-> mux::Session <-> Bridges
+//
+// A Link owns its Tcp, its handshake or record layer, its session and one
+// Bridge per data stream. The role-specific part (server: HELLO and routes;
+// client: HELLO and local forwarders) derives from it and implements the
+// virtual hooks.
+//
+// Lifetime: libuv callbacks enter through Link methods; a Link that decides
+// to die marks itself dead and is deleted when the outermost callback
+// returns (EntryGuard), never in the middle of its own call stack.
+#pragma once
+
+#include <uv.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "mux/session.h"
+#include "net/tcp.h"
+#include "tls/handshake.h"
+#include "tls/record.h"
+
+namespace baton::proxy {
+
+class Bridge;
+
+// What the link is waiting for (ARCHITECTURE principle 3).
+enum class LinkPhase : uint8_t {
+  awaiting_handshake = 0,  // TLS handshake in progress
+  awaiting_hello = 1,      // server: TLS done, HELLO not yet accepted; client: WELCOME not yet received
+  serving = 2,             // streams flow
+  flushing = 3,            // closing: writing the last bytes (alerts, Go Away) before TCP close
+  closed = 4,              // TCP closed; the object is deleted when the current callback returns
+};
+const char* to_str(LinkPhase p);
+
+struct LinkLimits {
+  uint32_t max_streams = 1024;
+  uint32_t handshake_timeout_ms = 10000;
+  uint32_t idle_timeout_ms = 300000;
+  uint32_t output_high_water = 1 << 20;  // queued TLS bytes before upstream reads pause
+  uint32_t flush_timeout_ms = 2000;      // how long a closing link waits for its last bytes
+};
+
+struct LinkCounters {
+  uint64_t bytes_in = 0;   // TLS bytes read from the peer
+  uint64_t bytes_out = 0;  // TLS bytes written to the peer
+  uint64_t streams_opened = 0;
+  uint64_t streams_reset = 0;
+};
+
+class Link : public net::TcpHandler, public mux::SessionHandler {
+ public:
+  // Takes ownership of `tcp` (connected). `tls_ctx` outlives the link.
+  Link(uv_loop_t* loop, net::Tcp* tcp, tls::Context& tls_ctx, mux::Role role, const LinkLimits& limits,
+       const std::string& server_name = "", tls::ClientSession* resume = nullptr);
+  ~Link() override;
+
+  // Starts reading (and, as a client, sends the ClientHello).
+  void start();
+  // Ends the link: resets bridges, optionally sends Go Away, then close_notify,
+  // flushes and closes TCP. Safe to call more than once and from any hook.
+  void close(const char* reason, bool go_away = true, mux::GoAwayCode code = mux::GoAwayCode::normal);
+
+  LinkPhase phase() const { return phase_; }
+  mux::Session& session() { return *session_; }
+  uv_loop_t* loop() const { return loop_; }
+  const std::string& peer() const { return peer_; }
+  const LinkCounters& counters() const { return counters_; }
+  const LinkLimits& limits() const { return limits_; }
+  bool congested() const;  // TLS output above the high-water mark
+  size_t bridge_count() const { return bridges_.size(); }
+
+  // Seals what the session queued and writes. Called by bridges after they
+  // wrote into the session; cheap when there is nothing to do.
+  void flush();
+
+  // Bridges register here; the link owns them.
+  void add_bridge(uint32_t id, std::unique_ptr<Bridge> b);
+  Bridge* bridge(uint32_t id);
+  // Drops the bridge object (its Tcp must already be closed).
+  void remove_bridge(uint32_t id);
+
+  // Keeps the link alive across a callback (see class comment).
+  class EntryGuard {
+   public:
+    explicit EntryGuard(Link* l) : l_(l) { ++l_->depth_; }
+    ~EntryGuard();
+   private:
+    Link* l_;
+  };
+
+ protected:
+  // Role hooks.
+  virtual void on_secure() = 0;                              // handshake done (RecordLayer ready)
+  virtual void on_control_data() = 0;                        // inbound bytes on stream 1
+  virtual void on_peer_stream(uint32_t id) = 0;              // peer opened a stream other than 1
+  virtual void on_closed(const char* reason) { (void)reason; }  // the link is going away
+  // Deadline of the role (0 = none), in uv_now() ms; the link arms one timer
+  // for the earliest of this, its own handshake/idle deadlines.
+  virtual uint64_t role_deadline() const { return 0; }
+  virtual void on_role_deadline() {}
+
+  void set_phase(LinkPhase p) { phase_ = p; }
+  void rearm_timer();
+  const tls::Handshake* handshake() const { return handshake_.get(); }
+  const tls::PeerInfo& peer_info() const { return peer_info_; }
+  tls::RecordLayer* record() { return record_.get(); }
+
+ private:
+  // net::TcpHandler
+  void on_read(std::span<const uint8_t> data) override;
+  void on_read_end(int err) override;
+  void on_written(size_t n, int err) override;
+  // mux::SessionHandler
+  void on_stream_opened(uint32_t id) override;
+  void on_stream_data(uint32_t id) override;
+  void on_stream_fin(uint32_t id) override;
+  void on_stream_reset(uint32_t id) override;
+  void on_stream_writable(uint32_t id) override;
+  void on_stream_closed(uint32_t id) override;
+  void on_go_away(mux::GoAwayCode code) override;
+
+  void handshake_input(std::span<const uint8_t> data);
+  void record_input(std::span<const uint8_t> data);
+  void become_secure();
+  void finish_close();
+  void close_bridges();
+  void pump_write();
+  util::ByteQueue& out_queue();
+  static void timer_cb(uv_timer_t* t);
+
+  uv_loop_t* loop_;
+  net::Tcp* tcp_;
+  uv_timer_t* timer_;
+  tls::Context& tls_ctx_;
+  std::unique_ptr<tls::Handshake> handshake_;
+  std::unique_ptr<tls::RecordLayer> record_;
+  std::unique_ptr<mux::Session> session_;
+  tls::PeerInfo peer_info_;
+  tls::ClientSession* client_session_;  // client: offered for resumption, then refreshed
+  mux::Role role_;
+  std::map<uint32_t, std::unique_ptr<Bridge>> bridges_;
+  std::vector<std::unique_ptr<Bridge>> graveyard_;  // removed while their own call was on the stack
+  LinkLimits limits_;
+  LinkCounters counters_;
+  LinkPhase phase_ = LinkPhase::awaiting_handshake;
+  std::string peer_;
+  uint64_t started_ms_ = 0;
+  uint64_t last_rx_ms_ = 0;
+  uint64_t flush_deadline_ms_ = 0;
+  int depth_ = 0;
+  bool was_congested_ = false;
+};
+
+}  // namespace baton::proxy

@@ -1,0 +1,69 @@
+// Server: `baton serve`. One libuv loop; the tunnel listener, the TLS
+// context, the route table and the set of live tunnels.
+#pragma once
+
+#include <uv.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <unordered_set>
+
+#include "config/config.h"
+#include "net/listener.h"
+#include "proxy/link.h"
+#include "tls/context.h"
+
+namespace baton::proxy {
+
+class Tunnel;
+
+struct ServerCounters {
+  uint64_t tunnels_accepted = 0;
+  uint64_t tunnels_refused_limit = 0;  // closed before TLS: max_tunnels reached
+  uint64_t tunnels_established = 0;    // WELCOME sent
+  uint64_t tunnels_rejected = 0;       // REJECT sent
+  uint64_t handshake_failures = 0;
+};
+
+class Server {
+ public:
+  // Loads TLS material; returns nullptr and sets error on failure.
+  static std::unique_ptr<Server> create(uv_loop_t* loop, const config::Config& cfg, std::string& error);
+  ~Server();
+
+  // Binds the tunnel listener. Returns "" or an error.
+  [[nodiscard]] std::string listen();
+  std::string listen_address() const;
+  // Stops accepting and closes every tunnel (Go Away, close_notify).
+  void stop();
+
+  const config::Config& config() const { return cfg_; }
+  tls::Context& tls() { return *tls_; }
+  uv_loop_t* loop() const { return loop_; }
+  LinkLimits link_limits() const;
+  ServerCounters& counters() { return counters_; }
+  size_t tunnel_count() const { return tunnels_.size(); }
+  const std::string& server_id() const { return server_id_; }
+
+  // Token check: constant time over every configured token. Returns the
+  // token's name or "" when none matches.
+  std::string authenticate(const std::string& token) const;
+
+  void forget(Tunnel* t);
+
+ private:
+  Server(uv_loop_t* loop, const config::Config& cfg) : loop_(loop), cfg_(cfg) {}
+  void on_accept(uv_stream_t* server);
+
+  uv_loop_t* loop_;
+  config::Config cfg_;
+  std::string server_id_;
+  std::unique_ptr<tls::Context> tls_;
+  net::Listener* listener_ = nullptr;
+  std::unordered_set<Tunnel*> tunnels_;
+  ServerCounters counters_;
+  bool stopping_ = false;
+};
+
+}  // namespace baton::proxy
