@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests (GoogleTest via meson) and integration tests
+# (pytest, real processes on loopback), first against the normal build, then
+# against an ASan+UBSan build. Ends with one line "N passed, N failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BUILD=${1:-build}
+ASAN_BUILD=${ASAN_BUILD:-build-asan}
+passed=0
+failed=0
+log=$(mktemp -d)
+
+count_meson() {  # adds meson test results from its log
+  local out=$1
+  local ok fail
+  ok=$(grep -E '^Ok:' "$out" | awk '{print $2}' | tail -1)
+  fail=$(grep -E '^(Fail|Unexpected Pass|Timeout):' "$out" | awk '{s+=$2} END {print s+0}')
+  passed=$((passed + ${ok:-0}))
+  failed=$((failed + ${fail:-0}))
+  [ -n "$ok" ] || failed=$((failed + 1))
+}
+
+count_pytest() {  # adds pytest results from its summary line
+  local out=$1 line p f e
+  line=$(grep -E '(passed|failed|error)' "$out" | tail -1)
+  p=$(echo "$line" | grep -oE '[0-9]+ passed' | awk '{print $1}')
+  f=$(echo "$line" | grep -oE '[0-9]+ failed' | awk '{print $1}')
+  e=$(echo "$line" | grep -oE '[0-9]+ error' | awk '{print $1}')
+  passed=$((passed + ${p:-0}))
+  failed=$((failed + ${f:-0} + ${e:-0}))
+  [ -n "$p$f$e" ] || failed=$((failed + 1))
+}
+
+run_suite() {  # name build-dir extra-env...
+  local name=$1 dir=$2
+  shift 2
+  echo "=== $name: unit tests ($dir)"
+  env "$@" meson test -C "$dir" --suite unit --print-errorlogs 2>&1 | tee "$log/$name-unit.txt" | grep -E '^ *[0-9]+/[0-9]+ |^(Ok|Fail|Timeout):'
+  count_meson "$log/$name-unit.txt"
+  echo "=== $name: integration tests"
+  env "$@" BATON_BIN="$PWD/$dir/baton" python3 -m pytest tests/integration -q -p no:cacheprovider 2>&1 | tee "$log/$name-integration.txt" | tail -40
+  count_pytest "$log/$name-integration.txt"
+}
+
+run_suite release "$BUILD"
+
+if [ "${BATON_SKIP_ASAN:-0}" != 1 ]; then
+  echo "=== building with AddressSanitizer + UndefinedBehaviorSanitizer ($ASAN_BUILD)"
+  if make --no-print-directory asan ASAN="$ASAN_BUILD" > "$log/asan-build.txt" 2>&1; then
+    # Smaller transfers under ASan: the same paths, a fraction of the bytes.
+    run_suite asan "$ASAN_BUILD" \
+      ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+      BATON_TEST_BIG_BYTES=$((64 << 20)) BATON_TEST_SANITIZED=1
+  else
+    tail -30 "$log/asan-build.txt"
+    failed=$((failed + 1))
+  fi
+fi
+
+echo
+echo "test summary: $passed passed, $failed failed"
+rm -rf "$log"
+[ "$failed" -eq 0 ]
