@@ -50,7 +50,12 @@ struct Drain {
   std::string reconnect_hint;  // empty = not sent
 };
 
-// Encoders append one whole message to out.
+// Encoders append one whole message to out. Fields go out in the order of the
+// table in PROTOCOL.md section 3; Hello.version, Reject.retry_after_ms and
+// Drain.reconnect_hint are omitted when absent/empty, token, client_id, reason
+// and server_id are always sent (possibly empty). Precondition: all fields fit
+// the u16 message length (client_id <= 128 bytes, the strings short); if they
+// do not, string values are cut so that the output stays well formed.
 void encode(const Hello& m, std::vector<uint8_t>& out);
 void encode(const Welcome& m, std::vector<uint8_t>& out);
 void encode(const Reject& m, std::vector<uint8_t>& out);
@@ -69,8 +74,10 @@ struct ControlMessage {
 enum class DecodeStatus : uint8_t {
   message = 0,     // *msg is filled, `used` bytes were taken
   need_more = 1,   // not a whole message yet; nothing taken
-  malformed = 2,   // a known field has the wrong size, or fields overrun the message
+  malformed = 2,   // a known field has the wrong size, client_id > 128 bytes, or fields overrun the message
 };
+
+const char* to_str(DecodeStatus s);
 
 struct DecodeResult {
   DecodeStatus status = DecodeStatus::need_more;
@@ -83,13 +90,16 @@ struct DecodeResult {
 
 // Route preamble: length u8 (1..255) | name (ASCII).
 enum class PreambleStatus : uint8_t { route = 0, need_more = 1, malformed = 2 };
+const char* to_str(PreambleStatus s);
 struct PreambleResult {
   PreambleStatus status = PreambleStatus::need_more;
-  size_t used = 0;
+  size_t used = 0;  // 1 + name length when status == route, else 0
   std::string route;
 };
-// Malformed: length 0, or a byte outside printable ASCII (0x21..0x7e).
+// Malformed: length 0, or a byte outside printable ASCII (0x21..0x7e). A
+// truncated preamble is need_more even if the bytes so far are already bad.
 [[nodiscard]] PreambleResult decode_preamble(std::span<const uint8_t> in);
+// Precondition: route is 1..255 printable ASCII bytes (longer names are cut to 255).
 void encode_preamble(const std::string& route, std::vector<uint8_t>& out);
 
 }  // namespace baton::mux

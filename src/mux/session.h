@@ -73,13 +73,23 @@ struct SessionState {
   GoAwayCode go_away_code = GoAwayCode::normal;  // the code received (or sent when failed)
   uint32_t ping_replies_queued = 0;
   // Partially received frame: the header bytes and the part of a Data body
-  // received so far for a frame whose body has not fully arrived.
+  // received so far for a frame whose body has not fully arrived. Once it
+  // holds 12 bytes, they are a header that passed validation. One special
+  // form: while the body of a discarded Data frame (unknown or reset stream,
+  // refused SYN) is being skipped, it holds exactly one header
+  // `Data, flags 0, stream 0, length = bytes still to skip` (a header the
+  // peer can never send, since Data on stream 0 is a protocol error), so a
+  // large discarded body is never buffered.
   util::ByteQueue partial_input;
   util::ByteQueue output;  // encoded frames for the peer, not yet taken by the owner
   std::map<uint32_t, StreamState> streams;
   std::vector<PendingPing> pings;  // pings we sent and have not seen answered
 };
 
+// Callbacks run synchronously inside consume() (or inside consumed() /
+// close_write() for on_stream_closed). They may call any Session method except
+// consume(), including reset() or consumed() on the very stream they are told
+// about; the session looks streams up again after every callback.
 class SessionHandler {
  public:
   virtual ~SessionHandler() = default;
@@ -90,8 +100,10 @@ class SessionHandler {
   virtual void on_stream_data(uint32_t id) = 0;
   // The peer half-closed: after the queued inbound bytes, no more will come.
   virtual void on_stream_fin(uint32_t id) = 0;
-  // The peer reset the stream, or the session reset it (limits). The stream is
-  // already erased when this is called.
+  // The peer reset the stream (RST), or the session reset it because the peer
+  // broke the stream's rules (Data after its FIN; an RST was queued). The stream
+  // is already erased when this is called. A SYN refused because of Go Away or
+  // max_streams never becomes a stream and fires nothing.
   virtual void on_stream_reset(uint32_t id) = 0;
   // The stream's send window grew from 0 (or its ACK arrived): write() may accept bytes again.
   virtual void on_stream_writable(uint32_t id) = 0;
@@ -109,6 +121,8 @@ enum class ConsumeStatus : uint8_t {
   already_failed = 2,  // the session failed earlier; input ignored
 };
 
+const char* to_str(ConsumeStatus s);
+
 struct ConsumeResult {
   ConsumeStatus status = ConsumeStatus::ok;
   const char* error = nullptr;  // static text naming the violation when status == protocol_error
@@ -124,7 +138,9 @@ class Session {
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
-  // Feeds plaintext from the peer. Handles every complete frame; keeps a partial one.
+  // Feeds plaintext from the peer. Handles every complete frame; keeps a partial
+  // one (never more than a header for a body that is being discarded). `in`
+  // must stay valid and unchanged until the call returns, callbacks included.
   [[nodiscard]] ConsumeResult consume(std::span<const uint8_t> in);
 
   // Bytes to send to the peer. The owner pops what it has taken.
@@ -144,7 +160,8 @@ class Session {
   // Sends RST and erases the stream (no on_stream_reset for a local reset).
   void reset(uint32_t id);
 
-  // Inbound bytes of a stream, in order, without dropping them. Empty if none or unknown.
+  // Inbound bytes of a stream, in order, without dropping them. Empty if none or
+  // unknown; never null (an unknown stream gets a shared empty queue).
   const util::ByteQueue* inbound(uint32_t id) const;
   // Drops n inbound bytes (n <= inbound size) and returns window credit to the
   // peer once enough has accumulated. May fire on_stream_closed.
@@ -169,6 +186,25 @@ class Session {
   const SessionState& state() const { return st_; }
 
  private:
+  enum class DataVerdict : uint8_t { deliver, discard, error };
+
+  StreamState* find(uint32_t id);
+  void emit(FrameType type, uint16_t flags, uint32_t id, uint32_t length);
+  ConsumeResult fail(const char* why);
+  const char* check_header(const FrameHeader& h) const;
+  const char* check_syn(uint32_t id) const;
+  bool refuse_syn(uint32_t id);
+  StreamState& create_remote_stream(uint32_t id);
+  DataVerdict classify_data(const FrameHeader& h, const char*& error);
+  void deliver_data(const FrameHeader& h, std::span<const uint8_t> direct, util::ByteQueue& queued);
+  void skip_body(uint32_t remaining, std::span<const uint8_t>& in);
+  const char* handle_window_update(const FrameHeader& h);
+  const char* handle_ping(const FrameHeader& h);
+  void handle_go_away(const FrameHeader& h);
+  void remote_reset(uint32_t id);
+  void remote_fin(uint32_t id);
+  void maybe_close(uint32_t id);
+
   SessionState st_;
   SessionHandler& handler_;
   SessionLimits limits_;

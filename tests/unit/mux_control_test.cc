@@ -1,1 +1,494 @@
-// placeholder: tests for mux_control
+#include <gtest/gtest.h>
+
+#include <random>
+#include <string>
+#include <vector>
+
+#include "mux/control.h"
+
+using namespace baton::mux;
+
+namespace {
+
+using V = std::vector<uint8_t>;
+
+V cat(std::initializer_list<V> parts) {
+  V out;
+  for (const V& p : parts) out.insert(out.end(), p.begin(), p.end());
+  return out;
+}
+V str(const std::string& s) { return V(s.begin(), s.end()); }
+
+template <typename M>
+V enc(const M& m) {
+  V out;
+  encode(m, out);
+  return out;
+}
+
+DecodeResult dec(const V& in, ControlMessage& msg) { return decode(in, msg); }
+
+// A message with the given type and raw body.
+V message(uint8_t type, const V& body) {
+  return cat({{type, uint8_t(body.size() >> 8), uint8_t(body.size())}, body});
+}
+V field(uint8_t tag, const V& value) {
+  return cat({{tag, uint8_t(value.size() >> 8), uint8_t(value.size())}, value});
+}
+
+const V kHelloBytes = {0x01, 0x00, 0x0f,                     // HELLO, 15 bytes of fields
+                       0x01, 0x00, 0x02, 0x00, 0x01,         // version 1
+                       0x02, 0x00, 0x02, 't', 'k',           // token "tk"
+                       0x03, 0x00, 0x02, 'c', '1'};          // client_id "c1"
+
+const V kWelcomeBytes = {0x02, 0x00, 0x22,                                   // WELCOME, 34
+                         0x05, 0x00, 0x10, 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07,
+                         0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f,     // session_id
+                         0x06, 0x00, 0x05, 'p', 'o', 'd', '-', 'a',          // server_id
+                         0x07, 0x00, 0x04, 0x00, 0x00, 0x3a, 0x98};          // heartbeat 15000
+
+const V kRejectBytes = {0x03, 0x00, 0x18,                                      // REJECT, 24
+                        0x09, 0x00, 0x02, 0x00, 0x02,                          // code 2
+                        0x0a, 0x00, 0x09, 'b', 'a', 'd', ' ', 't', 'o', 'k', 'e', 'n',
+                        0x0d, 0x00, 0x04, 0x00, 0x00, 0x13, 0x88};             // retry 5000
+
+const V kDrainBytes = {0x04, 0x00, 0x28,                                       // DRAIN, 40
+                       0x0a, 0x00, 0x0e, 'r', 'o', 'l', 'l', 'i', 'n', 'g', '_', 'u', 'p', 'd', 'a', 't', 'e',
+                       0x0b, 0x00, 0x04, 0x00, 0x00, 0x75, 0x30,               // grace 30000
+                       0x0c, 0x00, 0x0d, '1', '0', '.', '0', '.', '0', '.', '1', ':', '7', '4', '4', '3'};
+
+Hello sample_hello() { return Hello{uint16_t(1), "tk", "c1"}; }
+Welcome sample_welcome() {
+  Welcome w;
+  for (size_t i = 0; i < 16; ++i) w.session_id[i] = uint8_t(i);
+  w.server_id = "pod-a";
+  w.heartbeat_ms = 15000;
+  return w;
+}
+Reject sample_reject() { return Reject{2, "bad token", 5000u}; }
+Drain sample_drain() { return Drain{"rolling_update", 30000, "10.0.0.1:7443"}; }
+
+void expect_malformed(const V& in) {
+  ControlMessage m;
+  DecodeResult r = decode(in, m);
+  EXPECT_EQ(r.status, DecodeStatus::malformed);
+  EXPECT_EQ(r.used, 0u);
+  EXPECT_NE(r.error, nullptr);
+}
+
+}  // namespace
+
+// ---- literal bytes -------------------------------------------------------
+
+TEST(MuxControl, HelloLiteral) {
+  EXPECT_EQ(enc(sample_hello()), kHelloBytes);
+  ControlMessage m;
+  DecodeResult r = dec(kHelloBytes, m);
+  ASSERT_EQ(r.status, DecodeStatus::message);
+  EXPECT_EQ(r.used, kHelloBytes.size());
+  EXPECT_EQ(r.error, nullptr);
+  EXPECT_EQ(m.type, 0x01);
+  ASSERT_TRUE(m.hello);
+  EXPECT_FALSE(m.welcome || m.reject || m.drain);
+  EXPECT_EQ(m.hello->version, 1);
+  EXPECT_EQ(m.hello->token, "tk");
+  EXPECT_EQ(m.hello->client_id, "c1");
+}
+
+TEST(MuxControl, WelcomeLiteral) {
+  EXPECT_EQ(enc(sample_welcome()), kWelcomeBytes);
+  ControlMessage m;
+  DecodeResult r = dec(kWelcomeBytes, m);
+  ASSERT_EQ(r.status, DecodeStatus::message);
+  EXPECT_EQ(r.used, kWelcomeBytes.size());
+  EXPECT_EQ(m.type, 0x02);
+  ASSERT_TRUE(m.welcome);
+  EXPECT_FALSE(m.hello || m.reject || m.drain);
+  EXPECT_EQ(m.welcome->session_id, sample_welcome().session_id);
+  EXPECT_EQ(m.welcome->server_id, "pod-a");
+  EXPECT_EQ(m.welcome->heartbeat_ms, 15000u);
+}
+
+TEST(MuxControl, RejectLiteral) {
+  EXPECT_EQ(enc(sample_reject()), kRejectBytes);
+  ControlMessage m;
+  DecodeResult r = dec(kRejectBytes, m);
+  ASSERT_EQ(r.status, DecodeStatus::message);
+  EXPECT_EQ(r.used, kRejectBytes.size());
+  EXPECT_EQ(m.type, 0x03);
+  ASSERT_TRUE(m.reject);
+  EXPECT_FALSE(m.hello || m.welcome || m.drain);
+  EXPECT_EQ(m.reject->code, 2);
+  EXPECT_EQ(m.reject->reason, "bad token");
+  EXPECT_EQ(m.reject->retry_after_ms, 5000u);
+}
+
+TEST(MuxControl, RejectWithoutRetryOmitsTheField) {
+  Reject r{uint16_t(RejectCode::unsupported_version), "v", std::nullopt};
+  const V want = {0x03, 0x00, 0x09, 0x09, 0x00, 0x02, 0x00, 0x01, 0x0a, 0x00, 0x01, 'v'};
+  EXPECT_EQ(enc(r), want);
+  ControlMessage m;
+  ASSERT_EQ(dec(want, m).status, DecodeStatus::message);
+  ASSERT_TRUE(m.reject);
+  EXPECT_EQ(m.reject->code, 1);
+  EXPECT_FALSE(m.reject->retry_after_ms);
+}
+
+TEST(MuxControl, DrainLiteral) {
+  EXPECT_EQ(enc(sample_drain()), kDrainBytes);
+  ControlMessage m;
+  DecodeResult r = dec(kDrainBytes, m);
+  ASSERT_EQ(r.status, DecodeStatus::message);
+  EXPECT_EQ(r.used, kDrainBytes.size());
+  EXPECT_EQ(m.type, 0x04);
+  ASSERT_TRUE(m.drain);
+  EXPECT_FALSE(m.hello || m.welcome || m.reject);
+  EXPECT_EQ(m.drain->reason, "rolling_update");
+  EXPECT_EQ(m.drain->grace_ms, 30000u);
+  EXPECT_EQ(m.drain->reconnect_hint, "10.0.0.1:7443");
+}
+
+TEST(MuxControl, DrainWithoutHintOmitsTheField) {
+  Drain d{"x", 1, ""};
+  const V want = {0x04, 0x00, 0x0b, 0x0a, 0x00, 0x01, 'x', 0x0b, 0x00, 0x04, 0x00, 0x00, 0x00, 0x01};
+  EXPECT_EQ(enc(d), want);
+  ControlMessage m;
+  ASSERT_EQ(dec(want, m).status, DecodeStatus::message);
+  ASSERT_TRUE(m.drain);
+  EXPECT_EQ(m.drain->reconnect_hint, "");
+}
+
+TEST(MuxControl, HelloEmptyStringsAreSentWithLengthZero) {
+  const V want = {0x01, 0x00, 0x0b, 0x01, 0x00, 0x02, 0x00, 0x01, 0x02, 0x00, 0x00, 0x03, 0x00, 0x00};
+  EXPECT_EQ(enc(Hello{uint16_t(1), "", ""}), want);
+}
+
+TEST(MuxControl, EncodeAppendsToExistingBytes) {
+  V out = {0xee};
+  encode(sample_hello(), out);
+  encode(sample_drain(), out);
+  EXPECT_EQ(out, cat({{0xee}, kHelloBytes, kDrainBytes}));
+}
+
+// ---- decoding rules ------------------------------------------------------
+
+TEST(MuxControl, HelloWithoutVersionDecodesWithEmptyVersion) {
+  const V in = message(0x01, field(0x02, str("secret")));
+  ControlMessage m;
+  ASSERT_EQ(dec(in, m).status, DecodeStatus::message);
+  ASSERT_TRUE(m.hello);
+  EXPECT_FALSE(m.hello->version);
+  EXPECT_EQ(m.hello->token, "secret");
+  EXPECT_EQ(m.hello->client_id, "");
+  // The encoder omits an absent version.
+  EXPECT_EQ(enc(Hello{std::nullopt, "secret", ""}), cat({message(0x01, cat({field(0x02, str("secret")), field(0x03, {})}))}));
+}
+
+TEST(MuxControl, EmptyMessagesDecodeToDefaults) {
+  for (uint8_t type = 1; type <= 4; ++type) {
+    ControlMessage m;
+    DecodeResult r = dec({type, 0x00, 0x00}, m);
+    ASSERT_EQ(r.status, DecodeStatus::message) << int(type);
+    EXPECT_EQ(r.used, 3u);
+    EXPECT_EQ(m.type, type);
+  }
+  ControlMessage m;
+  ASSERT_EQ(dec({0x02, 0, 0}, m).status, DecodeStatus::message);
+  ASSERT_TRUE(m.welcome);
+  EXPECT_EQ(m.welcome->heartbeat_ms, 0u);
+  EXPECT_EQ(m.welcome->session_id, (std::array<uint8_t, 16>{}));
+}
+
+TEST(MuxControl, UnknownFieldTagsAreSkipped) {
+  // Tag 0x7f is unknown everywhere; 0x07 (heartbeat_ms) means nothing in HELLO
+  // and is skipped even with a size that would be wrong in WELCOME.
+  const V in = message(0x01, cat({field(0x7f, str("whatever")), field(0x01, {0x00, 0x01}), field(0x07, {0x01}),
+                                  field(0xff, {}), field(0x03, str("me")), field(0x80, V(300, 0xab))}));
+  ControlMessage m;
+  DecodeResult r = dec(in, m);
+  ASSERT_EQ(r.status, DecodeStatus::message);
+  EXPECT_EQ(r.used, in.size());
+  ASSERT_TRUE(m.hello);
+  EXPECT_EQ(m.hello->version, 1);
+  EXPECT_EQ(m.hello->client_id, "me");
+
+  const V w = message(0x02, cat({field(0x01, {1}), field(0x09, {1, 2, 3}), field(0x07, {0, 0, 0, 9})}));
+  ASSERT_EQ(dec(w, m).status, DecodeStatus::message);
+  ASSERT_TRUE(m.welcome);
+  EXPECT_EQ(m.welcome->heartbeat_ms, 9u);
+  const V rj = message(0x03, cat({field(0x0b, {1}), field(0x09, {0, 3})}));
+  ASSERT_EQ(dec(rj, m).status, DecodeStatus::message);
+  ASSERT_TRUE(m.reject);
+  EXPECT_EQ(m.reject->code, 3);
+  const V dr = message(0x04, cat({field(0x0d, {1}), field(0x09, {}), field(0x0b, {0, 0, 1, 0})}));
+  ASSERT_EQ(dec(dr, m).status, DecodeStatus::message);
+  ASSERT_TRUE(m.drain);
+  EXPECT_EQ(m.drain->grace_ms, 256u);
+}
+
+TEST(MuxControl, UnknownMessageTypeComesBackWithoutBody) {
+  for (uint8_t type : {uint8_t(0x00), uint8_t(0x05), uint8_t(0x42), uint8_t(0xff)}) {
+    // The body is not even parsed: a "field" overrunning it is not malformed.
+    const V in = cat({message(type, {0x01, 0xff, 0xff, 0x00}), kHelloBytes});
+    ControlMessage m;
+    m.hello = Hello{};  // decode must clear what the caller left in msg
+    DecodeResult r = dec(in, m);
+    ASSERT_EQ(r.status, DecodeStatus::message);
+    EXPECT_EQ(r.used, 7u);
+    EXPECT_EQ(m.type, type);
+    EXPECT_FALSE(m.hello || m.welcome || m.reject || m.drain);
+  }
+}
+
+TEST(MuxControl, DecodesOneMessageAtATime) {
+  const V in = cat({kHelloBytes, kWelcomeBytes, message(0x99, {}), kRejectBytes, kDrainBytes});
+  std::span<const uint8_t> rest(in);
+  std::vector<uint8_t> types;
+  while (!rest.empty()) {
+    ControlMessage m;
+    DecodeResult r = decode(rest, m);
+    ASSERT_EQ(r.status, DecodeStatus::message);
+    types.push_back(m.type);
+    rest = rest.subspan(r.used);
+  }
+  EXPECT_EQ(types, (std::vector<uint8_t>{1, 2, 0x99, 3, 4}));
+}
+
+TEST(MuxControl, DuplicateFieldLastOneWins) {
+  const V in = message(0x02, cat({field(0x07, {0, 0, 0, 1}), field(0x07, {0, 0, 0, 2})}));
+  ControlMessage m;
+  ASSERT_EQ(dec(in, m).status, DecodeStatus::message);
+  EXPECT_EQ(m.welcome->heartbeat_ms, 2u);
+}
+
+TEST(MuxControl, ClientIdOf128BytesIsFine) {
+  const V in = message(0x01, cat({field(0x01, {0, 1}), field(0x03, V(128, 'x'))}));
+  ControlMessage m;
+  ASSERT_EQ(dec(in, m).status, DecodeStatus::message);
+  EXPECT_EQ(m.hello->client_id, std::string(128, 'x'));
+}
+
+// ---- malformed -----------------------------------------------------------
+
+TEST(MuxControl, MalformedVersionSize) {
+  expect_malformed(message(0x01, field(0x01, {})));
+  expect_malformed(message(0x01, field(0x01, {1})));
+  expect_malformed(message(0x01, field(0x01, {0, 0, 1})));
+}
+
+TEST(MuxControl, MalformedClientIdTooLong) { expect_malformed(message(0x01, field(0x03, V(129, 'x')))); }
+
+TEST(MuxControl, MalformedSessionIdSize) {
+  expect_malformed(message(0x02, field(0x05, V(15, 1))));
+  expect_malformed(message(0x02, field(0x05, V(17, 1))));
+  expect_malformed(message(0x02, field(0x05, {})));
+}
+
+TEST(MuxControl, MalformedHeartbeatSize) {
+  expect_malformed(message(0x02, field(0x07, {0, 0, 1})));
+  expect_malformed(message(0x02, field(0x07, {0, 0, 0, 0, 1})));
+}
+
+TEST(MuxControl, MalformedCodeSize) {
+  expect_malformed(message(0x03, field(0x09, {1})));
+  expect_malformed(message(0x03, field(0x09, {0, 0, 1})));
+}
+
+TEST(MuxControl, MalformedRetryAfterSize) {
+  expect_malformed(message(0x03, field(0x0d, {0, 1})));
+  expect_malformed(message(0x03, field(0x0d, {0, 0, 0, 0, 1})));
+}
+
+TEST(MuxControl, MalformedGraceSize) {
+  expect_malformed(message(0x04, field(0x0b, {})));
+  expect_malformed(message(0x04, field(0x0b, {0, 0, 0, 0, 0})));
+}
+
+TEST(MuxControl, MalformedFieldHeaderOverrunsMessage) {
+  for (uint8_t type = 1; type <= 4; ++type) {
+    expect_malformed(message(type, {0x7f}));
+    expect_malformed(message(type, {0x7f, 0x00}));
+    expect_malformed(message(type, cat({field(0x7f, {}), {0x7f, 0x00}})));
+  }
+}
+
+TEST(MuxControl, MalformedFieldValueOverrunsMessage) {
+  for (uint8_t type = 1; type <= 4; ++type) {
+    expect_malformed(message(type, {0x7f, 0x00, 0x01}));
+    expect_malformed(message(type, {0x0a, 0x00, 0x05, 'a', 'b', 'c', 'd'}));
+    expect_malformed(message(type, {0x0a, 0xff, 0xff}));
+  }
+  // The overrun is judged against the message length, not the input size:
+  // bytes of the next message do not complete a field.
+  const V in = cat({{0x01, 0x00, 0x04, 0x02, 0x00, 0x05, 'a'}, V(10, 'b')});
+  expect_malformed(in);
+}
+
+TEST(MuxControl, MalformedAfterValidFields) {
+  expect_malformed(cat({message(0x02, cat({field(0x06, str("p")), field(0x07, {0, 0, 0})}))}));
+}
+
+// ---- truncation ----------------------------------------------------------
+
+TEST(MuxControl, NeedMoreForEveryTruncation) {
+  for (const V& full : {kHelloBytes, kWelcomeBytes, kRejectBytes, kDrainBytes, message(0x42, {1, 2, 3}),
+                        message(0x01, {})}) {
+    for (size_t n = 0; n < full.size(); ++n) {
+      ControlMessage m;
+      DecodeResult r = decode(std::span<const uint8_t>(full.data(), n), m);
+      EXPECT_EQ(r.status, DecodeStatus::need_more) << "type " << int(full[0]) << " len " << n;
+      EXPECT_EQ(r.used, 0u);
+    }
+    ControlMessage m;
+    DecodeResult r = decode(full, m);
+    EXPECT_EQ(r.status, DecodeStatus::message);
+    EXPECT_EQ(r.used, full.size());
+  }
+}
+
+TEST(MuxControl, NeedMoreEvenWhenTheBodySoFarIsBad) {
+  // A malformed field is only judged once the whole message is there.
+  const V full = message(0x01, field(0x01, {0, 0, 1}));
+  for (size_t n = 0; n < full.size(); ++n) {
+    ControlMessage m;
+    EXPECT_EQ(decode(std::span<const uint8_t>(full.data(), n), m).status, DecodeStatus::need_more);
+  }
+  expect_malformed(full);
+}
+
+// ---- round trips ---------------------------------------------------------
+
+namespace {
+std::string random_string(std::mt19937& rng, size_t max) {
+  std::string s(rng() % (max + 1), '\0');
+  for (char& c : s) c = char(rng());
+  return s;
+}
+}  // namespace
+
+TEST(MuxControl, RandomRoundTrips) {
+  std::mt19937 rng(42);
+  for (int i = 0; i < 300; ++i) {
+    ControlMessage m;
+    Hello h{rng() % 2 ? std::optional<uint16_t>(uint16_t(rng())) : std::nullopt, random_string(rng, 300),
+            random_string(rng, 128)};
+    V b = enc(h);
+    ASSERT_EQ(decode(b, m).status, DecodeStatus::message);
+    ASSERT_TRUE(m.hello);
+    EXPECT_EQ(m.hello->version, h.version);
+    EXPECT_EQ(m.hello->token, h.token);
+    EXPECT_EQ(m.hello->client_id, h.client_id);
+
+    Welcome w;
+    for (auto& x : w.session_id) x = uint8_t(rng());
+    w.server_id = random_string(rng, 100);
+    w.heartbeat_ms = uint32_t(rng());
+    b = enc(w);
+    ASSERT_EQ(decode(b, m).status, DecodeStatus::message);
+    ASSERT_TRUE(m.welcome);
+    EXPECT_EQ(m.welcome->session_id, w.session_id);
+    EXPECT_EQ(m.welcome->server_id, w.server_id);
+    EXPECT_EQ(m.welcome->heartbeat_ms, w.heartbeat_ms);
+
+    Reject r{uint16_t(rng()), random_string(rng, 200),
+             rng() % 2 ? std::optional<uint32_t>(uint32_t(rng())) : std::nullopt};
+    b = enc(r);
+    ASSERT_EQ(decode(b, m).status, DecodeStatus::message);
+    ASSERT_TRUE(m.reject);
+    EXPECT_EQ(m.reject->code, r.code);
+    EXPECT_EQ(m.reject->reason, r.reason);
+    EXPECT_EQ(m.reject->retry_after_ms, r.retry_after_ms);
+
+    Drain d{random_string(rng, 50), uint32_t(rng()), random_string(rng, 60)};
+    b = enc(d);
+    ASSERT_EQ(decode(b, m).status, DecodeStatus::message);
+    ASSERT_TRUE(m.drain);
+    EXPECT_EQ(m.drain->reason, d.reason);
+    EXPECT_EQ(m.drain->grace_ms, d.grace_ms);
+    EXPECT_EQ(m.drain->reconnect_hint, d.reconnect_hint);
+  }
+}
+
+TEST(MuxControl, OversizedStringsStillEncodeWellFormed) {
+  Reject r{3, std::string(70000, 'r'), 7u};
+  V b = enc(r);
+  ASSERT_LE(b.size(), 3u + 0xffff);
+  EXPECT_EQ(size_t(b[1] << 8 | b[2]), b.size() - 3);
+  ControlMessage m;
+  ASSERT_EQ(decode(b, m).status, DecodeStatus::message);
+  EXPECT_EQ(m.reject->code, 3);
+  EXPECT_FALSE(m.reject->reason.empty());
+}
+
+TEST(MuxControl, EnumValuesMatchTheProtocol) {
+  EXPECT_EQ(uint8_t(ControlType::hello), 0x01);
+  EXPECT_EQ(uint8_t(ControlType::welcome), 0x02);
+  EXPECT_EQ(uint8_t(ControlType::reject), 0x03);
+  EXPECT_EQ(uint8_t(ControlType::drain), 0x04);
+  EXPECT_EQ(uint16_t(RejectCode::unsupported_version), 1);
+  EXPECT_EQ(uint16_t(RejectCode::unauthorized), 2);
+  EXPECT_EQ(uint16_t(RejectCode::overloaded), 3);
+  EXPECT_EQ(uint16_t(RejectCode::draining), 4);
+  EXPECT_STREQ(to_str(DecodeStatus::malformed), "malformed");
+  EXPECT_STREQ(to_str(PreambleStatus::route), "route");
+}
+
+// ---- route preamble ------------------------------------------------------
+
+TEST(MuxPreamble, Literal) {
+  V out;
+  encode_preamble("web", out);
+  EXPECT_EQ(out, (V{0x03, 'w', 'e', 'b'}));
+  out.push_back('X');  // first relayed byte stays with the stream
+  PreambleResult r = decode_preamble(out);
+  EXPECT_EQ(r.status, PreambleStatus::route);
+  EXPECT_EQ(r.used, 4u);
+  EXPECT_EQ(r.route, "web");
+}
+
+TEST(MuxPreamble, NeedMoreForEveryTruncation) {
+  V full;
+  encode_preamble("db.primary:5432", full);
+  for (size_t n = 0; n < full.size(); ++n) {
+    PreambleResult r = decode_preamble(std::span<const uint8_t>(full.data(), n));
+    EXPECT_EQ(r.status, PreambleStatus::need_more) << n;
+    EXPECT_EQ(r.used, 0u);
+  }
+  EXPECT_EQ(decode_preamble(full).route, "db.primary:5432");
+}
+
+TEST(MuxPreamble, LengthZeroIsMalformed) {
+  EXPECT_EQ(decode_preamble(V{0x00}).status, PreambleStatus::malformed);
+  EXPECT_EQ(decode_preamble(V{0x00, 'a'}).status, PreambleStatus::malformed);
+}
+
+TEST(MuxPreamble, NonPrintableBytesAreMalformed) {
+  for (uint8_t bad : {uint8_t(0x00), uint8_t(0x09), uint8_t(0x20), uint8_t(0x7f), uint8_t(0x80), uint8_t(0xff)}) {
+    PreambleResult r = decode_preamble(V{0x03, 'a', bad, 'c'});
+    EXPECT_EQ(r.status, PreambleStatus::malformed) << int(bad);
+    EXPECT_EQ(r.used, 0u);
+    EXPECT_EQ(decode_preamble(V{0x01, bad}).status, PreambleStatus::malformed) << int(bad);
+  }
+}
+
+TEST(MuxPreamble, EdgesOfPrintableAsciiAreFine) {
+  PreambleResult r = decode_preamble(V{0x02, 0x21, 0x7e});
+  EXPECT_EQ(r.status, PreambleStatus::route);
+  EXPECT_EQ(r.route, "!~");
+}
+
+TEST(MuxPreamble, LongestName) {
+  const std::string name(255, 'n');
+  V out;
+  encode_preamble(name, out);
+  ASSERT_EQ(out.size(), 256u);
+  EXPECT_EQ(out[0], 255);
+  PreambleResult r = decode_preamble(out);
+  EXPECT_EQ(r.status, PreambleStatus::route);
+  EXPECT_EQ(r.used, 256u);
+  EXPECT_EQ(r.route, name);
+  // Longer names are cut, never wrapped into a bogus length byte.
+  V cut;
+  encode_preamble(std::string(300, 'n'), cut);
+  EXPECT_EQ(cut, out);
+}

@@ -1,0 +1,247 @@
+#include "mux/control.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "util/bytes.h"
+
+namespace baton::mux {
+
+namespace {
+
+constexpr size_t kMessageHeader = 3;  // type u8 | length u16
+constexpr size_t kFieldHeader = 3;    // tag u8 | length u16
+constexpr size_t kMaxLength = 0xffff;
+constexpr size_t kMaxClientId = 128;
+
+// Builds one message. Fields are appended in the order given; a message whose
+// fields would exceed the u16 length has its string values shortened so that
+// the output is always well formed (the header documents the bound).
+class MessageWriter {
+ public:
+  MessageWriter(ControlType type, std::vector<uint8_t>& out) : out_(out), start_(out.size()) {
+    out_.push_back(uint8_t(type));
+    out_.push_back(0);
+    out_.push_back(0);
+  }
+  ~MessageWriter() { util::store_u16(&out_[start_ + 1], uint16_t(out_.size() - start_ - kMessageHeader)); }
+
+  void bytes(uint8_t tag, const void* data, size_t n) {
+    const size_t used = out_.size() - start_ - kMessageHeader;
+    if (used + kFieldHeader > kMaxLength) return;
+    n = std::min(n, kMaxLength - used - kFieldHeader);
+    out_.push_back(tag);
+    out_.push_back(uint8_t(n >> 8));
+    out_.push_back(uint8_t(n));
+    const auto* p = static_cast<const uint8_t*>(data);
+    out_.insert(out_.end(), p, p + n);
+  }
+  void str(uint8_t tag, const std::string& s) { bytes(tag, s.data(), s.size()); }
+  void u16(uint8_t tag, uint16_t v) {
+    uint8_t b[2];
+    util::store_u16(b, v);
+    bytes(tag, b, sizeof b);
+  }
+  void u32(uint8_t tag, uint32_t v) {
+    uint8_t b[4];
+    util::store_u32(b, v);
+    bytes(tag, b, sizeof b);
+  }
+
+ private:
+  std::vector<uint8_t>& out_;
+  size_t start_;
+};
+
+struct Field {
+  uint8_t tag;
+  std::span<const uint8_t> value;
+};
+
+std::string to_string(std::span<const uint8_t> v) { return std::string(util::as_chars(v)); }
+
+// Walks the fields of one message body, calling take(field) for each; take
+// returns an error text for a known field of the wrong size.
+template <typename Take>
+const char* for_each_field(std::span<const uint8_t> body, Take take) {
+  while (!body.empty()) {
+    if (body.size() < kFieldHeader) return "control field header overruns the message";
+    const size_t n = util::load_u16(&body[1]);
+    if (n > body.size() - kFieldHeader) return "control field overruns the message";
+    const char* err = take(Field{body[0], body.subspan(kFieldHeader, n)});
+    if (err) return err;
+    body = body.subspan(kFieldHeader + n);
+  }
+  return nullptr;
+}
+
+const char* take_u16(const Field& f, uint16_t& out, const char* err) {
+  if (f.value.size() != 2) return err;
+  out = util::load_u16(f.value.data());
+  return nullptr;
+}
+
+const char* take_u32(const Field& f, uint32_t& out, const char* err) {
+  if (f.value.size() != 4) return err;
+  out = util::load_u32(f.value.data());
+  return nullptr;
+}
+
+const char* decode_hello(std::span<const uint8_t> body, Hello& m) {
+  return for_each_field(body, [&](const Field& f) -> const char* {
+    switch (f.tag) {
+      case tag::version: {
+        uint16_t v = 0;
+        if (const char* err = take_u16(f, v, "HELLO version is not 2 bytes")) return err;
+        m.version = v;
+        return nullptr;
+      }
+      case tag::token: m.token = to_string(f.value); return nullptr;
+      case tag::client_id:
+        if (f.value.size() > kMaxClientId) return "HELLO client_id is longer than 128 bytes";
+        m.client_id = to_string(f.value);
+        return nullptr;
+      default: return nullptr;
+    }
+  });
+}
+
+const char* decode_welcome(std::span<const uint8_t> body, Welcome& m) {
+  return for_each_field(body, [&](const Field& f) -> const char* {
+    switch (f.tag) {
+      case tag::session_id:
+        if (f.value.size() != m.session_id.size()) return "WELCOME session_id is not 16 bytes";
+        std::memcpy(m.session_id.data(), f.value.data(), m.session_id.size());
+        return nullptr;
+      case tag::server_id: m.server_id = to_string(f.value); return nullptr;
+      case tag::heartbeat_ms: return take_u32(f, m.heartbeat_ms, "WELCOME heartbeat_ms is not 4 bytes");
+      default: return nullptr;
+    }
+  });
+}
+
+const char* decode_reject(std::span<const uint8_t> body, Reject& m) {
+  return for_each_field(body, [&](const Field& f) -> const char* {
+    switch (f.tag) {
+      case tag::code: return take_u16(f, m.code, "REJECT code is not 2 bytes");
+      case tag::reason: m.reason = to_string(f.value); return nullptr;
+      case tag::retry_after_ms: {
+        uint32_t v = 0;
+        if (const char* err = take_u32(f, v, "REJECT retry_after_ms is not 4 bytes")) return err;
+        m.retry_after_ms = v;
+        return nullptr;
+      }
+      default: return nullptr;
+    }
+  });
+}
+
+const char* decode_drain(std::span<const uint8_t> body, Drain& m) {
+  return for_each_field(body, [&](const Field& f) -> const char* {
+    switch (f.tag) {
+      case tag::reason: m.reason = to_string(f.value); return nullptr;
+      case tag::grace_ms: return take_u32(f, m.grace_ms, "DRAIN grace_ms is not 4 bytes");
+      case tag::reconnect_hint: m.reconnect_hint = to_string(f.value); return nullptr;
+      default: return nullptr;
+    }
+  });
+}
+
+}  // namespace
+
+void encode(const Hello& m, std::vector<uint8_t>& out) {
+  MessageWriter w(ControlType::hello, out);
+  if (m.version) w.u16(tag::version, *m.version);
+  w.str(tag::token, m.token);
+  w.str(tag::client_id, m.client_id);
+}
+
+void encode(const Welcome& m, std::vector<uint8_t>& out) {
+  MessageWriter w(ControlType::welcome, out);
+  w.bytes(tag::session_id, m.session_id.data(), m.session_id.size());
+  w.str(tag::server_id, m.server_id);
+  w.u32(tag::heartbeat_ms, m.heartbeat_ms);
+}
+
+void encode(const Reject& m, std::vector<uint8_t>& out) {
+  MessageWriter w(ControlType::reject, out);
+  w.u16(tag::code, m.code);
+  w.str(tag::reason, m.reason);
+  if (m.retry_after_ms) w.u32(tag::retry_after_ms, *m.retry_after_ms);
+}
+
+void encode(const Drain& m, std::vector<uint8_t>& out) {
+  MessageWriter w(ControlType::drain, out);
+  w.str(tag::reason, m.reason);
+  w.u32(tag::grace_ms, m.grace_ms);
+  if (!m.reconnect_hint.empty()) w.str(tag::reconnect_hint, m.reconnect_hint);
+}
+
+DecodeResult decode(std::span<const uint8_t> in, ControlMessage& msg) {
+  if (in.size() < kMessageHeader) return {};
+  const size_t length = util::load_u16(&in[1]);
+  if (in.size() < kMessageHeader + length) return {};
+  const auto body = in.subspan(kMessageHeader, length);
+  const size_t used = kMessageHeader + length;
+  msg = ControlMessage{};
+  msg.type = in[0];
+  const char* err = nullptr;
+  switch (msg.type) {
+    case uint8_t(ControlType::hello): err = decode_hello(body, msg.hello.emplace()); break;
+    case uint8_t(ControlType::welcome): err = decode_welcome(body, msg.welcome.emplace()); break;
+    case uint8_t(ControlType::reject): err = decode_reject(body, msg.reject.emplace()); break;
+    case uint8_t(ControlType::drain): err = decode_drain(body, msg.drain.emplace()); break;
+    default: break;  // unknown message type: the caller ignores it
+  }
+  if (err) {
+    msg = ControlMessage{};
+    return {DecodeStatus::malformed, 0, err};
+  }
+  return {DecodeStatus::message, used, nullptr};
+}
+
+const char* to_str(DecodeStatus s) {
+  switch (s) {
+    case DecodeStatus::message: return "message";
+    case DecodeStatus::need_more: return "need_more";
+    case DecodeStatus::malformed: return "malformed";
+  }
+  return "unknown";
+}
+
+PreambleResult decode_preamble(std::span<const uint8_t> in) {
+  PreambleResult r;
+  if (in.empty()) return r;
+  const size_t n = in[0];
+  if (n == 0) {
+    r.status = PreambleStatus::malformed;
+    return r;
+  }
+  if (in.size() < 1 + n) return r;
+  const auto name = in.subspan(1, n);
+  if (!std::all_of(name.begin(), name.end(), [](uint8_t c) { return c >= 0x21 && c <= 0x7e; })) {
+    r.status = PreambleStatus::malformed;
+    return r;
+  }
+  r.status = PreambleStatus::route;
+  r.used = 1 + n;
+  r.route = to_string(name);
+  return r;
+}
+
+void encode_preamble(const std::string& route, std::vector<uint8_t>& out) {
+  const size_t n = std::min<size_t>(route.size(), 255);
+  out.push_back(uint8_t(n));
+  out.insert(out.end(), route.begin(), route.begin() + ptrdiff_t(n));
+}
+
+const char* to_str(PreambleStatus s) {
+  switch (s) {
+    case PreambleStatus::route: return "route";
+    case PreambleStatus::need_more: return "need_more";
+    case PreambleStatus::malformed: return "malformed";
+  }
+  return "unknown";
+}
+
+}  // namespace baton::mux
