@@ -20,7 +20,7 @@ ready_line() {  # fifo
   if ! IFS= read -r -t 15 line < "$1"; then echo "demo: a process did not become ready; see $RUN/*.log" >&2; exit 1; fi
   echo "$line"
 }
-json_field() { python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, {"d": d}))' "$1" "$2"; }
+json_field() { /usr/bin/python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, {"d": d}))' "$1" "$2"; }
 
 echo "1. Development certificates (a CA, a server and a client certificate, a ticket key):"
 "$BATON" certs --out "$RUN/certs" | sed 's/^/   /'
@@ -29,7 +29,7 @@ TOKEN=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 DIGEST=$(printf %s "$TOKEN" | "$BATON" hash-token)
 
 mkfifo "$RUN/echo.fifo" "$RUN/serve.fifo" "$RUN/connect.fifo" 2>/dev/null || true
-python3 scripts/echo_server.py --listen 127.0.0.1:0 > "$RUN/echo.fifo" 2> "$RUN/echo.log" &
+/usr/bin/python3 scripts/echo_server.py --listen 127.0.0.1:0 > "$RUN/echo.fifo" 2> "$RUN/echo.log" &
 pids+=($!)
 ECHO=$(json_field "$(ready_line "$RUN/echo.fifo")" 'd["listen"]')
 echo "2. An echo server stands in for your application at $ECHO."
@@ -64,7 +64,7 @@ LOCAL=$(json_field "$READY" 'd["forwards"][0]["listen"]')
 echo "4. The client (baton connect) opened one TLS tunnel and listens on $LOCAL for route \"echo\"."
 
 echo "5. Sending traffic through the tunnel:"
-python3 - "$LOCAL" <<'PY'
+/usr/bin/python3 - "$LOCAL" <<'PY'
 import hashlib, os, socket, sys, threading, time
 host, port = sys.argv[1].rsplit(":", 1)
 def one(n, size, results):

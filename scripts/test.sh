@@ -38,7 +38,7 @@ run_suite() {  # name build-dir extra-env...
   env "$@" meson test -C "$dir" --suite unit --print-errorlogs 2>&1 | tee "$log/$name-unit.txt" | grep -E '^ *[0-9]+/[0-9]+ |^(Ok|Fail|Timeout):'
   count_meson "$log/$name-unit.txt"
   echo "=== $name: integration tests"
-  env "$@" BATON_BIN="$PWD/$dir/baton" python3 -m pytest tests/integration -q -p no:cacheprovider 2>&1 | tee "$log/$name-integration.txt" | tail -40
+  env "$@" BATON_BIN="$PWD/$dir/baton" /usr/bin/python3 -m pytest tests/integration -q -p no:cacheprovider 2>&1 | tee "$log/$name-integration.txt" | tail -40
   count_pytest "$log/$name-integration.txt"
 }
 

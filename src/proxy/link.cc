@@ -91,6 +91,10 @@ void Link::flush() {
       }
     }
     if (congested()) was_congested_ = true;
+    if (!input_paused_ && tcp_ && record_->state().output.size() > 4ull * limits_.output_high_water) {
+      input_paused_ = true;
+      tcp_->stop_read();
+    }
   }
   pump_write();
 }
@@ -124,6 +128,10 @@ void Link::on_written(size_t n, int err) {
   if (phase_ == LinkPhase::flushing && out_queue().empty()) {
     finish_close();
     return;
+  }
+  if (input_paused_ && phase_ < LinkPhase::flushing && record_->state().output.size() <= limits_.output_high_water) {
+    input_paused_ = false;
+    tcp_->start_read();
   }
   if (was_congested_ && record_ && record_->state().output.size() <= limits_.output_high_water / 2) {
     was_congested_ = false;

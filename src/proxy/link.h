@@ -44,7 +44,10 @@ struct LinkLimits {
   uint32_t max_streams = 1024;
   uint32_t handshake_timeout_ms = 10000;
   uint32_t idle_timeout_ms = 300000;
-  uint32_t output_high_water = 1 << 20;  // queued TLS bytes before upstream reads pause
+  // Queued TLS bytes before upstream reads pause. At 4x this (a peer that
+  // keeps sending frames that need replies but never reads them), reading from
+  // the peer pauses too, until the output is back under the mark.
+  uint32_t output_high_water = 1 << 20;
   uint32_t flush_timeout_ms = 2000;      // how long a closing link waits for its last bytes
 };
 
@@ -157,6 +160,7 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   uint64_t flush_deadline_ms_ = 0;
   int depth_ = 0;
   bool was_congested_ = false;
+  bool input_paused_ = false;  // peer reads stopped: our output to it is over 4x the high-water mark
 };
 
 }  // namespace baton::proxy

@@ -50,8 +50,11 @@ const char* to_str(OpenStatus s) {
 // One direction's AEAD: a keyed mbedTLS context plus the nonce rule of the suite.
 struct RecordLayer::Aead {
   Cipher cipher;
-  mbedtls_gcm_context gcm;
-  mbedtls_chachapoly_context chacha;
+  // Only one is ever initialised; a tunnel pays for its own cipher only.
+  union {
+    mbedtls_gcm_context gcm;
+    mbedtls_chachapoly_context chacha;
+  };
 
   Aead(Cipher c, const DirectionState& d) : cipher(c) {
     if (c == Cipher::chacha20_poly1305) {
