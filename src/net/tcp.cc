@@ -10,7 +10,7 @@ namespace baton::net {
 namespace {
 // One read buffer for the whole loop: an idle connection owns none, and a
 // busy one only keeps what its owner could not process yet.
-constexpr size_t kReadBuffer = 64 * 1024;
+constexpr size_t kReadBuffer = 256 * 1024;
 thread_local uint8_t g_read_buffer[kReadBuffer];
 
 struct ShutdownReq {

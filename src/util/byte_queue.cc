@@ -7,6 +7,22 @@
 
 namespace baton::util {
 
+namespace {
+// Recently freed standard chunks, reused before asking malloc. Streaming
+// allocates and frees a chunk per 16 KiB; without this, glibc trims and
+// re-grows the heap and every chunk costs page faults. Bounded: at most
+// kCacheMax chunks (~1 MiB) per thread stay cached.
+constexpr size_t kCacheMax = 64;
+struct ChunkCache {
+  void* slots[kCacheMax];
+  size_t n = 0;
+  ~ChunkCache() {
+    while (n) std::free(slots[--n]);
+  }
+};
+thread_local ChunkCache g_cache;
+}  // namespace
+
 void ByteQueue::append(std::span<const uint8_t> data) {
   while (!data.empty()) {
     auto room = prepare(data.size());
@@ -38,7 +54,14 @@ std::span<uint8_t> ByteQueue::prepare_contiguous(size_t n) {
 }
 
 void ByteQueue::push_chunk(size_t cap) {
-  void* mem = std::malloc(sizeof(Chunk) + cap);
+  void* mem = nullptr;
+  if (cap >= kChunk && cap <= kStandardCap && g_cache.n) {
+    mem = g_cache.slots[--g_cache.n];
+    cap = kStandardCap;
+  } else if (cap >= kChunk && cap <= kStandardCap) {
+    cap = kStandardCap;
+  }
+  if (!mem) mem = std::malloc(sizeof(Chunk) + cap);
   if (!mem) throw std::bad_alloc();
   Chunk* c = new (mem) Chunk{nullptr, uint32_t(cap), 0, 0};
   if (tail_) tail_->next = c; else head_ = c;
@@ -77,7 +100,8 @@ void ByteQueue::pop_chunk() {
   Chunk* c = head_;
   head_ = c->next;
   if (!head_) tail_ = nullptr;
-  std::free(c);
+  if (c->cap == kStandardCap && g_cache.n < kCacheMax) g_cache.slots[g_cache.n++] = c;
+  else std::free(c);
 }
 
 void ByteQueue::pop(size_t n) {

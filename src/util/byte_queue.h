@@ -16,6 +16,9 @@ namespace baton::util {
 class ByteQueue {
  public:
   static constexpr size_t kChunk = 16 * 1024;
+  // Capacity of pooled chunks: a 16 KiB chunk, or one whole TLS record
+  // (16 KiB plaintext + header, nonce and tag).
+  static constexpr size_t kStandardCap = kChunk + 64;
 
   ByteQueue() = default;
   ~ByteQueue() { clear(); }
