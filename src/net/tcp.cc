@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 
+#include <algorithm>
 #include <cstring>
 
 namespace baton::net {
@@ -49,11 +50,13 @@ void Tcp::connect_cb(uv_connect_t* req, int status) {
   t->handler_->on_connected(status);
 }
 
-void Tcp::alloc_cb(uv_handle_t*, size_t, uv_buf_t* buf) {
+void Tcp::alloc_cb(uv_handle_t* h, size_t, uv_buf_t* buf) {
   // A read callback never re-enters the loop, so the shared buffer is free
   // whenever libuv asks for one.
-  *buf = uv_buf_init(reinterpret_cast<char*>(g_read_buffer), kReadBuffer);
+  *buf = uv_buf_init(reinterpret_cast<char*>(g_read_buffer), static_cast<Tcp*>(h->data)->read_size_);
 }
+
+void Tcp::set_read_size(size_t n) { read_size_ = uint32_t(std::min(n, kReadBuffer)); }
 
 void Tcp::read_cb(uv_stream_t* s, ssize_t n, const uv_buf_t*) {
   Tcp* t = static_cast<Tcp*>(s->data);

@@ -48,6 +48,8 @@ class Tcp {
   // Starts a non-blocking connect; on_connected reports the outcome.
   int connect(const sockaddr* addr);
 
+  // Largest read handed to on_read (default 64 KiB, at most 256 KiB).
+  void set_read_size(size_t n);
   void start_read();
   void stop_read();
   bool reading() const { return reading_; }
@@ -80,6 +82,7 @@ class Tcp {
   TcpHandler* handler_;
   uv_write_t write_req_;
   size_t write_len_ = 0;
+  uint32_t read_size_ = 64 * 1024;
   bool writing_ = false;
   bool reading_ = false;
   bool closing_ = false;

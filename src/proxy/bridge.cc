@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+
 #include "mux/control.h"
 #include "proxy/link.h"
 
@@ -131,13 +133,18 @@ void Bridge::on_read(std::span<const uint8_t> data) {
   Link::EntryGuard g(&link_);
   if (phase_ != BridgePhase::relaying) return;
   bytes_down += data.size();
-  size_t n = pending_.empty() ? link_.session().write(id_, data) : 0;
+  size_t n = 0;
+  if (pending_.empty()) {
+    size_t budget = std::min(data.size(), link_.output_budget());
+    n = budget ? link_.session().write(id_, data.first(budget)) : 0;
+  }
   if (n < data.size()) {
+    // What the window or the link cannot take now waits here (at most one
+    // read), and reading stops until stream_writable / link_decongested.
     pending_.append(data.subspan(n));
     tcp_->stop_read();
   }
   link_.flush();
-  if (link_.congested()) tcp_->stop_read();
 }
 
 void Bridge::on_read_end(int err) {
@@ -157,7 +164,8 @@ void Bridge::on_read_end(int err) {
 void Bridge::pump_to_stream() {
   while (!pending_.empty()) {
     auto f = pending_.front();
-    size_t n = link_.session().write(id_, f);
+    size_t budget = std::min(f.size(), link_.output_budget());
+    size_t n = budget ? link_.session().write(id_, f.first(budget)) : 0;
     pending_.pop(n);
     if (n < f.size()) break;
   }
@@ -179,7 +187,8 @@ void Bridge::stream_writable() {
 }
 
 void Bridge::link_decongested() {
-  if (phase_ == BridgePhase::relaying && pending_.empty() && !tcp_eof_ && tcp_) tcp_->start_read();
+  if (phase_ != BridgePhase::relaying) return;
+  pump_to_stream();
 }
 
 void Bridge::stream_gone(bool reset_tcp) {

@@ -35,6 +35,7 @@ Link::Link(uv_loop_t* loop, net::Tcp* tcp, tls::Context& tls_ctx, mux::Role role
     : loop_(loop), tcp_(tcp), timer_(new uv_timer_t), tls_ctx_(tls_ctx), client_session_(resume), role_(role),
       limits_(limits) {
   tcp_->set_handler(this);
+  tcp_->set_read_size(256 * 1024);
   uv_timer_init(loop_, timer_);
   timer_->data = this;
   handshake_ = std::make_unique<tls::Handshake>(tls_ctx_, server_name, resume);
@@ -66,7 +67,13 @@ void Link::pump_write() {
 }
 
 bool Link::congested() const {
-  return record_ && record_->state().output.size() > limits_.output_high_water;
+  return record_ && record_->state().output.size() >= limits_.output_high_water;
+}
+
+size_t Link::output_budget() const {
+  if (!record_ || phase_ != LinkPhase::serving) return 0;
+  size_t queued = record_->state().output.size() + session_->output().size();
+  return queued >= limits_.output_high_water ? 0 : limits_.output_high_water - queued;
 }
 
 void Link::flush() {
@@ -91,9 +98,11 @@ void Link::flush() {
       }
     }
     if (congested()) was_congested_ = true;
-    if (!input_paused_ && tcp_ && record_->state().output.size() > 4ull * limits_.output_high_water) {
-      input_paused_ = true;
-      tcp_->stop_read();
+    if (record_->state().output.size() > 4ull * limits_.output_high_water && phase_ < LinkPhase::flushing) {
+      spdlog::warn("tunnel {}: peer is not reading ({} bytes queued for it); closing", peer_,
+                   record_->state().output.size());
+      close("peer is not reading", false);
+      return;
     }
   }
   pump_write();
@@ -129,13 +138,14 @@ void Link::on_written(size_t n, int err) {
     finish_close();
     return;
   }
-  if (input_paused_ && phase_ < LinkPhase::flushing && record_->state().output.size() <= limits_.output_high_water) {
-    input_paused_ = false;
-    tcp_->start_read();
-  }
   if (was_congested_ && record_ && record_->state().output.size() <= limits_.output_high_water / 2) {
     was_congested_ = false;
-    for (auto& [id, b] : bridges_) b->link_decongested();
+    // A bridge may finish (and be removed) while it catches up: walk ids.
+    std::vector<uint32_t> ids;
+    ids.reserve(bridges_.size());
+    for (auto& [id, b] : bridges_) ids.push_back(id);
+    for (uint32_t id : ids)
+      if (Bridge* b = bridge(id)) b->link_decongested();
     flush();
   }
 }

@@ -44,9 +44,11 @@ struct LinkLimits {
   uint32_t max_streams = 1024;
   uint32_t handshake_timeout_ms = 10000;
   uint32_t idle_timeout_ms = 300000;
-  // Queued TLS bytes before upstream reads pause. At 4x this (a peer that
-  // keeps sending frames that need replies but never reads them), reading from
-  // the peer pauses too, until the output is back under the mark.
+  // Queued TLS bytes to the peer before bridges stop feeding the session.
+  // Bridges write only within what is left of it, so legitimate output stays
+  // near this mark; output above 4x it can only come from a peer that keeps
+  // sending frames needing replies (SYNs to refuse, pings) without reading,
+  // and that tunnel is closed.
   uint32_t output_high_water = 1 << 20;
   uint32_t flush_timeout_ms = 2000;      // how long a closing link waits for its last bytes
 };
@@ -78,6 +80,8 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   const LinkCounters& counters() const { return counters_; }
   const LinkLimits& limits() const { return limits_; }
   bool congested() const;  // TLS output above the high-water mark
+  // Bytes bridges may still write into the session before the link is congested.
+  size_t output_budget() const;
   size_t bridge_count() const { return bridges_.size(); }
 
   // Seals what the session queued and writes. Called by bridges after they
@@ -160,7 +164,6 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   uint64_t flush_deadline_ms_ = 0;
   int depth_ = 0;
   bool was_congested_ = false;
-  bool input_paused_ = false;  // peer reads stopped: our output to it is over 4x the high-water mark
 };
 
 }  // namespace baton::proxy
