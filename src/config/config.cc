@@ -370,7 +370,10 @@ bool Loader::get_choice(const Entry& e, const std::string& path, std::initialize
     }
   }
   std::string list;
-  for (const char* c : choices) list += (list.empty() ? "" : "|") + std::string(c);
+  for (const char* c : choices) {
+    if (!list.empty()) list += '|';
+    list += c;
+  }
   return fail(e, path + ": expected one of " + list + ", got " + describe(e.value));
 }
 

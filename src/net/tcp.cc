@@ -150,12 +150,19 @@ std::string format_address(const sockaddr* sa) {
   if (sa->sa_family == AF_INET) {
     auto* in = reinterpret_cast<const sockaddr_in*>(sa);
     inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
-    return std::string(host) + ":" + std::to_string(ntohs(in->sin_port));
+    std::string s = host;
+    s += ':';
+    s += std::to_string(ntohs(in->sin_port));
+    return s;
   }
   if (sa->sa_family == AF_INET6) {
     auto* in6 = reinterpret_cast<const sockaddr_in6*>(sa);
     inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
-    return "[" + std::string(host) + "]:" + std::to_string(ntohs(in6->sin6_port));
+    std::string s = "[";
+    s += host;
+    s += "]:";
+    s += std::to_string(ntohs(in6->sin6_port));
+    return s;
   }
   return "?";
 }

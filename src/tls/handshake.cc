@@ -41,6 +41,13 @@ Handshake::Handshake(Context& ctx, const std::string& server_name, ClientSession
     error_ = "TLS setup: " + mbedtls_error_text(ret);
   }
   mbedtls_ssl_set_bio(ssl_.get(), this, send_cb, recv_cb, nullptr);
+  // Certificates are verified only in a full handshake; a client that sees
+  // no verification knows the session was resumed.
+  if (ctx.side() == Side::client)
+    mbedtls_ssl_set_verify(ssl_.get(), [](void* p, mbedtls_x509_crt*, int, uint32_t*) {
+      static_cast<Handshake*>(p)->full_handshake_seen_ = true;
+      return 0;
+    }, this);
 }
 
 Handshake::~Handshake() {
@@ -113,7 +120,7 @@ HandshakeStatus Handshake::step() {
   }
   const char* alpn = mbedtls_ssl_get_alpn_protocol(ssl_.get());
   peer_.alpn = alpn ? alpn : "";
-  peer_.resumed = resumed_;
+  peer_.resumed = ctx_.side() == Side::client ? !full_handshake_seen_ : resumed_;
   status_ = HandshakeStatus::done;
   return status_;
 }

@@ -96,7 +96,8 @@ class Handshake {
   std::array<uint8_t, 2 * 32 + 2 * 12> key_block_{};
   size_t keylen_ = 0, ivlen_ = 0;
   bool keys_exported_ = false;
-  bool resumed_ = false;
+  bool resumed_ = false;             // server: a ticket was opened
+  bool full_handshake_seen_ = false;  // client: the server's certificate was verified
 };
 
 }  // namespace baton::tls

@@ -101,6 +101,7 @@ TEST(Handshake, FullHandshakeThenRecordsBothWays) {
   ASSERT_EQ(c.step(), HandshakeStatus::done) << c.error();
   ASSERT_EQ(s.step(), HandshakeStatus::done) << s.error();
   EXPECT_FALSE(s.peer().resumed);
+  EXPECT_FALSE(c.peer().resumed);
   EXPECT_EQ(s.peer().suite_name.find("TLS-ECDHE-ECDSA"), 0u) << s.peer().suite_name;
   RecordState cs = c.finish(), ss = s.finish();
   EXPECT_EQ(cs.suite, ss.suite);
@@ -164,6 +165,7 @@ TEST(Handshake, TicketResumesAcrossServersWithSameKey) {
     s.feed(cr.output().to_vector());
     ASSERT_EQ(s.step(), HandshakeStatus::done) << s.error();
     EXPECT_TRUE(s.peer().resumed);
+    EXPECT_TRUE(c.peer().resumed);
     RecordState ss = s.finish();
     EXPECT_FALSE(ss.partial_input.empty());
     RecordLayer sr(std::move(ss));
