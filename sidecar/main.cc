@@ -197,14 +197,15 @@ int cmd_serve(Args& a) {
   }
   spdlog::info("baton {} serving tunnels on {} as \"{}\" ({} routes)", BATON_VERSION, server->listen_address(),
                server->server_id(), cfg.routes.size());
-  print_line("{\"event\":\"ready\",\"listen\":" + json_string(server->listen_address()) +
-             ",\"pid\":" + std::to_string(getpid()) + "}");
+  // Handlers before the ready line: whoever reads it may signal at once.
   Signals sig;
   sig.start(loop, [&](int signum) {
     spdlog::info("received {}, closing {} tunnels", signum == SIGTERM ? "SIGTERM" : "SIGINT", server->tunnel_count());
     server->stop();
     sig.stop();
   });
+  print_line("{\"event\":\"ready\",\"listen\":" + json_string(server->listen_address()) +
+             ",\"pid\":" + std::to_string(getpid()) + "}");
   uv_run(loop, UV_RUN_DEFAULT);
   server.reset();
   uv_run(loop, UV_RUN_DEFAULT);  // let the close callbacks run

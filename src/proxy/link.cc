@@ -172,7 +172,8 @@ void Link::become_secure() {
   handshake_.reset();
   record_ = std::make_unique<tls::RecordLayer>(std::move(st));
   mux::SessionLimits sl;
-  sl.max_streams = limits_.max_streams;
+  // max_streams counts data streams; the control stream comes on top.
+  sl.max_streams = limits_.max_streams + 1;
   session_ = std::make_unique<mux::Session>(role_, *this, sl);
   phase_ = LinkPhase::awaiting_hello;
   spdlog::debug("tunnel {}: TLS established ({}{})", peer_, peer_info_.suite_name,

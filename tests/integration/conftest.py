@@ -1,0 +1,488 @@
+"""Fixtures for baton's integration tests: real processes on 127.0.0.1.
+
+Environment:
+  BATON_BIN             the binary (default: <repo>/build/baton)
+  BATON_TEST_BIG_BYTES  size of the big-stream test (default 1 GiB)
+  BATON_TEST_LOG_LEVEL  --log-level passed to `baton serve` (default: not passed)
+  BATON_TEST_TIMEOUT_SCALE  multiply upper-bound timeouts (default 1, or 4 with BATON_TEST_SANITIZED=1)
+  BATON_TEST_SANITIZED  1 for an ASan/UBSan binary: longer timeouts, looser RSS bound
+  BATON_TEST_ADMIN_PORT0  1 (default): generated configs add `admin: listen: 127.0.0.1:0`
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import baton_wire as bw  # noqa: E402
+import upstreams  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BATON_BIN = os.environ.get("BATON_BIN", str(REPO_ROOT / "build" / "baton"))
+SANITIZED = os.environ.get("BATON_TEST_SANITIZED", "0") == "1"  # set by scripts/test.sh for the ASan build
+TIMEOUT_SCALE = float(os.environ.get("BATON_TEST_TIMEOUT_SCALE", "4" if SANITIZED else "1"))
+BIG_BYTES = int(os.environ.get("BATON_TEST_BIG_BYTES", str(1 << 30)))
+
+TOKEN = "integration-test-token-7f3a"
+TOKEN_SHA256 = hashlib.sha256(TOKEN.encode()).hexdigest()
+SERVER_ID = "test-server"
+# The admin HTTP listener defaults to 127.0.0.1:9901; several servers run at
+# once in these tests (and a demo may run beside them), so ask for port 0.
+ADMIN_PORT_0 = os.environ.get("BATON_TEST_ADMIN_PORT0", "1") == "1"
+
+
+def scaled(seconds: float) -> float:
+    return seconds * TIMEOUT_SCALE
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running test (the 1 GiB stream)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On failure, attach the stderr of every baton process the test started."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        for proc in getattr(item, "_baton_procs", []):
+            rep.sections.append(("%s stderr (%s)" % (proc.kind, proc.stderr_path), proc.stderr_text(tail=20000)))
+            extra = proc.describe()
+            if extra:
+                rep.sections.append(("%s state" % proc.kind, extra))
+
+
+# ---------------------------------------------------------------------------
+# processes
+# ---------------------------------------------------------------------------
+
+def read_json_line(proc: subprocess.Popen, timeout: float) -> dict:
+    """Reads one line from proc.stdout (a pipe) within timeout and parses it."""
+    fd = proc.stdout.fileno()
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        rem = deadline - time.monotonic()
+        if rem <= 0:
+            raise TimeoutError("no ready line within %ss (got %r)" % (timeout, buf))
+        r, _, _ = select.select([fd], [], [], rem)
+        if not r:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise RuntimeError("process exited (status %s) before its ready line (got %r)" % (proc.wait(5), buf))
+        buf += chunk
+    line, _, rest = buf.partition(b"\n")
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        raise AssertionError("ready line is not JSON: %r" % line)
+    return obj, rest
+
+
+class BatonProcess:
+    kind = "baton"
+
+    def __init__(self, args: List[str], workdir: Path, env: Optional[dict] = None, name: str = "baton"):
+        self.args = args
+        self.workdir = workdir
+        self.stderr_path = workdir / ("%s.stderr" % name)
+        self.stdout_extra_path = workdir / ("%s.stdout" % name)
+        self._stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
+                                     env=env)
+        self.pid = self.proc.pid
+        self.ready: Optional[dict] = None
+        self.exit_status: Optional[int] = None
+
+    def wait_ready(self, timeout: float = 10.0) -> dict:
+        obj, rest = read_json_line(self.proc, scaled(timeout))
+        self.ready = obj
+        # keep draining stdout so that the process never blocks on a full pipe
+        out = open(self.stdout_extra_path, "wb")
+        out.write(rest)
+
+        def drain(fd=self.proc.stdout.fileno()):
+            while True:
+                try:
+                    b = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not b:
+                    break
+                out.write(b)
+                out.flush()
+            out.close()
+
+        threading.Thread(target=drain, daemon=True).start()
+        return obj
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def rss_kib(self) -> int:
+        with open("/proc/%d/status" % self.pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS for pid %d" % self.pid)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 10.0) -> Optional[int]:
+        """Signals the process and waits; SIGKILL if it does not exit. Returns
+        the exit status of the signalled process (None if it had to be killed)."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+                self.exit_status = self.proc.wait(scaled(timeout))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                self.exit_status = None
+        else:
+            self.exit_status = self.proc.returncode
+        return self.exit_status
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(scaled(timeout))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            self._stderr.close()
+        except OSError:
+            pass
+
+    def stderr_text(self, tail: int = 200000) -> str:
+        try:
+            self._stderr.flush()
+        except (OSError, ValueError):
+            pass
+        try:
+            data = self.stderr_path.read_bytes()
+        except OSError:
+            return ""
+        return data[-tail:].decode("utf-8", "replace")
+
+    def describe(self) -> str:
+        return "args: %s\nready: %s\nreturncode: %s" % (" ".join(map(str, self.args)), self.ready, self.proc.poll())
+
+
+class ServerProcess(BatonProcess):
+    kind = "baton serve"
+
+    def __init__(self, config_path: Path, workdir: Path, config_text: str, name: str):
+        args = [BATON_BIN, "serve", "-c", str(config_path)]
+        lvl = os.environ.get("BATON_TEST_LOG_LEVEL")
+        if lvl:
+            args += ["--log-level", lvl]
+        super().__init__(args, workdir, name=name)
+        self.config_path = config_path
+        self.config_text = config_text
+        self.addr = None
+
+    def wait_ready(self, timeout: float = 10.0) -> dict:
+        obj = super().wait_ready(timeout)
+        assert obj.get("event") == "ready", obj
+        assert obj.get("pid") == self.pid, obj
+        host, port = obj["listen"].rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0, obj
+        self.addr = (host, int(port))
+        return obj
+
+    def describe(self) -> str:
+        return super().describe() + "\nconfig:\n" + self.config_text
+
+
+class ConnectProcess(BatonProcess):
+    kind = "baton connect"
+
+    def __init__(self, args, workdir, env, name):
+        super().__init__(args, workdir, env=env, name=name)
+        self.forwards: List[tuple] = []
+
+    def wait_ready(self, timeout: float = 10.0) -> dict:
+        obj = super().wait_ready(timeout)
+        assert obj.get("event") == "ready", obj
+        for f in obj["forwards"]:
+            host, port = f["listen"].rsplit(":", 1)
+            self.forwards.append(((host, int(port)), f["route"]))
+        return obj
+
+    def forward_addr(self, route: str = "echo"):
+        for addr, r in self.forwards:
+            if r == route:
+                return addr
+        raise KeyError(route)
+
+
+# ---------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------
+
+DEFAULT_LIMITS = {
+    "max_tunnels": 100,
+    "max_streams_per_tunnel": 1024,
+    "handshake_timeout_ms": 10000,
+    "idle_timeout_ms": 300000,
+    "upstream_connect_timeout_ms": 5000,
+    "heartbeat_ms": 15000,
+    "tunnel_output_high_water": 1048576,
+}
+
+
+def make_config(certs: "Certs", routes: Dict[str, str], handoff_socket: str, limits: Optional[dict] = None,
+                mtls: bool = False, ticket_key: Optional[str] = None, require_token: bool = True,
+                tokens: Optional[List[tuple]] = None, server_id: str = SERVER_ID,
+                extra: str = "") -> str:
+    lim = dict(DEFAULT_LIMITS)
+    lim.update(limits or {})
+    if tokens is None:
+        tokens = [("test", TOKEN_SHA256)]
+    lines = [
+        "server_id: %s" % server_id,
+        "listen: 127.0.0.1:0",
+        "tls:",
+        "  cert: %s" % certs.server_crt,
+        "  key: %s" % certs.server_key,
+    ]
+    if mtls:
+        lines += ["  client_ca: %s" % certs.ca_crt, "  require_client_cert: true"]
+    if ticket_key is not None:
+        lines.append("  ticket_key: %s" % ticket_key)
+    lines += ["auth:", "  require_token: %s" % ("true" if require_token else "false"), "  tokens:"]
+    for name, digest in tokens:
+        lines += ["    - name: %s" % name, "      sha256: %s" % digest]
+    lines.append("routes:")
+    for name, addr in routes.items():
+        lines.append("  %s: %s" % (name, addr))
+    lines.append("limits:")
+    for k, v in lim.items():
+        lines.append("  %s: %s" % (k, v))
+    lines += ["handoff:", "  socket: %s" % handoff_socket]
+    if ADMIN_PORT_0:
+        lines += ["admin:", "  listen: 127.0.0.1:0"]
+    text = "\n".join(lines) + "\n" + extra
+    return text
+
+
+@dataclass
+class Certs:
+    dir: Path
+    ca_crt: Path
+    ca_key: Path
+    server_crt: Path
+    server_key: Path
+    client_crt: Path
+    client_key: Path
+    ticket_key: Path
+
+
+@pytest.fixture(scope="session")
+def baton_bin() -> str:
+    if not os.access(BATON_BIN, os.X_OK):
+        pytest.fail("baton binary not found or not executable: %s (set BATON_BIN)" % BATON_BIN)
+    return BATON_BIN
+
+
+@pytest.fixture(scope="session")
+def certs(baton_bin, tmp_path_factory) -> Certs:
+    d = tmp_path_factory.mktemp("certs")
+    r = subprocess.run([baton_bin, "certs", "--out", str(d)], capture_output=True, timeout=scaled(60))
+    assert r.returncode == 0, "baton certs failed: %r %r" % (r.stdout, r.stderr)
+    c = Certs(d, d / "ca.crt", d / "ca.key", d / "server.crt", d / "server.key", d / "client.crt",
+              d / "client.key", d / "ticket.key")
+    for p in (c.ca_crt, c.ca_key, c.server_crt, c.server_key, c.client_crt, c.client_key, c.ticket_key):
+        assert p.is_file(), "baton certs did not write %s" % p
+    return c
+
+
+@pytest.fixture
+def short_tmp():
+    """A short directory under /tmp (Unix socket paths are limited to 108 bytes)."""
+    d = tempfile.mkdtemp(prefix="baton-it-", dir="/tmp")
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# upstreams
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def upstream_factory():
+    """upstream_factory(kind, **kw) -> a started upstream (see upstreams.py).
+    kind: "echo", "sink", "source", "scripted"."""
+    made = []
+
+    def make(kind: str, **kw):
+        cls = {"echo": upstreams.EchoServer, "sink": upstreams.SinkServer, "source": upstreams.SourceServer,
+               "scripted": upstreams.ScriptedServer}[kind]
+        u = cls(**kw)
+        u.start()
+        made.append(u)
+        return u
+
+    yield make
+    for u in made:
+        u.close()
+
+
+@pytest.fixture
+def echo_server(upstream_factory):
+    return upstream_factory("echo")
+
+
+# ---------------------------------------------------------------------------
+# baton serve / baton connect
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def server_factory(request, baton_bin, certs, echo_server, tmp_path, short_tmp):
+    """server_factory(routes=None, limits=None, mtls=False, ticket_key=None, ...)
+    -> a ready ServerProcess. routes default to {"echo": echo_server}; a route
+    value may be an upstream object or a "host:port" string."""
+    procs: List[ServerProcess] = []
+    request.node._baton_procs = getattr(request.node, "_baton_procs", [])
+
+    def start(routes=None, wait=True, **kw) -> ServerProcess:
+        n = len(procs)
+        if routes is None:
+            routes = {"echo": echo_server}
+        routes = {k: (v if isinstance(v, str) else v.addr_str) for k, v in routes.items()}
+        text = make_config(certs, routes, str(short_tmp / ("handoff%d.sock" % n)), **kw)
+        path = tmp_path / ("server%d.yaml" % n)
+        path.write_text(text)
+        p = ServerProcess(path, tmp_path, text, name="server%d" % n)
+        procs.append(p)
+        request.node._baton_procs.append(p)
+        if wait:
+            p.wait_ready()
+        return p
+
+    yield start
+    _teardown(procs)
+
+
+def _teardown(procs: List[BatonProcess]) -> None:
+    """Stops every process, then fails the test if a sanitizer reported anything."""
+    reports = []
+    for p in procs:
+        p.stop()
+        p.kill()
+        err = p.stderr_text()
+        for marker in ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+                       "WARNING: ThreadSanitizer"):
+            if marker in err:
+                reports.append("%s (%s): %s" % (p.kind, p.stderr_path, marker))
+    if reports:
+        pytest.fail("sanitizer report in process stderr: " + "; ".join(reports), pytrace=False)
+
+
+@pytest.fixture
+def server(server_factory) -> ServerProcess:
+    """A `baton serve` with the default config and route "echo"."""
+    return server_factory()
+
+
+@pytest.fixture
+def connect_factory(request, baton_bin, certs, tmp_path):
+    """connect_factory(server, forwards=[("127.0.0.1:0", "echo")], token=TOKEN,
+    extra_args=[], wait=True) -> ConnectProcess."""
+    procs: List[ConnectProcess] = []
+    request.node._baton_procs = getattr(request.node, "_baton_procs", [])
+
+    def start(server: ServerProcess, forwards=None, token: Optional[str] = TOKEN, extra_args=None, wait=True,
+              ca=True, env_token: Optional[str] = None) -> ConnectProcess:
+        n = len(procs)
+        if forwards is None:
+            forwards = [("127.0.0.1:0", "echo")]
+        args = [baton_bin, "connect", "--server", "%s:%d" % server.addr]
+        for listen, route in forwards:
+            args += ["--forward", "%s=%s" % (listen, route)]
+        if token is not None:
+            args += ["--token", token]
+        if ca:
+            args += ["--ca", str(certs.ca_crt), "--server-name", "localhost"]
+        args += list(extra_args or [])
+        env = dict(os.environ)
+        env.pop("BATON_TOKEN", None)
+        if env_token is not None:
+            env["BATON_TOKEN"] = env_token
+        p = ConnectProcess(args, tmp_path, env, name="connect%d" % n)
+        procs.append(p)
+        request.node._baton_procs.append(p)
+        if wait:
+            p.wait_ready()
+        return p
+
+    yield start
+    _teardown(procs)
+
+
+@pytest.fixture
+def client_ctx(certs):
+    """A verifying TLS 1.2 client context trusting the dev CA."""
+    return bw.client_context(ca=str(certs.ca_crt))
+
+
+@pytest.fixture
+def tunnel_factory(client_ctx):
+    """tunnel_factory(server, token=TOKEN, ctx=None, hello=True, **kw) -> bw.Tunnel."""
+    made = []
+
+    def make(server: ServerProcess, token=TOKEN, ctx=None, hello=True, timeout=10.0, **kw) -> bw.Tunnel:
+        ctx = ctx or client_ctx
+        if hello:
+            t = bw.Tunnel.connect(server.addr, token=token.encode() if isinstance(token, str) else token, ctx=ctx,
+                                  timeout=scaled(timeout), **kw)
+        else:
+            t = bw.Tunnel.open_tls(server.addr, ctx=ctx, timeout=scaled(timeout), **kw)
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.close()
+
+
+def echo_roundtrip(tunnel: bw.Tunnel, data: bytes = b"hello baton", route: str = "echo", timeout: float = 10.0):
+    """Opens a stream to an echo route, sends data, half-closes, returns what came back before FIN."""
+    s = tunnel.open_stream(route)
+    assert s.wait_acked(scaled(timeout)), "stream %d to %r was reset" % (s.id, route)
+    s.send(data)
+    s.close_write()
+    return s.recv_all(scaled(timeout))
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Polls pred until true (bounded); raises AssertionError on timeout."""
+    deadline = time.monotonic() + scaled(timeout)
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
+        time.sleep(interval)
