@@ -9,6 +9,9 @@
 #   2. the ceiling: mbedTLS's AEAD on 16 KiB records, one thread (aead_bench),
 #      for the suite the tunnel negotiated (read from the server's debug log)
 #   3. their ratio (target >= 80%)
+#   3b. the sidecar under test alone: bench_push, a client whose whole
+#      transfer is sealed before the clock starts (a client on another
+#      machine), -> TLS -> baton serve -> sink; ratio to the AEAD's open speed
 #   4. 1 KiB request/response latency through the tunnel to an echo upstream
 #   5. sidecar RSS per idle tunnel with 10,000 tunnels (target <= 4 KiB)
 #   6. HAProxy's RSS per idle TLS connection, 10,000 connections, and the ratio
@@ -91,7 +94,7 @@ die() {
   exit 1
 }
 
-for f in "$BATON" "$TOOLS/aead_bench" "$TOOLS/bench_upstream" "$TOOLS/bench_load" "$TOOLS/idle_tunnels"; do
+for f in "$BATON" "$TOOLS/aead_bench" "$TOOLS/bench_upstream" "$TOOLS/bench_load" "$TOOLS/bench_push" "$TOOLS/idle_tunnels"; do
   [ -x "$f" ] || die "$f is missing: build first (ninja -C $BUILD)"
 done
 command -v python3 >/dev/null || die "python3 is needed (scripts/deps.sh installs it)"
@@ -217,6 +220,14 @@ for line in open(sys.argv[1]):
 PY
 }
 
+cipher_of() {  # suite name -> the aead_bench cipher name, or nothing
+  case "$1" in
+    *AES-128-GCM*) echo AES-128-GCM ;;
+    *AES-256-GCM*) echo AES-256-GCM ;;
+    *CHACHA20-POLY1305*) echo CHACHA20-POLY1305 ;;
+  esac
+}
+
 # --- 2. the tunnel: serve + connect ---
 start_serve data debug
 spawn "baton connect" "$RUN/connect.out" "$RUN/connect.log" env BATON_TOKEN="$TOKEN" "$BATON" connect \
@@ -235,12 +246,8 @@ if [ -z "$SUITE" ]; then
     --ca "$RUN/certs/ca.crt" --server-name localhost --count 1 --hold-s 0 > "$RUN/suite-probe.out" 2> "$RUN/suite-probe.log" || true
   SUITE=$(json "$RUN/suite-probe.out" 'd["suite"]' 2>/dev/null || true)
 fi
-case "$SUITE" in
-  *AES-128-GCM*) CIPHER=AES-128-GCM ;;
-  *AES-256-GCM*) CIPHER=AES-256-GCM ;;
-  *CHACHA20-POLY1305*) CIPHER=CHACHA20-POLY1305 ;;
-  *) die "cannot tell which cipher suite the tunnel negotiated (got \"$SUITE\")" ;;
-esac
+CIPHER=$(cipher_of "$SUITE")
+[ -n "$CIPHER" ] || die "cannot tell which cipher suite the tunnel negotiated (got \"$SUITE\")"
 SEAL=$(aead "$CIPHER" seal_mib_s)
 OPEN=$(aead "$CIPHER" open_mib_s)
 CEILING=$(calc "min($SEAL, $OPEN)")
@@ -297,6 +304,53 @@ if python3 -c "import sys; sys.exit(0 if $TARGET_MIB > $MACHINE_BOUND else 1)"; 
   say "  note: the target ($TARGET_MIB MiB/s) is above what this machine can carry with sender, both sidecars and sink"
   say "        sharing $(nproc) cores; tunnel / machine bound = $(calc "round(100.0 * $TPUT / $MACHINE_BOUND, 1)")%"
 fi
+
+# --- 2b. the sidecar under test alone ---
+# bench_push seals its whole transfer before its clock starts, so while it
+# runs only `baton serve` does crypto: the client's sealing is off this
+# machine's budget, as with a client on another machine. Same serve, same sink.
+say ""
+say "== sidecar under test: pre-sealed client (bench_push) -> TLS -> baton serve -> sink =="
+push() {  # OUT BYTES
+  env BATON_TOKEN="$TOKEN" "$TOOLS/bench_push" --server "$SERVE_ADDR" --ca "$RUN/certs/ca.crt" \
+    --server-name localhost --route sink --bytes "$2" > "$1" 2>> "$RUN/push.log"
+}
+push "$RUN/push-warmup.out" 64MiB || die "warm-up pre-sealed transfer failed (see $RUN/push.log, $RUN/data.log)"
+PUSH_SUITE=$(json "$RUN/push-warmup.out" 'd["suite"]')
+PUSH_CIPHER=$(cipher_of "$PUSH_SUITE")
+[ -n "$PUSH_CIPHER" ] || die "cannot tell which cipher suite bench_push negotiated (got \"$PUSH_SUITE\")"
+PUSH_OPEN=$(aead "$PUSH_CIPHER" open_mib_s)
+PUSH_TPUTS=()
+PUSH_MIB=0 PUSH_WALL=0 PUSH_SERVE_CPU=0 PUSH_UPSTREAM_CPU=0 PUSH_CPU_S=0
+for i in $(seq "$RUNS"); do
+  c0=$(cpu_ticks "$SERVE_PID") c2=$(cpu_ticks "$UPSTREAM_PID")
+  push "$RUN/push-$i.out" "$BYTES" \
+    || die "pre-sealed transfer $i failed (see $RUN/push.log, $RUN/data.log)"
+  # The server is idle while bench_push seals: its ticks are the transfer's.
+  PUSH_SERVE_CPU=$((PUSH_SERVE_CPU + $(cpu_ticks "$SERVE_PID") - c0))
+  PUSH_UPSTREAM_CPU=$((PUSH_UPSTREAM_CPU + $(cpu_ticks "$UPSTREAM_PID") - c2))
+  t=$(json "$RUN/push-$i.out" 'd["mib_s"]')
+  s=$(json "$RUN/push-$i.out" 'd["sink_mib_s"]')
+  sec=$(json "$RUN/push-$i.out" 'd["seconds"]')
+  PUSH_MIB=$(calc "$PUSH_MIB + $(json "$RUN/push-$i.out" 'd["bytes"]') / 1048576.0")
+  PUSH_WALL=$(calc "$PUSH_WALL + $sec")
+  PUSH_CPU_S=$(calc "$PUSH_CPU_S + $(json "$RUN/push-$i.out" 'd["cpu_seconds"]')")
+  say "  run $i: $BYTES in $sec s: $t MiB/s at the client (acknowledged), $s MiB/s at the sink (sealed beforehand in $(json "$RUN/push-$i.out" 'd["seal_seconds"]') s)"
+  PUSH_TPUTS+=("$t")
+done
+PUSH_TPUT=$(calc "sorted([${PUSH_TPUTS[*]/%/,}])[len([${PUSH_TPUTS[*]/%/,}]) // 2]")
+PUSH_TPUT_MAX=$(calc "max([${PUSH_TPUTS[*]/%/,}])")
+PUSH_SERVE_EFF=$(calc "round($PUSH_MIB / ($PUSH_SERVE_CPU / $HZ), 1) if $PUSH_SERVE_CPU else 0")
+PUSH_SERVE_BUSY=$(calc "round(100.0 * $PUSH_SERVE_CPU / $HZ / $PUSH_WALL)")
+PUSH_UPSTREAM_BUSY=$(calc "round(100.0 * $PUSH_UPSTREAM_CPU / $HZ / $PUSH_WALL)")
+PUSH_BUSY=$(calc "round(100.0 * $PUSH_CPU_S / $PUSH_WALL)")
+PUSH_RATIO=$(calc "round(100.0 * $PUSH_TPUT / $PUSH_OPEN, 1)")
+VERDICT_PUSH=$(python3 -c "print('PASS' if $PUSH_RATIO >= $TARGET_RATIO else 'FAIL')")
+say "  median: $PUSH_TPUT MiB/s through baton serve, best $PUSH_TPUT_MAX ($PUSH_SUITE)"
+say "  ceiling: $PUSH_CIPHER open $PUSH_OPEN MiB/s (the only crypto on this path while the clock runs)"
+say "  sidecar / open ceiling = $PUSH_RATIO% (target >= $TARGET_RATIO%): $VERDICT_PUSH"
+say "  CPU during the runs: baton serve $PUSH_SERVE_BUSY% of a core ($PUSH_SERVE_EFF MiB per CPU-second),"
+say "                       bench_push $PUSH_BUSY%, sink $PUSH_UPSTREAM_BUSY%"
 
 say ""
 say "== 1 KiB request/response latency: bench_load -> baton connect -> TLS -> baton serve -> echo =="
@@ -440,14 +494,21 @@ RESULTS=(
   "aead_chacha20poly1305_seal $(aead CHACHA20-POLY1305 seal_mib_s) MiB/s"
   "aead_chacha20poly1305_open $(aead CHACHA20-POLY1305 open_mib_s) MiB/s"
   "aead_ceiling $CEILING MiB/s"
-  "tunnel_throughput $TPUT MiB/s"
-  "tunnel_throughput_best $TPUT_MAX MiB/s"
+  "tunnel_throughput_e2e $TPUT MiB/s"
+  "tunnel_throughput_e2e_best $TPUT_MAX MiB/s"
   "loopback_throughput $DIRECT MiB/s"
-  "tunnel_vs_ceiling $RATIO %"
-  "tunnel_vs_ceiling_verdict $VERDICT_RATIO >=${TARGET_RATIO}%"
+  "ratio_e2e $RATIO %"
+  "ratio_e2e_verdict $VERDICT_RATIO >=${TARGET_RATIO}%"
   "serve_mib_per_cpu_second $SERVE_EFF MiB/s"
   "connect_mib_per_cpu_second $CONNECT_EFF MiB/s"
   "machine_cpu_bound $MACHINE_BOUND MiB/s"
+  "tunnel_throughput_sidecar $PUSH_TPUT MiB/s"
+  "tunnel_throughput_sidecar_best $PUSH_TPUT_MAX MiB/s"
+  "sidecar_ceiling_open $PUSH_OPEN MiB/s"
+  "ratio_sidecar $PUSH_RATIO %"
+  "ratio_sidecar_verdict $VERDICT_PUSH >=${TARGET_RATIO}%"
+  "serve_cpu_sidecar $PUSH_SERVE_BUSY %"
+  "serve_mib_per_cpu_second_sidecar $PUSH_SERVE_EFF MiB/s"
   "latency_1k_p50 $P50 us"
   "latency_1k_p99 $P99 us"
 )

@@ -184,6 +184,8 @@ class Session {
 
   // The whole state, for handoff and tests.
   const SessionState& state() const { return st_; }
+  // Moves the state out for handoff; the session must not be used afterwards.
+  SessionState take_state() { return std::move(st_); }
 
  private:
   enum class DataVerdict : uint8_t { deliver, discard, error };

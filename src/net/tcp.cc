@@ -1,7 +1,10 @@
 #include "net/tcp.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -14,10 +17,6 @@ namespace {
 constexpr size_t kReadBuffer = 256 * 1024;
 thread_local uint8_t g_read_buffer[kReadBuffer];
 
-struct ShutdownReq {
-  uv_shutdown_t req;
-  Tcp* tcp;
-};
 struct ConnectReq {
   uv_connect_t req;
   Tcp* tcp;
@@ -107,26 +106,45 @@ void Tcp::write_cb(uv_write_t* req, int status) {
   if (t->closing_) return;
   size_t n = status == 0 ? t->write_len_ : 0;
   t->write_len_ = 0;
+  if (status == 0 && t->shutdown_pending_) t->do_shutdown();
   t->handler_->on_written(n, status);
 }
 
 void Tcp::shutdown() {
-  if (closing_ || shutdown_pending_) return;
-  auto* r = new ShutdownReq;
-  r->tcp = this;
-  if (uv_shutdown(&r->req, stream(), shutdown_cb) != 0) {
-    delete r;
+  if (closing_ || shutdown_pending_ || shutdown_done_) return;
+  if (writing_) {
+    shutdown_pending_ = true;  // write_cb does it
     return;
   }
-  shutdown_pending_ = true;
+  do_shutdown();
 }
 
-void Tcp::shutdown_cb(uv_shutdown_t* req, int status) {
-  auto* r = reinterpret_cast<ShutdownReq*>(req);
-  Tcp* t = r->tcp;
-  delete r;
-  if (status == UV_ECANCELED || t->closing_) return;
-  t->handler_->on_shutdown(status);
+void Tcp::do_shutdown() {
+  shutdown_pending_ = false;
+  shutdown_done_ = true;
+  int fd = this->fd();
+  if (fd >= 0) (void)::shutdown(fd, SHUT_WR);
+}
+
+int Tcp::release(size_t& written) {
+  written = 0;
+  if (closing_) return -1;
+  if (writing_) {
+    // libuv lowers write_queue_size as the kernel takes bytes of the request.
+    size_t left = uv_stream_get_write_queue_size(stream());
+    written = write_len_ > left ? write_len_ - left : 0;
+  }
+  int fd = this->fd();
+  int copy = fd >= 0 ? fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1;
+  if (copy < 0) {
+    written = 0;
+    return -1;  // nothing changed: the caller keeps using the connection
+  }
+  closing_ = true;
+  reading_ = false;
+  // A plain close: the duplicate keeps the connection open, so the peer sees nothing.
+  uv_close(reinterpret_cast<uv_handle_t*>(&tcp_), close_cb);
+  return copy;
 }
 
 void Tcp::close(bool reset) {

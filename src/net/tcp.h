@@ -31,8 +31,6 @@ class TcpHandler {
   virtual void on_written(size_t n, int err) = 0;
   // connect() finished (0 or a UV_* code).
   virtual void on_connected(int status) { (void)status; }
-  // shutdown() finished.
-  virtual void on_shutdown(int status) { (void)status; }
 };
 
 class Tcp {
@@ -57,8 +55,17 @@ class Tcp {
   // Writes up to the first 16 chunks of q. Precondition: !writing(), !q.empty().
   void write_from(const util::ByteQueue& q);
   bool writing() const { return writing_; }
-  // Half-closes the sending side once in-flight writes are done.
+  // Half-closes the sending side (shutdown(SHUT_WR)) now, or right after the
+  // write in flight completes. Done synchronously, so shutdown_done() tells
+  // exactly whether the peer was sent FIN (handoff depends on it).
   void shutdown();
+  bool shutdown_done() const { return shutdown_done_; }
+  // Handoff: stops all I/O and gives the connection up without ending it.
+  // Returns a duplicate of the socket (owned by the caller; -1 on failure)
+  // and sets `written` to how many bytes of the write in flight the kernel
+  // already took (the owner drops them; the rest was never sent). The object
+  // then frees itself as after close(); the handler gets no more calls.
+  [[nodiscard]] int release(size_t& written);
   // Closes the handle; the handler gets no more calls. With reset, the peer
   // gets a TCP RST instead of FIN (SO_LINGER 0).
   void close(bool reset = false);
@@ -75,7 +82,7 @@ class Tcp {
   static void read_cb(uv_stream_t* s, ssize_t n, const uv_buf_t* buf);
   static void write_cb(uv_write_t* req, int status);
   static void connect_cb(uv_connect_t* req, int status);
-  static void shutdown_cb(uv_shutdown_t* req, int status);
+  void do_shutdown();
   static void close_cb(uv_handle_t* h);
 
   uv_tcp_t tcp_;
@@ -87,6 +94,7 @@ class Tcp {
   bool reading_ = false;
   bool closing_ = false;
   bool shutdown_pending_ = false;
+  bool shutdown_done_ = false;
 };
 
 // Formats a socket address as "host:port" ("[v6]:port").

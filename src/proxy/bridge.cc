@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 
 #include "mux/control.h"
@@ -28,6 +30,95 @@ Bridge::Bridge(Link& link, uint32_t id, net::Tcp* local)
 }
 
 Bridge::~Bridge() { stream_gone(true); }
+
+Bridge::Bridge(Link& link, BridgeState& st, std::string& error)
+    : link_(link), id_(st.id), phase_(st.phase), route_(st.route), pending_(std::move(st.pending)),
+      tcp_eof_(st.tcp_eof), fin_sent_(st.fin_sent), peer_fin_(st.peer_fin), shutdown_sent_(st.shutdown_done),
+      adopted_written_(st.upstream_written) {
+  bytes_up = st.bytes_up;
+  bytes_down = st.bytes_down;
+  if (phase_ == BridgePhase::done) {
+    error = "the old process could not pass the upstream connection";
+    return;
+  }
+  if (phase_ != BridgePhase::relaying) return;
+  tcp_ = net::Tcp::create(link_.loop(), this);
+  int err = tcp_->open_fd(st.fd);
+  if (err != 0) {
+    error = std::string("cannot adopt the upstream socket: ") + uv_strerror(err);
+    ::close(st.fd);
+    tcp_->close();
+    tcp_ = nullptr;
+    phase_ = BridgePhase::done;
+  }
+  st.fd = -1;
+}
+
+void Bridge::export_state(BridgeState& out) {
+  out.id = id_;
+  out.phase = phase_;
+  out.route = route_;
+  out.tcp_eof = tcp_eof_;
+  out.fin_sent = fin_sent_;
+  out.peer_fin = peer_fin_;
+  out.bytes_up = bytes_up;
+  out.bytes_down = bytes_down;
+  out.upstream_written = adopted_written_;
+  if (phase_ == BridgePhase::relaying && tcp_) {
+    out.shutdown_done = tcp_->shutdown_done();
+    size_t written = 0;
+    int fd = tcp_->release(written);
+    if (fd >= 0) {
+      tcp_ = nullptr;
+      out.fd = fd;
+      out.upstream_written += written;
+    }
+  } else if (phase_ == BridgePhase::awaiting_upstream) {
+    // The connect had not completed: nothing went to the upstream yet, so
+    // the adopting process simply dials again.
+    if (tcp_) {
+      tcp_->close();
+      tcp_ = nullptr;
+    }
+  }
+  if (phase_ == BridgePhase::relaying && out.fd < 0) out.phase = BridgePhase::done;  // could not move: reset there
+  out.pending = std::move(pending_);
+  stream_gone(true);
+}
+
+void Bridge::abandon() {
+  if (tcp_) {
+    tcp_->close(false);
+    tcp_ = nullptr;
+  }
+  stream_gone(false);
+}
+
+void Bridge::start_adopted() {
+  if (phase_ == BridgePhase::awaiting_preamble) {
+    stream_data();
+    return;
+  }
+  if (phase_ == BridgePhase::awaiting_upstream) {
+    phase_ = BridgePhase::awaiting_preamble;
+    if (on_preamble) on_preamble(*this, route_);
+    return;
+  }
+  if (phase_ != BridgePhase::relaying) return;
+  if (adopted_written_) {
+    size_t n = size_t(adopted_written_);
+    adopted_written_ = 0;
+    bytes_up += n;
+    link_.session().consumed(id_, n);
+    if (phase_ != BridgePhase::relaying) return;
+  }
+  pump_to_tcp();
+  if (pending_.empty() && !tcp_eof_) {
+    if (!link_.congested()) tcp_->start_read();
+  } else {
+    pump_to_stream();
+  }
+}
 
 void Bridge::stream_data() {
   if (phase_ == BridgePhase::awaiting_preamble) {

@@ -21,6 +21,7 @@
 
 #include "net/listener.h"
 #include "net/tcp.h"
+#include "proxy/state.h"
 #include "util/byte_queue.h"
 
 namespace baton::proxy {
@@ -41,7 +42,20 @@ class Bridge : public net::TcpHandler {
   Bridge(Link& link, uint32_t id);
   // Client side: relays stream `id` to an accepted local connection.
   Bridge(Link& link, uint32_t id, net::Tcp* local);
+  // Handoff, adopting process: rebuilds a bridge from `st` (taking its fd;
+  // -1 in `st` afterwards). No I/O until start_adopted(). On failure `error`
+  // is set, the fd is closed and the bridge must be dropped.
+  Bridge(Link& link, BridgeState& st, std::string& error);
   ~Bridge() override;
+  // Handoff, old process: stops I/O and moves the bridge into `out` (the
+  // upstream socket duplicated). The bridge is done afterwards.
+  void export_state(BridgeState& out);
+  // Starts I/O after adoption: drops what the kernel already took, re-dials an
+  // upstream whose connect had not completed, resumes relaying.
+  void start_adopted();
+  // Handoff called off: closes the sockets quietly (no RST, no FIN reaches a
+  // peer while another process holds them). The bridge is done afterwards.
+  void abandon();
 
   uint32_t id() const { return id_; }
   BridgePhase phase() const { return phase_; }
@@ -70,7 +84,6 @@ class Bridge : public net::TcpHandler {
   void on_read_end(int err) override;
   void on_written(size_t n, int err) override;
   void on_connected(int status) override;
-  void on_shutdown(int status) override { (void)status; }
 
   void pump_to_tcp();
   void pump_to_stream();
@@ -89,6 +102,7 @@ class Bridge : public net::TcpHandler {
   bool fin_sent_ = false;
   bool peer_fin_ = false;    // stream FIN seen; TCP shutdown once inbound is written
   bool shutdown_sent_ = false;
+  uint64_t adopted_written_ = 0;  // see BridgeState::upstream_written
 };
 
 }  // namespace baton::proxy

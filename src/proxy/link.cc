@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 
 #include "proxy/bridge.h"
@@ -314,6 +316,8 @@ void Link::remove_bridge(uint32_t id) {
   bridges_.erase(it);
   if (session_ && session_->go_away_received() && bridges_.empty() && phase_ == LinkPhase::serving)
     close("peer sent Go Away and its last stream ended", false);
+  else if (bridges_.empty() && phase_ == LinkPhase::serving)
+    on_last_bridge_gone();
 }
 
 // --- mux::SessionHandler ---
@@ -356,6 +360,130 @@ void Link::on_stream_closed(uint32_t id) {
 void Link::on_go_away(mux::GoAwayCode code) {
   spdlog::debug("tunnel {}: peer sent Go Away ({})", peer_, uint32_t(code));
   if (bridges_.empty()) close("peer sent Go Away", false);
+}
+
+}  // namespace baton::proxy
+
+// --- handoff ---
+
+namespace baton::proxy {
+
+void close_fds(TunnelState& st) {
+  if (st.fd >= 0) ::close(st.fd);
+  st.fd = -1;
+  for (BridgeState& b : st.bridges) {
+    if (b.fd >= 0) ::close(b.fd);
+    b.fd = -1;
+  }
+}
+
+Link::Link(uv_loop_t* loop, tls::Context& tls_ctx, mux::Role role, const LinkLimits& limits, TunnelState& st,
+           std::string& error)
+    : loop_(loop), tcp_(nullptr), timer_(new uv_timer_t), tls_ctx_(tls_ctx), client_session_(nullptr), role_(role),
+      limits_(limits) {
+  uv_timer_init(loop_, timer_);
+  timer_->data = this;
+  uint64_t now = uv_now(loop_);
+  started_ms_ = now > st.age_ms ? now - st.age_ms : 0;
+  last_rx_ms_ = now > st.idle_ms ? now - st.idle_ms : 0;
+  tcp_ = net::Tcp::create(loop_, this);
+  int err = tcp_->open_fd(st.fd);
+  if (err != 0) {
+    error = std::string("cannot adopt the client socket: ") + uv_strerror(err);
+    close_fds(st);
+    phase_ = LinkPhase::closed;
+    return;
+  }
+  st.fd = -1;
+  tcp_->set_read_size(256 * 1024);
+  peer_ = tcp_->peer_address();
+  peer_info_ = st.peer_info;
+  record_ = std::make_unique<tls::RecordLayer>(std::move(st.record));
+  mux::SessionLimits sl;
+  sl.max_streams = limits_.max_streams + 1;
+  session_ = std::make_unique<mux::Session>(std::move(st.session), *this, sl);
+  counters_.bytes_in = st.counters.bytes_in;
+  counters_.bytes_out = st.counters.bytes_out;
+  counters_.streams_opened = st.counters.streams_opened;
+  counters_.streams_reset = st.counters.streams_reset;
+  phase_ = st.phase;
+  for (BridgeState& bs : st.bridges) {
+    std::string berr;
+    auto b = std::make_unique<Bridge>(*this, bs, berr);
+    if (!berr.empty()) {
+      // One stream cannot be adopted: it is reset, the tunnel goes on.
+      spdlog::warn("tunnel {}: stream {}: {}", peer_, bs.id, berr);
+      if (session_->has_stream(bs.id)) session_->reset(bs.id);
+      continue;
+    }
+    bridges_[bs.id] = std::move(b);
+  }
+  st.bridges.clear();
+}
+
+void Link::start_adopted() {
+  EntryGuard g(this);
+  if (phase_ == LinkPhase::closed) return;
+  tcp_->start_read();
+  std::vector<uint32_t> ids;
+  for (auto& [id, b] : bridges_) ids.push_back(id);
+  for (uint32_t id : ids)
+    if (Bridge* b = bridge(id)) b->start_adopted();
+  if (congested()) was_congested_ = true;
+  flush();
+  rearm_timer();
+}
+
+void Link::abandon() {
+  for (auto& [id, b] : bridges_) b->abandon();
+  bridges_.clear();
+  graveyard_.clear();
+  if (tcp_) tcp_->close(false);
+  tcp_ = nullptr;
+  phase_ = LinkPhase::closed;
+  uv_timer_stop(timer_);
+}
+
+bool Link::export_link(TunnelState& out) {
+  size_t written = 0;
+  tcp_->stop_read();
+  int fd = tcp_->release(written);
+  if (fd < 0) {
+    tcp_->start_read();
+    return false;
+  }
+  tcp_ = nullptr;
+  out.fd = fd;
+  // Frames the session queued become records now, so only two queues travel.
+  util::ByteQueue& so = session_->output();
+  while (!so.empty() && !record_->state().close_notify_sent) {
+    size_t n = std::min(so.size(), tls::kMaxPlaintext);
+    so.peek({g_coalesce, n});
+    record_->seal({g_coalesce, n});
+    so.pop(n);
+  }
+  record_->output().pop(written);
+  counters_.bytes_out += written;
+  for (auto& [id, b] : bridges_) {
+    BridgeState bs;
+    b->export_state(bs);
+    out.bridges.push_back(std::move(bs));
+  }
+  bridges_.clear();
+  graveyard_.clear();
+  uint64_t now = uv_now(loop_);
+  out.phase = phase_;
+  out.record = record_->take_state();
+  out.session = session_->take_state();
+  out.peer_info = peer_info_;
+  out.counters = {counters_.bytes_in, counters_.bytes_out, counters_.streams_opened, counters_.streams_reset};
+  out.idle_ms = now - std::min(now, last_rx_ms_);
+  out.age_ms = now - std::min(now, started_ms_);
+  record_.reset();
+  session_.reset();
+  phase_ = LinkPhase::closed;
+  uv_timer_stop(timer_);
+  return true;
 }
 
 }  // namespace baton::proxy

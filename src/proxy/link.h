@@ -23,6 +23,7 @@
 
 #include "mux/session.h"
 #include "net/tcp.h"
+#include "proxy/state.h"
 #include "tls/handshake.h"
 #include "tls/record.h"
 
@@ -94,6 +95,15 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   // Drops the bridge object (its Tcp must already be closed).
   void remove_bridge(uint32_t id);
 
+  // Handoff, old process: true when the link can move (TLS done, not closing).
+  bool exportable() const { return phase_ == LinkPhase::awaiting_hello || phase_ == LinkPhase::serving; }
+  // Starts I/O on a link built from exported state (see the protected constructor).
+  void start_adopted();
+  // Handoff, adopting process, handoff called off: lets go of the sockets
+  // without a word to any peer (another process still holds them) and marks
+  // the link closed; the caller deletes it.
+  void abandon();
+
   // Keeps the link alive across a callback (see class comment).
   class EntryGuard {
    public:
@@ -104,6 +114,20 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   };
 
  protected:
+  // Handoff, adopting process: rebuilds a link from `st`, taking ownership of
+  // its fds (they are -1 in `st` afterwards). No I/O happens until
+  // start_adopted(). On failure `error` is set and the link is closed (the
+  // caller deletes it); every fd is closed then.
+  Link(uv_loop_t* loop, tls::Context& tls_ctx, mux::Role role, const LinkLimits& limits, TunnelState& st,
+       std::string& error);
+  // Handoff, old process: stops all I/O and moves the link into `out` (the
+  // sockets duplicated, unsent bytes as bytes). Precondition: exportable()
+  // and not inside one of the link's callbacks. Returns false (link
+  // untouched) when the socket cannot be duplicated. Afterwards the link is
+  // closed with nothing attached; the caller deletes it.
+  [[nodiscard]] bool export_link(TunnelState& out);
+  const std::map<uint32_t, std::unique_ptr<Bridge>>& bridges() const { return bridges_; }
+
   // Role hooks.
   virtual void on_secure() = 0;                              // handshake done (RecordLayer ready)
   virtual void on_control_data() = 0;                        // inbound bytes on stream 1
@@ -113,6 +137,8 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   // for the earliest of this, its own handshake/idle deadlines.
   virtual uint64_t role_deadline() const { return 0; }
   virtual void on_role_deadline() {}
+  // The last data stream of the link ended.
+  virtual void on_last_bridge_gone() {}
 
   void set_phase(LinkPhase p) { phase_ = p; }
   void rearm_timer();

@@ -2,7 +2,12 @@
 
 #include <mbedtls/sha256.h>
 #include <spdlog/spdlog.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
+
+#include <cstring>
 
 #include "proxy/tunnel.h"
 #include "tls/ticket.h"
@@ -10,7 +15,26 @@
 
 namespace baton::proxy {
 
-std::unique_ptr<Server> Server::create(uv_loop_t* loop, const config::Config& cfg, std::string& error) {
+namespace {
+// Whether listening socket `fd` is bound to host:port (port 0: any port).
+bool same_address(int fd, const std::string& host, uint16_t port) {
+  sockaddr_storage want, have;
+  socklen_t len = sizeof have;
+  if (!net::parse_ip(host, port, want) || getsockname(fd, reinterpret_cast<sockaddr*>(&have), &len) != 0) return false;
+  if (want.ss_family != have.ss_family) return false;
+  if (want.ss_family == AF_INET) {
+    auto* w = reinterpret_cast<sockaddr_in*>(&want);
+    auto* h = reinterpret_cast<sockaddr_in*>(&have);
+    return w->sin_addr.s_addr == h->sin_addr.s_addr && (port == 0 || w->sin_port == h->sin_port);
+  }
+  auto* w = reinterpret_cast<sockaddr_in6*>(&want);
+  auto* h = reinterpret_cast<sockaddr_in6*>(&have);
+  return std::memcmp(&w->sin6_addr, &h->sin6_addr, sizeof w->sin6_addr) == 0 && (port == 0 || w->sin6_port == h->sin6_port);
+}
+}  // namespace
+
+std::unique_ptr<Server> Server::create(uv_loop_t* loop, const config::Config& cfg, std::string& error,
+                                       const std::vector<tls::TicketKey>& inherited_ticket_keys) {
   std::unique_ptr<Server> s(new Server(loop, cfg));
   tls::ServerTlsOptions o;
   o.cert_file = cfg.tls.cert_file;
@@ -21,9 +45,10 @@ std::unique_ptr<Server> Server::create(uv_loop_t* loop, const config::Config& cf
   if (!cfg.tls.ticket_key_file.empty()) {
     error = tls::load_ticket_keys(cfg.tls.ticket_key_file, o.ticket_keys);
     if (!error.empty()) return nullptr;
-  } else {
-    spdlog::warn("tls.ticket_key is not set: session tickets are valid for this process only");
+  } else if (inherited_ticket_keys.empty()) {
+    spdlog::warn("tls.ticket_key is not set: session tickets are valid for this process and its hot restarts only");
   }
+  o.inherited_ticket_keys = inherited_ticket_keys;
   s->tls_ = tls::Context::make_server(o, error);
   if (!s->tls_) return nullptr;
   s->server_id_ = cfg.server_id;
@@ -38,6 +63,74 @@ std::unique_ptr<Server> Server::create(uv_loop_t* loop, const config::Config& cf
 Server::~Server() {
   for (Tunnel* t : std::unordered_set<Tunnel*>(tunnels_)) delete t;
   if (listener_) listener_->close();
+  release_listener();
+}
+
+int Server::listener_fd() const { return listener_ ? listener_->fd() : -1; }
+
+std::string Server::adopt_listener(int fd) {
+  auto l = net::Listener::create(loop_, [this](uv_stream_t* s) { on_accept(s); });
+  std::string err = l->adopt(fd);
+  if (err.empty()) {
+    // A new configuration may name another address: then bind that instead.
+    std::string have = l->local_address();
+    if (same_address(fd, cfg_.listen.host, cfg_.listen.port)) {
+      listener_ = l;
+      return "";
+    }
+    spdlog::info("listen address changed ({} -> {}): binding the new one", have, cfg_.listen.to_string());
+    l->close();
+    return listen();
+  }
+  ::close(fd);
+  l->close();
+  return listen();
+}
+
+void Server::stop_accepting() {
+  if (!listener_) return;
+  int fd = listener_->fd();
+  spare_listener_fd_ = fd >= 0 ? fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1;
+  listener_->close();
+  listener_ = nullptr;
+}
+
+void Server::resume_accepting() {
+  if (listener_ || spare_listener_fd_ < 0 || stopping_) return;
+  int fd = spare_listener_fd_;
+  spare_listener_fd_ = -1;
+  listener_ = net::Listener::create(loop_, [this](uv_stream_t* s) { on_accept(s); });
+  std::string err = listener_->adopt(fd);
+  if (!err.empty()) {
+    spdlog::error("cannot accept again after a failed handoff: {}", err);
+    listener_->close();
+    listener_ = nullptr;
+  }
+}
+
+void Server::release_listener() {
+  if (spare_listener_fd_ >= 0) ::close(spare_listener_fd_);
+  spare_listener_fd_ = -1;
+}
+
+std::vector<Tunnel*> Server::exportable_tunnels() const {
+  std::vector<Tunnel*> out;
+  for (Tunnel* t : tunnels_)
+    if (t->exportable()) out.push_back(t);
+  return out;
+}
+
+size_t Server::handshaking_tunnels() const {
+  size_t n = 0;
+  for (Tunnel* t : tunnels_)
+    if (t->phase() == LinkPhase::awaiting_handshake) ++n;
+  return n;
+}
+
+Tunnel* Server::adopt(TunnelState& st, std::string& error) {
+  Tunnel* t = Tunnel::adopt(*this, st, error);
+  if (t) tunnels_.insert(t);
+  return t;
 }
 
 LinkLimits Server::link_limits() const {

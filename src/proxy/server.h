@@ -8,10 +8,12 @@
 #include <memory>
 #include <string>
 #include <unordered_set>
+#include <vector>
 
 #include "config/config.h"
 #include "net/listener.h"
 #include "proxy/link.h"
+#include "proxy/state.h"
 #include "tls/context.h"
 
 namespace baton::proxy {
@@ -29,7 +31,9 @@ struct ServerCounters {
 class Server {
  public:
   // Loads TLS material; returns nullptr and sets error on failure.
-  static std::unique_ptr<Server> create(uv_loop_t* loop, const config::Config& cfg, std::string& error);
+  // `inherited_ticket_keys`: the previous process's keys (hot restart).
+  static std::unique_ptr<Server> create(uv_loop_t* loop, const config::Config& cfg, std::string& error,
+                                        const std::vector<tls::TicketKey>& inherited_ticket_keys = {});
   ~Server();
 
   // Binds the tunnel listener. Returns "" or an error.
@@ -52,6 +56,28 @@ class Server {
 
   void forget(Tunnel* t);
 
+  // --- hot restart (src/handoff drives these) ---
+  // The tunnel listener's socket, or -1.
+  int listener_fd() const;
+  // Accepts on a listening socket passed by the previous process. The socket
+  // is used only if it is bound to the configured address; otherwise it is
+  // closed and the configured address is bound. Returns "" or an error.
+  [[nodiscard]] std::string adopt_listener(int fd);
+  // Old process: stops accepting but keeps a duplicate of the listening
+  // socket, so resume_accepting() can undo it if the handoff fails.
+  void stop_accepting();
+  void resume_accepting();
+  // Old process, handoff committed: drops the kept duplicate.
+  void release_listener();
+  // Tunnels that could move now, and tunnels still in their TLS handshake.
+  std::vector<Tunnel*> exportable_tunnels() const;
+  size_t handshaking_tunnels() const;
+  // Adopts an exported tunnel without starting it. nullptr + error if not.
+  Tunnel* adopt(TunnelState& st, std::string& error);
+  uint64_t epoch() const { return epoch_; }
+  void set_epoch(uint64_t e) { epoch_ = e; }
+  void set_counters(const ServerCounters& c) { counters_ = c; }
+
  private:
   Server(uv_loop_t* loop, const config::Config& cfg) : loop_(loop), cfg_(cfg) {}
   void on_accept(uv_stream_t* server);
@@ -64,6 +90,8 @@ class Server {
   std::unordered_set<Tunnel*> tunnels_;
   ServerCounters counters_;
   bool stopping_ = false;
+  int spare_listener_fd_ = -1;  // kept while a handoff is in progress
+  uint64_t epoch_ = 0;
 };
 
 }  // namespace baton::proxy

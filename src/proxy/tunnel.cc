@@ -39,19 +39,80 @@ void Tunnel::on_peer_stream(uint32_t id) {
     return;
   }
   auto b = std::make_unique<Bridge>(*this, id);
-  b->on_preamble = [this](Bridge& br, const std::string& route) {
-    const config::Route* r = server_.config().find_route(route);
-    if (!r) {
-      spdlog::debug("tunnel {}: stream {}: unknown route \"{}\"", peer(), br.id(), route);
-      session().reset(br.id());
-      br.stream_gone(true);
-      remove_bridge(br.id());
-      flush();
-      return;
-    }
-    br.connect(route, r->upstream.host, r->upstream.port, server_.config().limits.upstream_connect_timeout_ms);
-  };
+  b->on_preamble = [this](Bridge& br, const std::string& route) { route_stream(br, route); };
   add_bridge(id, std::move(b));
+}
+
+void Tunnel::route_stream(Bridge& br, const std::string& route) {
+  const config::Route* r = server_.config().find_route(route);
+  if (!r) {
+    spdlog::debug("tunnel {}: stream {}: unknown route \"{}\"", peer(), br.id(), route);
+    session().reset(br.id());
+    br.stream_gone(true);
+    remove_bridge(br.id());
+    flush();
+    return;
+  }
+  br.connect(route, r->upstream.host, r->upstream.port, server_.config().limits.upstream_connect_timeout_ms);
+}
+
+Tunnel::Tunnel(Server& server, TunnelState& st, std::string& error)
+    : Link(server.loop(), server.tls(), mux::Role::server, server.link_limits(), st, error), server_(server),
+      session_id_(st.session_id), client_id_(st.client_id), control_open_(st.control_open), counted_(st.counted) {
+  for (auto& [id, b] : bridges()) b->on_preamble = [this](Bridge& br, const std::string& route) { route_stream(br, route); };
+}
+
+void Tunnel::drain(const std::string& reason, uint32_t grace_ms, const std::string& reconnect_hint) {
+  EntryGuard g(this);
+  if (phase() >= LinkPhase::flushing || draining()) return;
+  if (phase() != LinkPhase::serving) {
+    close("draining", true);
+    return;
+  }
+  mux::Drain d;
+  d.reason = reason;
+  d.grace_ms = grace_ms;
+  d.reconnect_hint = reconnect_hint;
+  std::vector<uint8_t> msg;
+  mux::encode(d, msg);
+  send_control(msg);
+  session().go_away(mux::GoAwayCode::normal);
+  drain_deadline_ms_ = uv_now(loop()) + grace_ms;
+  spdlog::info("tunnel {} ({}): draining ({}, grace {} ms, {} streams)", peer(), client_id_, reason, grace_ms,
+               bridge_count());
+  if (bridge_count() == 0) {
+    close("drained", false);
+    return;
+  }
+  flush();
+  rearm_timer();
+}
+
+void Tunnel::on_role_deadline() {
+  if (draining()) close("drain grace period over", false);
+}
+
+void Tunnel::on_last_bridge_gone() {
+  if (draining()) close("drained: last stream ended", false);
+}
+
+Tunnel* Tunnel::adopt(Server& server, TunnelState& st, std::string& error) {
+  auto* t = new Tunnel(server, st, error);
+  if (!error.empty()) {
+    delete t;
+    return nullptr;
+  }
+  return t;
+}
+
+bool Tunnel::export_state(Tunnel* t, TunnelState& out) {
+  if (!t->export_link(out)) return false;
+  out.session_id = t->session_id_;
+  out.client_id = t->client_id_;
+  out.control_open = t->control_open_;
+  out.counted = t->counted_;
+  delete t;
+  return true;
 }
 
 void Tunnel::send_control(const std::vector<uint8_t>& msg) {

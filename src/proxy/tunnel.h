@@ -17,6 +17,19 @@ class Tunnel : public Link {
   Tunnel(Server& server, net::Tcp* tcp);
   ~Tunnel() override;
 
+  // Handoff: a tunnel rebuilt from exported state (see Link). Returns nullptr
+  // and sets `error` if it cannot be adopted (its fds are closed then). The
+  // tunnel does no I/O until start_adopted().
+  static Tunnel* adopt(Server& server, TunnelState& st, std::string& error);
+  // Handoff, old process: moves the tunnel into `out`; on success the tunnel
+  // is deleted. Precondition: exportable().
+  [[nodiscard]] static bool export_state(Tunnel* t, TunnelState& out);
+
+  // PROTOCOL.md 6: sends DRAIN and Go Away(0); streams already open go on;
+  // the tunnel closes when the last one ends or after grace_ms.
+  void drain(const std::string& reason, uint32_t grace_ms, const std::string& reconnect_hint);
+  bool draining() const { return drain_deadline_ms_ != 0; }
+
   const std::array<uint8_t, 16>& session_id() const { return session_id_; }
   const std::string& client_id() const { return client_id_; }
 
@@ -25,8 +38,13 @@ class Tunnel : public Link {
   void on_control_data() override;
   void on_peer_stream(uint32_t id) override;
   void on_closed(const char* reason) override;
+  uint64_t role_deadline() const override { return drain_deadline_ms_; }
+  void on_role_deadline() override;
+  void on_last_bridge_gone() override;
 
  private:
+  Tunnel(Server& server, TunnelState& st, std::string& error);
+  void route_stream(Bridge& b, const std::string& route);
   void handle_hello(const struct HelloView& h);
   void reject(uint16_t code, const std::string& reason);
   void send_control(const std::vector<uint8_t>& msg);
@@ -36,6 +54,7 @@ class Tunnel : public Link {
   std::string client_id_;
   bool control_open_ = false;
   bool counted_ = false;
+  uint64_t drain_deadline_ms_ = 0;
 };
 
 }  // namespace baton::proxy

@@ -1,5 +1,7 @@
 #include "tls/context.h"
 
+#include <algorithm>
+
 #include <mbedtls/error.h>
 
 #include <array>
@@ -106,10 +108,16 @@ std::unique_ptr<Context> Context::make_server(const ServerTlsOptions& o, std::st
     mbedtls_ssl_conf_authmode(&c->conf_, MBEDTLS_SSL_VERIFY_NONE);
   }
   std::vector<TicketKey> keys = o.ticket_keys;
+  for (const TicketKey& k : o.inherited_ticket_keys)
+    if (std::find(keys.begin(), keys.end(), k) == keys.end()) keys.push_back(k);
   if (keys.empty()) {
     keys.emplace_back();
     (void)mbedtls_ctr_drbg_random(&c->drbg_, keys[0].data(), keys[0].size());
   }
+  // Inherited keys pile up across restarts with rotated key files; the
+  // oldest ones go (their tickets just mean a full handshake).
+  if (keys.size() > kMaxTicketKeys) keys.resize(kMaxTicketKeys);
+  c->ticket_keys_ = keys;
   c->tickets_ = std::make_unique<TicketSealer>(keys, o.ticket_lifetime_s, &c->drbg_);
   c->tickets_->install(&c->conf_);
   return c;

@@ -19,12 +19,16 @@
 
 namespace baton::tls {
 
+// Most ticket keys a server keeps (configured first, then inherited).
+constexpr size_t kMaxTicketKeys = 8;
+
 struct ServerTlsOptions {
   std::string cert_file;
   std::string key_file;
   std::string client_ca_file;  // empty: no client certificates
   bool require_client_cert = false;
   std::vector<TicketKey> ticket_keys;  // empty: one random key for this process
+  std::vector<TicketKey> inherited_ticket_keys;  // from the previous process (handoff): opened, and seal when ticket_keys is empty
   uint32_t ticket_lifetime_s = 86400;
 };
 
@@ -47,6 +51,8 @@ class Context {
   Side side() const { return side_; }
   bool verifies_client_certs() const { return has_client_ca_; }
   mbedtls_ctr_drbg_context* rng() { return &drbg_; }
+  // Server: the session ticket keys in use (the first seals), for handoff.
+  const std::vector<TicketKey>& ticket_keys() const { return ticket_keys_; }
 
  private:
   explicit Context(Side side);
@@ -60,6 +66,7 @@ class Context {
   mbedtls_pk_context key_;
   mbedtls_x509_crt ca_;
   std::unique_ptr<TicketSealer> tickets_;
+  std::vector<TicketKey> ticket_keys_;
 };
 
 // mbedTLS's message for an error code, e.g. "X509 - Certificate verification failed".

@@ -162,14 +162,16 @@ Opened RecordLayer::open(std::span<const uint8_t> in, std::span<uint8_t> scratch
   size_t len = load_u16(hdr + 3);
   if (len > kMaxCiphertext) return fatal(alert::record_overflow, "record longer than 2^14+2048");
   size_t want = kHeaderSize + len;
-  size_t take = std::min(want - have, in.size() - used);
+  // partial_input may hold more than one record (bytes the handshake read
+  // past its Finished): then nothing is taken from `in` yet.
+  size_t take = have >= want ? 0 : std::min(want - have, in.size() - used);
   st_.partial_input.append(in.subspan(used, take));
   used += take;
   if (st_.partial_input.size() < want) return need_more(used);
   // The record is whole: copy it behind the plaintext area of scratch.
   std::span<uint8_t> rec = scratch.subspan(kMaxPlaintext, want);
   st_.partial_input.peek(rec);
-  st_.partial_input.clear();
+  st_.partial_input.pop(want);
   Opened o = open_record(rec.data(), want, scratch);
   if (o.status != OpenStatus::fatal) o.used = used;
   return o;

@@ -123,6 +123,8 @@ class RecordLayer {
 
   util::ByteQueue& output() { return st_.output; }
   const RecordState& state() const { return st_; }
+  // Moves the state out for handoff; the layer must not be used afterwards.
+  RecordState take_state() { return std::move(st_); }
   Cipher cipher() const { return cipher_; }
 
  private:

@@ -1,0 +1,74 @@
+// The state of a live server tunnel as plain data plus file descriptors
+// (ARCHITECTURE "the one idea"). Tunnel::export_state() produces it in the
+// old process, the handoff codec carries it, Tunnel::adopt() rebuilds a
+// tunnel from it in the new one (or in the old one again when a handoff
+// fails).
+//
+// File descriptors: a state owns the fds in it until it is adopted or
+// handed to close_fds(). fd -1 means "none".
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "mux/session.h"
+#include "tls/handshake.h"
+#include "tls/record.h"
+#include "util/byte_queue.h"
+
+namespace baton::proxy {
+
+enum class LinkPhase : uint8_t;
+enum class BridgePhase : uint8_t;
+
+struct BridgeState {
+  uint32_t id = 0;
+  // awaiting_preamble: the route name is still arriving (no fd).
+  // awaiting_upstream: the route is known, the upstream connect had not
+  //   completed: the new process dials again (no fd; nothing was relayed yet).
+  // relaying: fd is the upstream connection.
+  BridgePhase phase{};
+  std::string route;
+  util::ByteQueue pending;   // read from the upstream, not yet accepted by the send window
+  bool tcp_eof = false;      // upstream EOF seen
+  bool fin_sent = false;     // FIN sent on the stream
+  bool peer_fin = false;     // FIN received on the stream
+  bool shutdown_done = false;  // the upstream was sent FIN (shutdown SHUT_WR)
+  uint64_t bytes_up = 0;
+  uint64_t bytes_down = 0;
+  // Bytes at the front of the stream's inbound queue that the kernel already
+  // took from a write in flight: the adopting side drops them (and returns
+  // their window credit) before it writes anything.
+  uint64_t upstream_written = 0;
+  int fd = -1;
+};
+
+struct LinkCountersState {
+  uint64_t bytes_in = 0;
+  uint64_t bytes_out = 0;
+  uint64_t streams_opened = 0;
+  uint64_t streams_reset = 0;
+};
+
+struct TunnelState {
+  LinkPhase phase{};           // awaiting_hello or serving
+  tls::RecordState record;     // keys, sequence numbers, partial input, unsent records
+  mux::SessionState session;   // streams, windows, buffered bytes, pings
+  tls::PeerInfo peer_info;
+  LinkCountersState counters;
+  uint64_t idle_ms = 0;        // since the last byte from the client
+  uint64_t age_ms = 0;         // since the connection was accepted
+  std::array<uint8_t, 16> session_id{};
+  std::string client_id;
+  bool control_open = false;   // stream 1 accepted
+  bool counted = false;        // WELCOME sent (counted as established)
+  std::vector<BridgeState> bridges;
+  int fd = -1;                 // the client connection
+};
+
+// Closes every fd the state holds and sets them to -1.
+void close_fds(TunnelState& st);
+
+}  // namespace baton::proxy
