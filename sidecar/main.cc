@@ -1,6 +1,7 @@
 // baton: the sidecar (`serve`), the client (`connect`) and their tools.
 #include <mbedtls/sha256.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <spdlog/pattern_formatter.h>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
@@ -15,6 +16,8 @@
 
 #include "baton/client.h"
 #include "config/config.h"
+#include "handoff/child.h"
+#include "handoff/parent.h"
 #include "proxy/server.h"
 #include "tls/context.h"
 #include "tls/dev_certs.h"
@@ -156,6 +159,12 @@ struct Signals {
   }
 };
 
+// Longest wait for the other process at each handoff step.
+uint32_t handoff_timeout_ms() {
+  const char* v = std::getenv("BATON_HANDOFF_TIMEOUT_MS");
+  return v && std::atoi(v) > 0 ? uint32_t(std::atoi(v)) : 5000;
+}
+
 int load_config(const std::string& path, baton::config::Config& out) {
   auto r = baton::config::load_file(path);
   if (auto* e = std::get_if<baton::config::ConfigError>(&r)) {
@@ -166,10 +175,25 @@ int load_config(const std::string& path, baton::config::Config& out) {
   return kExitOk;
 }
 
+// Raises the soft descriptor limit to the hard one: a tunnel is one fd plus
+// one per stream, and a handoff briefly holds two copies of each.
+void raise_fd_limit() {
+  rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
+}
+
 int cmd_serve(Args& a) {
   std::string cfg_path, level, format;
-  bool err = false;
+  bool err = false, no_takeover = false;
   while (a.more() && !err) {
+    if (a.v[a.i] == "--no-takeover") {
+      no_takeover = true;
+      ++a.i;
+      continue;
+    }
     if (a.take("-c", cfg_path, err) || a.take("--config", cfg_path, err) || a.take("--log-level", level, err) ||
         a.take("--log-format", format, err))
       continue;
@@ -182,34 +206,118 @@ int cmd_serve(Args& a) {
   if (!setup_logging(level.empty() ? cfg.log_level : level, format.empty() ? cfg.log_format : format))
     return kExitUsage;
   signal(SIGPIPE, SIG_IGN);
+  raise_fd_limit();
 
   uv_loop_t* loop = uv_default_loop();
   std::string error;
-  auto server = baton::proxy::Server::create(loop, cfg, error);
-  if (!server) {
-    spdlog::error("{}", error);
-    return kExitUsage;
+  std::unique_ptr<baton::proxy::Server> server;
+  baton::handoff::ChildResult takeover;
+  int hfd = no_takeover ? -1 : baton::handoff::connect_handoff(cfg.handoff_socket, error);
+  if (hfd < 0 && !error.empty()) {
+    spdlog::error("{} (use --no-takeover to start without taking over)", error);
+    return kExitFailure;
   }
-  error = server->listen();
+  if (hfd >= 0) {
+    // A live baton answers on the handoff socket: take its listener and tunnels.
+    spdlog::info("taking over from the baton on {}", cfg.handoff_socket);
+    bool done = false;
+    auto child = std::make_unique<baton::handoff::Child>(
+        loop, hfd, handoff_timeout_ms() * 3,
+        [&](const std::vector<baton::tls::TicketKey>& keys, std::string& e) {
+          return baton::proxy::Server::create(loop, cfg, e, keys);
+        },
+        [&](const baton::handoff::ChildResult& r) {
+          takeover = r;
+          done = true;
+        });
+    while (!done && uv_run(loop, UV_RUN_ONCE)) {
+    }
+    if (!takeover.ok) {
+      spdlog::error("takeover failed: {}; the old process keeps serving", takeover.error);
+      child.reset();
+      uv_run(loop, UV_RUN_NOWAIT);
+      return kExitFailure;
+    }
+    server = child->take_server();
+    child.reset();
+    spdlog::info("took over {} tunnels from pid {} in {} ms (epoch {})", takeover.tunnels, takeover.old_pid,
+                 takeover.elapsed_ms, server->epoch());
+  } else {
+    server = baton::proxy::Server::create(loop, cfg, error);
+    if (!server) {
+      spdlog::error("{}", error);
+      return kExitUsage;
+    }
+    error = server->listen();
+    if (!error.empty()) {
+      spdlog::error("{}", error);
+      return kExitFailure;
+    }
+  }
+
+  // Exit path after handing everything to a successor: let what stays here
+  // (tunnels draining, tunnels closing) end, then leave.
+  bool handed_over = false;
+  uint64_t handed_over_ms = 0;
+  uv_timer_t exit_timer;
+  uv_timer_init(loop, &exit_timer);
+  std::unique_ptr<baton::handoff::Parent> parent;
+  Signals sig;
+  std::function<void()> check_exit = [&]() {
+    parent.reset();
+    size_t left = server->tunnel_count(), draining = server->draining_tunnels();
+    bool closing_too_long = draining == 0 && uv_now(loop) - handed_over_ms >= 500;
+    if (left == 0 || closing_too_long) {
+      if (left) spdlog::info("leaving {} closing tunnels behind", left);
+      uv_timer_stop(&exit_timer);
+      uv_close(reinterpret_cast<uv_handle_t*>(&exit_timer), nullptr);
+      sig.stop();
+      server.reset();  // what is still closing is cut: the successor owns the listener and every live tunnel
+    }
+  };
+  exit_timer.data = &check_exit;
+
+  baton::handoff::ParentOptions po;
+  po.socket_path = cfg.handoff_socket;
+  po.step_timeout_ms = handoff_timeout_ms();
+  po.drain_grace_ms = cfg.drain.grace_ms;
+  po.reconnect_hint = cfg.drain.reconnect_hint;
+  if (const char* v = std::getenv("BATON_TEST_HANDOFF_STATE_VERSION")) po.state_version_override = uint16_t(std::atoi(v));
+  parent = std::make_unique<baton::handoff::Parent>(loop, *server, po, [&](const baton::handoff::HandoffStats& st) {
+    handed_over = true;
+    handed_over_ms = uv_now(loop);
+    print_line("{\"event\":\"handed_over\",\"pid\":" + std::to_string(getpid()) + ",\"tunnels\":" +
+               std::to_string(st.tunnels_sent) + ",\"draining\":" + std::to_string(st.tunnels_drained) +
+               ",\"ms\":" + std::to_string(st.committed_ms - st.started_ms) + "}");
+    uv_timer_start(&exit_timer, [](uv_timer_t* t) { (*static_cast<std::function<void()>*>(t->data))(); }, 0, 10);
+  });
+  error = parent->listen();
   if (!error.empty()) {
     spdlog::error("{}", error);
     return kExitFailure;
   }
-  spdlog::info("baton {} serving tunnels on {} as \"{}\" ({} routes)", BATON_VERSION, server->listen_address(),
-               server->server_id(), cfg.routes.size());
+  spdlog::info("baton {} serving tunnels on {} as \"{}\" ({} routes, epoch {})", BATON_VERSION, server->listen_address(),
+               server->server_id(), cfg.routes.size(), server->epoch());
   // Handlers before the ready line: whoever reads it may signal at once.
-  Signals sig;
   sig.start(loop, [&](int signum) {
+    if (!server) return;
     spdlog::info("received {}, closing {} tunnels", signum == SIGTERM ? "SIGTERM" : "SIGINT", server->tunnel_count());
+    parent.reset();
+    if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(&exit_timer))) {
+      uv_timer_stop(&exit_timer);
+      uv_close(reinterpret_cast<uv_handle_t*>(&exit_timer), nullptr);
+    }
     server->stop();
     sig.stop();
   });
   print_line("{\"event\":\"ready\",\"listen\":" + json_string(server->listen_address()) +
-             ",\"pid\":" + std::to_string(getpid()) + "}");
+             ",\"pid\":" + std::to_string(getpid()) + ",\"epoch\":" + std::to_string(server->epoch()) +
+             ",\"takeover\":" + (hfd >= 0 ? "true" : "false") + ",\"tunnels\":" + std::to_string(takeover.tunnels) + "}");
   uv_run(loop, UV_RUN_DEFAULT);
+  parent.reset();
   server.reset();
   uv_run(loop, UV_RUN_DEFAULT);  // let the close callbacks run
-  spdlog::info("stopped");
+  spdlog::info(handed_over ? "handed over, exiting" : "stopped");
   return kExitOk;
 }
 

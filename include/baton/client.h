@@ -71,6 +71,9 @@ class Client {
 
   // Streams currently open on the session.
   size_t stream_count() const;
+  // Local "host:port" of the tunnel's TCP connection ("" when none). A hot
+  // restart of the sidecar leaves it unchanged: the connection is the same.
+  std::string local_address() const;
 
   struct Impl;
 

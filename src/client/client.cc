@@ -291,6 +291,8 @@ bool Client::open_stream(int fd, const std::string& route) {
   return true;
 }
 
+std::string Client::local_address() const { return impl_->link ? impl_->link->local_address() : ""; }
+
 size_t Client::stream_count() const { return impl_->link ? impl_->link->bridge_count() : 0; }
 
 }  // namespace baton

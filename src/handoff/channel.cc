@@ -88,6 +88,7 @@ void Channel::do_write() {
     out_bytes_ -= size_t(w);
     if (o.offset == o.bytes.size()) out_.pop_front();
   }
+  if (out_.empty() && close_when_sent_) close();
 }
 
 void Channel::do_read() {
@@ -167,7 +168,7 @@ void Channel::deliver() {
       in_fds_.pop_front();
     }
     pos += kHeaderSize + h.body_length;
-    on_message_(m);
+    if (!close_when_sent_) on_message_(m);
     for (int fd : m.fds)
       if (fd >= 0) ::close(fd);  // whatever the handler did not take
   }
@@ -178,11 +179,16 @@ void Channel::deliver() {
   delivering_ = false;
 }
 
+void Channel::close_when_sent() {
+  close_when_sent_ = true;  // and no more callbacks
+  if (out_.empty()) close();
+}
+
 void Channel::fail(const std::string& why) {
   if (closed_) return;
   OnClosed cb = std::move(on_closed_);
   close();
-  if (cb) cb(why);
+  if (cb && !close_when_sent_) cb(why);
 }
 
 void Channel::close() {

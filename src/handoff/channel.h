@@ -44,6 +44,8 @@ class Channel {
   // channel is closed.
   void send(std::vector<uint8_t> bytes, std::vector<int> fds = {});
   size_t queued_bytes() const { return out_bytes_; }
+  // Closes once everything queued is written (or at once if nothing is).
+  void close_when_sent();
   // Closes the socket (unsent messages are dropped, received fds not yet
   // handed over are closed) and frees the object once libuv is done.
   void close();
@@ -81,6 +83,7 @@ class Channel {
   int events_ = 0;
   bool closed_ = false;
   bool delivering_ = false;
+  bool close_when_sent_ = false;
 };
 
 }  // namespace baton::handoff

@@ -78,6 +78,8 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   mux::Session& session() { return *session_; }
   uv_loop_t* loop() const { return loop_; }
   const std::string& peer() const { return peer_; }
+  // This end's address of the TCP connection ("" once closed).
+  std::string local_address() const { return tcp_ ? tcp_->local_address() : ""; }
   const LinkCounters& counters() const { return counters_; }
   const LinkLimits& limits() const { return limits_; }
   bool congested() const;  // TLS output above the high-water mark

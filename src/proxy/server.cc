@@ -127,6 +127,13 @@ size_t Server::handshaking_tunnels() const {
   return n;
 }
 
+size_t Server::draining_tunnels() const {
+  size_t n = 0;
+  for (Tunnel* t : tunnels_)
+    if (t->draining() && t->phase() < LinkPhase::flushing) ++n;
+  return n;
+}
+
 Tunnel* Server::adopt(TunnelState& st, std::string& error) {
   Tunnel* t = Tunnel::adopt(*this, st, error);
   if (t) tunnels_.insert(t);

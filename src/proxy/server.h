@@ -72,6 +72,7 @@ class Server {
   // Tunnels that could move now, and tunnels still in their TLS handshake.
   std::vector<Tunnel*> exportable_tunnels() const;
   size_t handshaking_tunnels() const;
+  size_t draining_tunnels() const;
   // Adopts an exported tunnel without starting it. nullptr + error if not.
   Tunnel* adopt(TunnelState& st, std::string& error);
   uint64_t epoch() const { return epoch_; }

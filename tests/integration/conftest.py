@@ -192,12 +192,17 @@ class BatonProcess:
 class ServerProcess(BatonProcess):
     kind = "baton serve"
 
-    def __init__(self, config_path: Path, workdir: Path, config_text: str, name: str):
-        args = [BATON_BIN, "serve", "-c", str(config_path)]
+    def __init__(self, config_path: Path, workdir: Path, config_text: str, name: str, env: Optional[dict] = None,
+                 extra_args: Optional[List[str]] = None):
+        args = [BATON_BIN, "serve", "-c", str(config_path)] + list(extra_args or [])
         lvl = os.environ.get("BATON_TEST_LOG_LEVEL")
         if lvl:
             args += ["--log-level", lvl]
-        super().__init__(args, workdir, name=name)
+        full_env = None
+        if env:
+            full_env = dict(os.environ)
+            full_env.update(env)
+        super().__init__(args, workdir, env=full_env, name=name)
         self.config_path = config_path
         self.config_text = config_text
         self.addr = None
@@ -366,15 +371,20 @@ def server_factory(request, baton_bin, certs, echo_server, tmp_path, short_tmp):
     procs: List[ServerProcess] = []
     request.node._baton_procs = getattr(request.node, "_baton_procs", [])
 
-    def start(routes=None, wait=True, **kw) -> ServerProcess:
+    def start(routes=None, wait=True, env=None, successor_of: Optional[ServerProcess] = None, extra_args=None,
+              **kw) -> ServerProcess:
+        """successor_of=P: a new process with P's config file: it takes over from P (hot restart)."""
         n = len(procs)
-        if routes is None:
-            routes = {"echo": echo_server}
-        routes = {k: (v if isinstance(v, str) else v.addr_str) for k, v in routes.items()}
-        text = make_config(certs, routes, str(short_tmp / ("handoff%d.sock" % n)), **kw)
-        path = tmp_path / ("server%d.yaml" % n)
-        path.write_text(text)
-        p = ServerProcess(path, tmp_path, text, name="server%d" % n)
+        if successor_of is not None:
+            path, text = successor_of.config_path, successor_of.config_text
+        else:
+            if routes is None:
+                routes = {"echo": echo_server}
+            routes = {k: (v if isinstance(v, str) else v.addr_str) for k, v in routes.items()}
+            text = make_config(certs, routes, str(short_tmp / ("handoff%d.sock" % n)), **kw)
+            path = tmp_path / ("server%d.yaml" % n)
+            path.write_text(text)
+        p = ServerProcess(path, tmp_path, text, name="server%d" % n, env=env, extra_args=extra_args)
         procs.append(p)
         request.node._baton_procs.append(p)
         if wait:

@@ -1,0 +1,223 @@
+#include "handoff/child.h"
+
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+
+#include "proxy/tunnel.h"
+
+namespace baton::handoff {
+
+namespace {
+// Fault injection for the integration tests: BATON_TEST_HANDOFF_STOP_AT=STEP
+// makes this process stop itself (SIGSTOP) at that step, so a test can
+// kill -9 it exactly there. Steps: hello, listening, batch, ack.
+void test_stop_at(const char* step) {
+  static const char* at = std::getenv("BATON_TEST_HANDOFF_STOP_AT");
+  if (at && std::strcmp(at, step) == 0) {
+    spdlog::warn("handoff: stopping at step {} (BATON_TEST_HANDOFF_STOP_AT)", step);
+    raise(SIGSTOP);
+  }
+}
+}  // namespace
+
+const char* to_str(ChildPhase p) {
+  switch (p) {
+    case ChildPhase::awaiting_server_state: return "awaiting_server_state";
+    case ChildPhase::awaiting_tunnels: return "awaiting_tunnels";
+    case ChildPhase::done: return "done";
+    case ChildPhase::failed: return "failed";
+  }
+  return "?";
+}
+
+Child::Child(uv_loop_t* loop, int fd, uint32_t timeout_ms, MakeServer make_server,
+             std::function<void(const ChildResult&)> done)
+    : loop_(loop), timeout_ms_(timeout_ms), make_server_(std::move(make_server)), done_(std::move(done)) {
+  started_ms_ = uv_now(loop_);
+  timer_ = new uv_timer_t;
+  uv_timer_init(loop_, timer_);
+  timer_->data = this;
+  uv_timer_start(timer_, timer_cb, timeout_ms_, 0);
+  channel_ = Channel::create(loop_, fd, [this](Message& m) { on_message(m); },
+                             [this](const std::string& why) { on_closed(why); });
+  uint32_t uid;
+  (void)channel_->peer_uid(uid, result_.old_pid);
+  Hello h;
+  h.pid = uint32_t(getpid());
+  std::vector<uint8_t> msg;
+  encode_hello(h, msg);
+  channel_->send(std::move(msg));
+  test_stop_at("hello");
+}
+
+Child::~Child() {
+  if (channel_) channel_->close();
+  uv_close(reinterpret_cast<uv_handle_t*>(timer_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+}
+
+void Child::timer_cb(uv_timer_t* t) {
+  auto* c = static_cast<Child*>(t->data);
+  c->give_up(std::string("the old process did not answer within ") + std::to_string(c->timeout_ms_) + " ms (" +
+                 to_str(c->phase_) + ")",
+             true);
+}
+
+void Child::on_message(Message& m) {
+  if (phase_ >= ChildPhase::done) return;
+  if (m.header.version != kProtocolVersion) {
+    give_up("the old process speaks handoff protocol version " + std::to_string(m.header.version), true);
+    return;
+  }
+  uv_timer_start(timer_, timer_cb, timeout_ms_, 0);
+  switch (m.header.type) {
+    case MsgType::server_state:
+      if (phase_ == ChildPhase::awaiting_server_state) return handle_server_state(m);
+      break;
+    case MsgType::batch:
+      if (phase_ == ChildPhase::awaiting_tunnels) return handle_batch(m);
+      break;
+    case MsgType::commit:
+      if (phase_ == ChildPhase::awaiting_tunnels) return handle_commit(m);
+      break;
+    case MsgType::abort:
+    case MsgType::refuse: {
+      std::string reason;
+      (void)decode_reason(m.body, reason);
+      give_up("the old process called the handoff off: " + reason, false);
+      return;
+    }
+    default: break;
+  }
+  give_up(std::string("unexpected ") + to_str(m.header.type) + " message in phase " + to_str(phase_), true);
+}
+
+void Child::on_closed(const std::string& why) {
+  channel_ = nullptr;
+  if (phase_ >= ChildPhase::done) return;
+  if (phase_ == ChildPhase::awaiting_tunnels) {
+    // The old process is gone without commit or abort: it cannot resume what
+    // it handed over, so this process carries on with it.
+    spdlog::warn("handoff: the old process went away before committing ({}); starting the {} tunnels it handed over",
+                 why, adopted_.size());
+    for (proxy::Tunnel* t : adopted_) t->start_adopted();
+    result_.tunnels = adopted_.size();
+    adopted_.clear();
+    finish(true, "");
+    return;
+  }
+  give_up(why, false);
+}
+
+void Child::handle_server_state(Message& m) {
+  ServerStateMsg s;
+  std::string err = decode_server_state(m.body, s);
+  if (!err.empty()) {
+    give_up("malformed server state: " + err, true);
+    return;
+  }
+  server_ = make_server_(s.ticket_keys, err);
+  if (!server_) {
+    give_up(err, true);
+    return;
+  }
+  server_->set_epoch(s.epoch + 1);
+  server_->set_counters(s.counters);
+  if (s.has_listener && !m.fds.empty()) {
+    err = server_->adopt_listener(m.fds[0]);
+    m.fds[0] = -1;
+  } else {
+    err = server_->listen();
+  }
+  if (!err.empty()) {
+    give_up(err, true);
+    return;
+  }
+  phase_ = ChildPhase::awaiting_tunnels;
+  std::vector<uint8_t> msg;
+  encode_listening(msg);
+  channel_->send(std::move(msg));
+  test_stop_at("listening");
+}
+
+void Child::handle_batch(Message& m) {
+  test_stop_at("batch");
+  Batch b;
+  BatchResult r = decode_batch(m.body, m.fds, b);
+  BatchAck ack;
+  ack.seq = b.seq;
+  if (r.error != BatchError::none) {
+    // The old process keeps these and drains them; their fds close with the message.
+    spdlog::warn("handoff: refusing batch {}: {}", b.seq, r.message);
+    ack.reason = r.message;
+  } else {
+    for (int& fd : m.fds) fd = -1;  // the states own them now
+    result_.batches++;
+    size_t taken = 0;
+    for (; taken < b.tunnels.size(); ++taken) {
+      if (server_->tunnel_count() >= server_->config().limits.max_tunnels) {
+        ack.reason = "max_tunnels (" + std::to_string(server_->config().limits.max_tunnels) + ") reached";
+        break;
+      }
+      std::string err;
+      proxy::Tunnel* t = server_->adopt(b.tunnels[taken], err);
+      if (!t) {
+        ack.reason = err;  // adopt() closed its fds
+        break;
+      }
+      adopted_.push_back(t);
+    }
+    // Tunnels not taken: these fds are copies, the old process keeps its own.
+    for (size_t j = taken; j < b.tunnels.size(); ++j) proxy::close_fds(b.tunnels[j]);
+    ack.adopted = uint32_t(taken);
+  }
+  std::vector<uint8_t> msg;
+  encode_batch_ack(ack, msg);
+  channel_->send(std::move(msg));
+  test_stop_at("ack");
+}
+
+void Child::handle_commit(Message& m) {
+  Commit c;
+  std::string err = decode_commit(m.body, c);
+  if (!err.empty()) spdlog::warn("handoff: malformed commit ({}); taking over anyway", err);
+  else server_->set_counters(c.counters);
+  for (proxy::Tunnel* t : adopted_) t->start_adopted();
+  result_.tunnels = adopted_.size();
+  adopted_.clear();
+  finish(true, "");
+}
+
+void Child::finish(bool ok, const std::string& error) {
+  phase_ = ok ? ChildPhase::done : ChildPhase::failed;
+  uv_timer_stop(timer_);
+  if (channel_) {
+    channel_->close_when_sent();
+    channel_ = nullptr;
+  }
+  result_.ok = ok;
+  result_.error = error;
+  result_.elapsed_ms = uv_now(loop_) - started_ms_;
+  if (done_) done_(result_);
+}
+
+void Child::give_up(const std::string& why, bool tell_peer) {
+  if (phase_ >= ChildPhase::done) return;
+  if (channel_ && tell_peer) {
+    std::vector<uint8_t> msg;
+    encode_abort(why, msg);
+    channel_->send(std::move(msg));
+  }
+  // The old process still holds every socket handed over: let go quietly.
+  for (proxy::Tunnel* t : adopted_) {
+    t->abandon();
+    delete t;
+  }
+  adopted_.clear();
+  finish(false, why);
+}
+
+}  // namespace baton::handoff
