@@ -2,9 +2,11 @@
 # so a fresh Debian 12 machine needs only `make run` or `make test`.
 BUILD   ?= build
 ASAN    ?= build-asan
+FUZZ    ?= build-fuzz
+FUZZ_SECONDS ?= 60
 MESON_OPTS ?= --buildtype=debugoptimized
 
-.PHONY: all deps build asan run test test-unit test-integration bench clean
+.PHONY: all deps build asan run test test-unit test-integration fuzz bench clean
 
 all: build
 
@@ -29,8 +31,12 @@ run: build
 test: build
 	@scripts/test.sh $(BUILD)
 
+# libFuzzer targets (clang, ASan + UBSan) over their seed corpora: tests/fuzz/run.sh.
+fuzz: deps
+	@FUZZ_BUILD=$(FUZZ) tests/fuzz/run.sh $(FUZZ_SECONDS)
+
 bench: build
 	@bench/run.sh $(BUILD)
 
 clean:
-	rm -rf $(BUILD) $(ASAN)
+	rm -rf $(BUILD) $(ASAN) $(FUZZ)

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Installs the Debian packages baton needs to build, test and benchmark,
-# and only those that are missing. Safe to run again.
+# Installs the Debian packages baton needs to build, test, fuzz and benchmark,
+# and only those that are missing. Safe to run again. (Fuzzing: clang, the
+# libFuzzer and sanitizer runtimes in libclang-rt-dev, llvm-symbolizer in llvm.)
 set -euo pipefail
 pkgs=(
   build-essential pkg-config meson ninja-build
   libuv1-dev libmbedtls-dev libyaml-dev libcpp-httplib-dev libspdlog-dev libgtest-dev
   python3 python3-pytest python3-prometheus-client
+  clang libclang-rt-dev llvm
   iproute2 procps haproxy stunnel4 nginx
 )
 missing=()

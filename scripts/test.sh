@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests (GoogleTest via meson) and integration tests
 # (pytest, real processes on loopback), first against the normal build, then
-# against an ASan+UBSan build. Ends with one line "N passed, N failed".
+# against an ASan+UBSan build; then a short fuzz smoke run (tests/fuzz/run.sh,
+# BATON_FUZZ_SECONDS, default 20; BATON_SKIP_FUZZ=1 skips it). Ends with one
+# line "N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${1:-build}
@@ -53,6 +55,22 @@ if [ "${BATON_SKIP_ASAN:-0}" != 1 ]; then
       BATON_TEST_BIG_BYTES=$((64 << 20)) BATON_TEST_SANITIZED=1
   else
     tail -30 "$log/asan-build.txt"
+    failed=$((failed + 1))
+  fi
+fi
+
+if [ "${BATON_SKIP_FUZZ:-0}" != 1 ]; then
+  fuzz_seconds=${BATON_FUZZ_SECONDS:-20}
+  echo "=== fuzz: handoff decoder, ${fuzz_seconds} s smoke run (tests/fuzz/run.sh)"
+  if tests/fuzz/run.sh "$fuzz_seconds" > "$log/fuzz.txt" 2>&1; then
+    passed=$((passed + 1))
+    runs=$(grep -E '^stat::number_of_executed_units' "$log/fuzz.txt" | awk '{print $2}')
+    rate=$(grep -E '^stat::average_exec_per_sec' "$log/fuzz.txt" | awk '{print $2}')
+    cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+' "$log/fuzz.txt" | tail -1)
+    echo "fuzz: ok, ${runs:-?} inputs (${rate:-?}/s), ${cov:-cov: ?}, no crash"
+  else
+    tail -40 "$log/fuzz.txt"
+    echo "fuzz: FAILED (crashing input, if any, in ${FUZZ_BUILD:-build-fuzz}/artifacts/)"
     failed=$((failed + 1))
   fi
 fi

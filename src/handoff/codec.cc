@@ -29,7 +29,6 @@ namespace {
 constexpr uint32_t kMaxString = 4096;
 constexpr uint32_t kMaxQueue = 64u << 20;
 constexpr uint32_t kMaxStreams = 1u << 20;
-constexpr uint32_t kMaxPings = 1024;
 constexpr uint32_t kMaxTunnelsPerBatch = 1u << 20;
 constexpr uint16_t kNoFd = 0xFFFF;
 
@@ -321,8 +320,21 @@ void get_tunnel(Reader& r, proxy::TunnelState& t) {
   if (r.ok() && code > 2) r.fail("go away code " + std::to_string(code) + " unknown");
   ss.go_away_code = mux::GoAwayCode(code);
   ss.ping_replies_queued = r.u32("ping replies queued");
-  if (r.ok() && ss.ping_replies_queued > 1024) r.fail("ping replies queued: too many");
+  if (r.ok() && ss.ping_replies_queued > mux::SessionLimits{}.max_ping_replies) r.fail("ping replies queued: too many");
   r.queue(ss.partial_input, "yamux partial input", kMaxQueue);
+  if (r.ok() && ss.partial_input.size() >= mux::kHeaderSize) {
+    // The session trusts a held header (it was validated when it arrived):
+    // only a Data header with body still to come, or the skip marker
+    // (Data, flags 0, stream 0, bytes left to skip), can be held.
+    uint8_t hb[mux::kHeaderSize];
+    ss.partial_input.peek(hb);
+    mux::FrameHeader h = mux::decode_header(hb);
+    size_t body = ss.partial_input.size() - mux::kHeaderSize;
+    bool data = h.version == mux::kVersion && h.type == uint8_t(mux::FrameType::data);
+    bool skip = data && h.stream_id == 0 && h.flags == 0 && h.length > 0 && body == 0;
+    bool partial = data && h.stream_id != 0 && body < h.length;
+    if (!skip && !partial) r.fail("yamux partial input is not a partial Data frame");
+  }
   r.queue(ss.output, "yamux output");
   uint32_t nstreams = r.count("stream count", kMaxStreams, 26);
   uint32_t last_id = 0;
@@ -346,7 +358,7 @@ void get_tunnel(Reader& r, proxy::TunnelState& t) {
       r.fail("stream " + std::to_string(s.id) + ": windows inconsistent");
     if (r.ok()) ss.streams.emplace(s.id, std::move(s));
   }
-  uint32_t npings = r.count("ping count", kMaxPings, 12);
+  uint32_t npings = r.count("ping count", mux::SessionLimits{}.max_pending_pings, 12);
   for (uint32_t i = 0; i < npings && r.ok(); ++i) {
     mux::PendingPing p;
     p.value = r.u32("ping value");
@@ -482,7 +494,7 @@ void encode_batch_ack(const BatchAck& m, std::vector<uint8_t>& out) {
   Writer w(out);
   w.u32(m.seq);
   w.u32(m.adopted);
-  w.str(m.reason);
+  w.str(m.reason.substr(0, kMaxString));
   finish(out, at);
 }
 
@@ -533,7 +545,8 @@ size_t fd_count(const proxy::TunnelState& t) {
 
 size_t encoded_size(const proxy::TunnelState& t) {
   size_t n = 512 + t.record.partial_input.size() + t.record.output.size() + t.session.partial_input.size() +
-             t.session.output.size() + t.client_id.size() + t.peer_info.cert_subject.size();
+             t.session.output.size() + t.client_id.size() + t.peer_info.cert_subject.size() +
+             t.peer_info.alpn.size() + t.peer_info.suite_name.size() + 12 * t.session.pings.size();
   for (const auto& [id, s] : t.session.streams) n += 32 + s.inbound.size();
   for (const proxy::BridgeState& b : t.bridges) n += 64 + b.route.size() + b.pending.size();
   return n;

@@ -108,8 +108,9 @@ struct Batch {
 };
 // Number of fds a tunnel needs in a batch.
 size_t fd_count(const proxy::TunnelState& t);
-// Encoded size of one tunnel (for batching by size).
+// Encoded size of one tunnel (for batching by size): never less than the real size.
 size_t encoded_size(const proxy::TunnelState& t);
+// Precondition: the tunnels hold at most kMaxFdsPerMessage fds in all.
 // `version_override` (tests only): the state version written in the message.
 void encode_batch(const Batch& b, std::vector<uint8_t>& out, std::vector<int>& fds, uint16_t version_override = 0);
 
