@@ -37,6 +37,7 @@ fuzz: deps
 
 bench: build
 	@bench/run.sh $(BUILD)
+	@bench/restart.py $(BUILD)
 
 clean:
 	rm -rf $(BUILD) $(ASAN) $(FUZZ)

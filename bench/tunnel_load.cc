@@ -1,8 +1,9 @@
 // tunnel_load: a load generator for hot-restart tests and benchmarks.
 //
 //   tunnel_load --server HOST:PORT --ca FILE --server-name NAME --route echo
-//               [--tunnels 200] [--streams 5] [--size 1024] [--churn 0|1]
-//               [--connect-concurrency 50] [--timeout-ms 10000] [--client-id PREFIX]
+//               [--tunnels 200] [--streams 5] [--size 1024] [--churn 0|1] [--interval-ms 0]
+//               [--active N] [--connect-concurrency 50] [--timeout-ms 10000] [--client-id PREFIX]
+//   --active N: only the first N tunnels open streams (the others stay idle).
 //   The token comes from the BATON_TOKEN environment variable.
 //
 // One libuv loop, one thread. Opens --tunnels baton::Client sessions (at most
@@ -10,8 +11,9 @@
 // opens --streams streams with Client::open_stream(). Each stream is a
 // loopback TCP pair: one end goes to open_stream(), the other stays here as
 // the stream's "app socket". Every stream runs request/response against the
-// route (an echo upstream) without pause: write --size random bytes, read
-// exactly --size bytes back, compare, record the round trip, repeat.
+// route (an echo upstream): write --size random bytes, read exactly --size
+// bytes back, compare, record the round trip, repeat -- at once, or after
+// --interval-ms (paced load: round trips then measure the path, not a queue).
 // A mismatch, EOF or error on an app socket, a rejected or closed session is
 // an error. Each tunnel's local TCP address is recorded when it becomes ready
 // and checked at every report: a change means a reconnect ("port_changes").
@@ -68,6 +70,7 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <deque>
 #include <vector>
 
 #include "baton/client.h"
@@ -91,6 +94,8 @@ struct Options {
   size_t streams = 5;
   size_t size = 1024;
   bool churn = false;
+  uint64_t interval_ms = 0;  // pause between a response and the next request (0: none)
+  size_t active = SIZE_MAX;  // only the first `active` tunnels open streams; the rest stay idle
   size_t connect_concurrency = 50;
   uint64_t timeout_ms = 10000;
 };
@@ -226,7 +231,13 @@ class Tool {
   bool in_open = false;
   std::string in_buf;
 
-  uv_timer_t deadline{}, reaper{};
+  uv_timer_t deadline{}, reaper{}, pacer{};
+  std::deque<std::pair<uint64_t, Stream*>> paced;  // (due uv_now ms, stream) for --interval-ms
+  size_t active_streams() const { return std::min(o.active, tunnels.size()) * o.streams; }
+  void next_request(Stream* s) {
+    if (o.interval_ms == 0) s->send_request();
+    else paced.emplace_back(uv_now(loop) + o.interval_ms, s);
+  }
   uv_signal_t sigterm{}, sigint{};
 
   // churn connector
@@ -340,7 +351,7 @@ void Stream::read_cb(uv_stream_t* st, ssize_t nread, const uv_buf_t* buf) {
   }
   ++s->rtts;
   s->tool->record_rtt(s, ns);  // may close a churn stream
-  if (!s->dead && !s->writing && !s->churn) s->send_request();
+  if (!s->dead && !s->writing && !s->churn) s->tool->next_request(s);
 }
 
 void Stream::write_cb(uv_write_t* w, int status) {
@@ -351,7 +362,7 @@ void Stream::write_cb(uv_write_t* w, int status) {
     s->fail(std::string("app socket write error: ") + uv_strerror(status));
     return;
   }
-  if (!s->awaiting && !s->churn) s->send_request();  // the echo came back before the write completed
+  if (!s->awaiting && !s->churn) s->tool->next_request(s);  // the echo came back before the write completed
 }
 
 void Stream::fail(const std::string& why) {
@@ -445,7 +456,8 @@ void Tool::tunnel_ready(size_t i) {
   --connecting;
   ++tunnels_ready;
   t.local = t.client->local_address();
-  for (size_t k = 0; k < o.streams; ++k) {
+  size_t nstreams = t.index < o.active ? o.streams : 0;
+  for (size_t k = 0; k < nstreams; ++k) {
     auto s = std::make_unique<Stream>();
     s->tool = this;
     s->tunnel = i;
@@ -470,6 +482,7 @@ void Tool::tunnel_ready(size_t i) {
     sp->start(loop, app_fd);
   }
   launch();
+  if (nstreams == 0) check_ready();  // an idle tunnel may be the last one awaited
 }
 
 void Tool::tunnel_failed(size_t i, const std::string& why) {
@@ -519,13 +532,13 @@ void Tool::stream_failed(Stream* s, const std::string& why) {
 }
 
 void Tool::check_ready() {
-  if (ready || tunnels_ready < tunnels.size() || streams_warm < tunnels.size() * o.streams) return;
+  if (ready || tunnels_ready < tunnels.size() || streams_warm < active_streams()) return;
   ready = true;
   uv_timer_stop(&deadline);
   double open_s = double(uv_hrtime() - t_start) / 1e9;
   char b[160];
   std::snprintf(b, sizeof b, "{\"event\":\"ready\",\"tunnels\":%zu,\"streams\":%zu,\"open_s\":%.3f}", tunnels.size(),
-                tunnels.size() * o.streams, open_s);
+                active_streams(), open_s);
   print_line(b);
   win = Window{};
   win.name = "start";
@@ -716,7 +729,7 @@ void Tool::report(bool) {
       max_us = std::max<uint64_t>(max_us, age / 1000);
       tm = std::max(tm, uint32_t(std::min<uint64_t>(age / 1000, UINT32_MAX)));
     }
-    if (t.ready && !t.failed) tunnel_max.push_back(tm);
+    if (t.ready && !t.failed && !t.streams.empty()) tunnel_max.push_back(tm);
     t.win_max_us = 0;
   }
   uint64_t tp50 = 0, tp99 = 0;
@@ -775,6 +788,7 @@ void Tool::quit() {
     in_open = false;
   }
   for (uv_handle_t* h : {reinterpret_cast<uv_handle_t*>(&deadline), reinterpret_cast<uv_handle_t*>(&reaper),
+                         reinterpret_cast<uv_handle_t*>(&pacer),
                          reinterpret_cast<uv_handle_t*>(&sigterm), reinterpret_cast<uv_handle_t*>(&sigint),
                          reinterpret_cast<uv_handle_t*>(&ch.timeout), reinterpret_cast<uv_handle_t*>(&ch.next)})
     if (!uv_is_closing(h)) uv_close(h, nullptr);
@@ -804,10 +818,23 @@ int Tool::run() {
       getsockname(listen_fd, reinterpret_cast<sockaddr*>(&listen_addr), &len) != 0)
     fatal(std::string("loopback listener: ") + std::strerror(errno));
 
-  for (uv_timer_t* t : {&deadline, &reaper, &ch.timeout, &ch.next}) {
+  for (uv_timer_t* t : {&deadline, &reaper, &pacer, &ch.timeout, &ch.next}) {
     uv_timer_init(loop, t);
     t->data = this;
   }
+  if (o.interval_ms)
+    uv_timer_start(
+        &pacer,
+        [](uv_timer_t* t) {
+          auto* tool = static_cast<Tool*>(t->data);
+          uint64_t now = uv_now(tool->loop);
+          while (!tool->paced.empty() && tool->paced.front().first <= now && !tool->quitting) {
+            Stream* s = tool->paced.front().second;
+            tool->paced.pop_front();
+            if (!s->dead && !s->awaiting && !s->writing) s->send_request();
+          }
+        },
+        1, 1);
   uv_timer_start(
       &deadline,
       [](uv_timer_t* t) {
@@ -815,7 +842,7 @@ int Tool::run() {
         tool->fatal("not ready within --timeout-ms " + std::to_string(tool->o.timeout_ms) + ": " +
                     std::to_string(tool->tunnels_ready) + "/" + std::to_string(tool->tunnels.size()) +
                     " tunnels ready, " + std::to_string(tool->streams_warm) + "/" +
-                    std::to_string(tool->tunnels.size() * tool->o.streams) + " streams completed a round trip");
+                    std::to_string(tool->active_streams()) + " streams completed a round trip");
       },
       o.timeout_ms, 0);
   uv_timer_start(
@@ -855,7 +882,7 @@ int Tool::run() {
 void usage() {
   std::fprintf(stderr,
                "usage: tunnel_load --server HOST:PORT --ca FILE --server-name NAME --route ROUTE\n"
-               "                   [--tunnels 200] [--streams 5] [--size 1024] [--churn 0|1]\n"
+               "                   [--tunnels 200] [--streams 5] [--size 1024] [--churn 0|1] [--interval-ms 0] [--active N]\n"
                "                   [--connect-concurrency 50] [--timeout-ms 10000] [--client-id PREFIX]\n"
                "  token: BATON_TOKEN environment variable. stdin commands: mark NAME | quit\n");
 }
@@ -883,8 +910,10 @@ int main(int argc, char** argv) {
     else if (a == "--client-id") o.client_id = v;
     else if (a == "--tunnels") o.tunnels = size_t(std::atol(v.c_str()));
     else if (a == "--streams") o.streams = size_t(std::atol(v.c_str()));
+    else if (a == "--active") o.active = size_t(std::atol(v.c_str()));
     else if (a == "--size") o.size = size_t(std::atol(v.c_str()));
     else if (a == "--churn") o.churn = std::atoi(v.c_str()) != 0;
+    else if (a == "--interval-ms") o.interval_ms = uint64_t(std::atoll(v.c_str()));
     else if (a == "--connect-concurrency") o.connect_concurrency = size_t(std::atol(v.c_str()));
     else if (a == "--timeout-ms") o.timeout_ms = uint64_t(std::atoll(v.c_str()));
     else {
@@ -910,7 +939,7 @@ int main(int argc, char** argv) {
   if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
     rl.rlim_cur = rl.rlim_max;
     setrlimit(RLIMIT_NOFILE, &rl);
-    size_t need = o.tunnels * (1 + 2 * o.streams) + 64;
+    size_t need = o.tunnels + std::min(o.active, o.tunnels) * 2 * o.streams + 64;
     if (rl.rlim_cur != RLIM_INFINITY && need > rl.rlim_cur) {
       std::fprintf(stderr, "tunnel_load: %zu tunnels x %zu streams need about %zu open files; the limit is %llu\n",
                    o.tunnels, o.streams, need, static_cast<unsigned long long>(rl.rlim_cur));
