@@ -159,12 +159,6 @@ struct Signals {
   }
 };
 
-// Longest wait for the other process at each handoff step.
-uint32_t handoff_timeout_ms() {
-  const char* v = std::getenv("BATON_HANDOFF_TIMEOUT_MS");
-  return v && std::atoi(v) > 0 ? uint32_t(std::atoi(v)) : 5000;
-}
-
 int load_config(const std::string& path, baton::config::Config& out) {
   auto r = baton::config::load_file(path);
   if (auto* e = std::get_if<baton::config::ConfigError>(&r)) {
@@ -222,7 +216,7 @@ int cmd_serve(Args& a) {
     spdlog::info("taking over from the baton on {}", cfg.handoff_socket);
     bool done = false;
     auto child = std::make_unique<baton::handoff::Child>(
-        loop, hfd, handoff_timeout_ms() * 3,
+        loop, hfd, cfg.handoff_timeout_ms * 3,
         [&](const std::vector<baton::tls::TicketKey>& keys, std::string& e) {
           return baton::proxy::Server::create(loop, cfg, e, keys);
         },
@@ -279,7 +273,7 @@ int cmd_serve(Args& a) {
 
   baton::handoff::ParentOptions po;
   po.socket_path = cfg.handoff_socket;
-  po.step_timeout_ms = handoff_timeout_ms();
+  po.step_timeout_ms = cfg.handoff_timeout_ms;
   po.drain_grace_ms = cfg.drain.grace_ms;
   po.reconnect_hint = cfg.drain.reconnect_hint;
   if (const char* v = std::getenv("BATON_TEST_HANDOFF_STATE_VERSION")) po.state_version_override = uint16_t(std::atoi(v));

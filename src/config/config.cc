@@ -222,6 +222,7 @@ class Loader {
   bool load_token(const yaml_node_t* n, const std::string& path, Config& cfg);
   bool load_routes(const Entry& e, Config& cfg);
   bool load_limits(const Entry& e, Config& cfg);
+  bool load_handoff(const Entry& e, Config& cfg);
   bool load_single(const Entry& e, const char* section, const char* key, const char* what,
                    const std::function<bool(const Entry&, const std::string&)>& read);
   bool load_drain(const Entry& e, Config& cfg);
@@ -415,13 +416,7 @@ bool Loader::load(Config& cfg) {
       ok = load_single(e, "admin", "listen", "the admin HTTP address",
                        [&](const Entry& f, const std::string& p) { return get_host_port(f, p, true, cfg.admin); });
     } else if (e.key == "handoff") {
-      ok = load_single(e, "handoff", "socket", "the hot-restart socket", [&](const Entry& f, const std::string& p) {
-        if (!get_string(f, p, "a Unix socket path", cfg.handoff_socket)) return false;
-        if (cfg.handoff_socket.size() > kMaxUnixPath)
-          return fail(f, p + ": longer than " + std::to_string(kMaxUnixPath) + " bytes, the limit of a Unix socket path");
-        if (cfg.handoff_socket.find('\0') != std::string::npos) return fail(f, p + ": the path contains a NUL byte");
-        return true;
-      });
+      ok = load_handoff(e, cfg);
     } else if (e.key == "drain") {
       ok = load_drain(e, cfg);
     } else if (e.key == "log") {
@@ -594,6 +589,26 @@ bool Loader::load_single(const Entry& e, const char* section, const char* key, c
     std::string p = std::string(section) + "." + f.key;
     remember(p, f);
     if (!read(f, p)) return false;
+  }
+  return true;
+}
+
+bool Loader::load_handoff(const Entry& e, Config& cfg) {
+  if (is_null(e.value)) return true;
+  if (!expect_mapping(e, "handoff", "a mapping with socket: (the hot-restart socket)")) return false;
+  Entries es;
+  if (!entries(e.value, "handoff", {"socket", "timeout_ms"}, es)) return false;
+  for (const Entry& f : es) {
+    std::string p = "handoff." + f.key;
+    remember(p, f);
+    if (f.key == "socket") {
+      if (!get_string(f, p, "a Unix socket path", cfg.handoff_socket)) return false;
+      if (cfg.handoff_socket.size() > kMaxUnixPath)
+        return fail(f, p + ": longer than " + std::to_string(kMaxUnixPath) + " bytes, the limit of a Unix socket path");
+      if (cfg.handoff_socket.find('\0') != std::string::npos) return fail(f, p + ": the path contains a NUL byte");
+    } else if (f.key == "timeout_ms") {
+      if (!get_u32(f, p, 100, 600000, cfg.handoff_timeout_ms)) return false;
+    }
   }
   return true;
 }

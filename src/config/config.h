@@ -69,6 +69,7 @@ struct Config {
   Limits limits;
   HostPort admin{"127.0.0.1", 9901};
   std::string handoff_socket = "/run/baton/handoff.sock";
+  uint32_t handoff_timeout_ms = 5000;  // longest wait for the other process at each handoff step
   Drain drain;
   std::string log_level = "info";   // trace, debug, info, warn, error
   std::string log_format = "text";  // text, json

@@ -514,6 +514,11 @@ TEST(ConfigErrors, EnumsAndMisc) {
              "\"127.0.0.1:99999\": the port must be at most 65535");
   EXPECT_ERR(minimal("handoff:\n  socket: /" + std::string(107, 's') + "\n"),
              "baton.yaml:11:11: handoff.socket: longer than 107 bytes, the limit of a Unix socket path");
+  EXPECT_ERR(minimal(lines({"handoff:", "  timeout_ms: 50"})),
+             "baton.yaml:11:15: handoff.timeout_ms: 50 is too small (expected 100..600000)");
+  EXPECT_ERR(minimal(lines({"handoff:", "  timeot_ms: 500"})),
+             "baton.yaml:11:3: unknown key \"timeot_ms\" in handoff (expected one of: socket, timeout_ms)");
+  EXPECT_EQ(ok(minimal(lines({"handoff:", "  timeout_ms: 250"}))).handoff_timeout_ms, 250u);
   EXPECT_ERR("---\n" + minimal(lines({"---", "a: 1"})),
              "baton.yaml:12:1: expected a single YAML document, found a second one here");
   EXPECT_EQ(ok("---\n" + minimal("...\n")).routes.size(), 1u);
