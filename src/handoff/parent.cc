@@ -251,6 +251,7 @@ void Parent::handle_listening() {
   // queued in the kernel stay there for it; none is refused.
   server_.stop_accepting();
   phase_ = ParentPhase::transferring;
+  transfer_started_ms_ = uv_now(loop_);
   if (!child_takes_tunnels_) drain_local("the new process cannot read this process's tunnel state");
   pump();
 }
@@ -291,7 +292,13 @@ void Parent::pump() {
     commit();
     return;
   }
-  // Handshakes in progress (bounded by the handshake timeout): look again soon.
+  // Handshakes in progress: look again soon. They get half the step timeout
+  // (a client stuck in its handshake must not hold the restart hostage, nor
+  // make the new process give up); then they are closed and will reconnect.
+  if (handshaking && uv_now(loop_) - transfer_started_ms_ >= opts_.step_timeout_ms / 2) {
+    size_t n = server_.close_handshaking("hot restart: handshake not finished in time");
+    spdlog::warn("handoff: closed {} tunnels still in their TLS handshake after {} ms", n, opts_.step_timeout_ms / 2);
+  }
   arm(2);
 }
 

@@ -12,8 +12,9 @@
 //                       <- batch_ack per batch: the first `adopted` are taken;
 //                          the rest come back here and are drained
 //                          (PROTOCOL.md 6), and so is everything not sent yet
-//                       tunnels in their TLS handshake finish it first (or
-//                          hit the handshake timeout) and go in a later batch
+//                       tunnels in their TLS handshake finish it first and go
+//                          in a later batch; after half the step timeout the
+//                          ones still in it are closed (the client reconnects)
 //   committed           -> commit once every tunnel is acknowledged: the old
 //                          copies of the sockets are closed, the new process
 //                          starts I/O, on_handed_over fires
@@ -110,6 +111,7 @@ class Parent {
   int child_pid_ = 0;
   bool child_takes_tunnels_ = true;  // false once it refused some: the rest are drained here
   uint32_t next_seq_ = 1;
+  uint64_t transfer_started_ms_ = 0;
   std::map<uint32_t, std::vector<proxy::TunnelState>> in_flight_;  // sent, not acknowledged
   std::vector<proxy::TunnelState> acked_;  // adopted by the new process, copies kept until commit
   HandoffStats stats_;

@@ -127,6 +127,14 @@ size_t Server::handshaking_tunnels() const {
   return n;
 }
 
+size_t Server::close_handshaking(const char* reason) {
+  std::vector<Tunnel*> hs;
+  for (Tunnel* t : tunnels_)
+    if (t->phase() == LinkPhase::awaiting_handshake) hs.push_back(t);
+  for (Tunnel* t : hs) t->close(reason, false);
+  return hs.size();
+}
+
 size_t Server::draining_tunnels() const {
   size_t n = 0;
   for (Tunnel* t : tunnels_)

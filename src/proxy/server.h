@@ -73,6 +73,8 @@ class Server {
   std::vector<Tunnel*> exportable_tunnels() const;
   size_t handshaking_tunnels() const;
   size_t draining_tunnels() const;
+  // Closes every tunnel still in its TLS handshake; returns how many.
+  size_t close_handshaking(const char* reason);
   // Adopts an exported tunnel without starting it. nullptr + error if not.
   Tunnel* adopt(TunnelState& st, std::string& error);
   uint64_t epoch() const { return epoch_; }

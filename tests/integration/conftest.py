@@ -260,7 +260,7 @@ DEFAULT_LIMITS = {
 def make_config(certs: "Certs", routes: Dict[str, str], handoff_socket: str, limits: Optional[dict] = None,
                 mtls: bool = False, ticket_key: Optional[str] = None, require_token: bool = True,
                 tokens: Optional[List[tuple]] = None, server_id: str = SERVER_ID,
-                extra: str = "") -> str:
+                extra: str = "", handoff_timeout_ms: Optional[int] = None) -> str:
     lim = dict(DEFAULT_LIMITS)
     lim.update(limits or {})
     if tokens is None:
@@ -286,6 +286,8 @@ def make_config(certs: "Certs", routes: Dict[str, str], handoff_socket: str, lim
     for k, v in lim.items():
         lines.append("  %s: %s" % (k, v))
     lines += ["handoff:", "  socket: %s" % handoff_socket]
+    if handoff_timeout_ms is not None:
+        lines.append("  timeout_ms: %d" % handoff_timeout_ms)
     if ADMIN_PORT_0:
         lines += ["admin:", "  listen: 127.0.0.1:0"]
     text = "\n".join(lines) + "\n" + extra

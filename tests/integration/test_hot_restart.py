@@ -389,3 +389,25 @@ def test_twenty_restarts_under_load(server_factory, certs):
             load.wait()
         up.kill()
         up.wait()
+
+
+def test_client_stuck_in_handshake_does_not_hold_the_restart(server_factory, tunnel_factory):
+    """A connection that never finishes its TLS handshake is closed after half
+    of handoff.timeout_ms; everything else moves and the old process exits."""
+    srv = server_factory(handoff_timeout_ms=1000)
+    t = tunnel_factory(srv)
+    s = t.open_stream("echo")
+    assert s.wait_acked(scaled(10))
+    stuck = socket.create_connection(srv.addr)
+    stuck.sendall(b"\x16\x03\x01")  # the start of a record header, and then nothing
+    # one loop turn of the server after the connection was queued: it has accepted it
+    assert t.ping(77).has(bw.FLAG_ACK)
+    new, gone = hot_restart(server_factory, srv)
+    assert new.ready["tunnels"] == 1
+    stuck.settimeout(scaled(5))
+    try:
+        assert stuck.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    assert "still in their TLS handshake" in srv.stderr_text()
+    echo_on(s, b"moved while the other one was stuck")
