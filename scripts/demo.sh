@@ -52,6 +52,7 @@ handoff:
 YAML
 "$BATON" check -c "$RUN/baton.yaml" | sed 's/^/   /'
 "$BATON" serve -c "$RUN/baton.yaml" > "$RUN/serve.fifo" 2> "$RUN/serve.log" &
+SERVE_PID=$!
 pids+=($!)
 SERVE=$(json_field "$(ready_line "$RUN/serve.fifo")" 'd["listen"]')
 echo "3. The sidecar (baton serve) terminates TLS tunnels on $SERVE and routes \"echo\" to $ECHO."
@@ -99,11 +100,42 @@ PY
 
 echo "6. All of it used one tunnel; the sidecar logged:"
 grep -E "welcome|serving" "$RUN/serve.log" | sed 's/^/   /' | tail -3
+
+OLD_PID=$SERVE_PID
+echo "7. Hot restart: a second baton serve with the same config takes over the listener and the live"
+echo "   tunnel from pid $OLD_PID, while a connection through the tunnel keeps doing request/response:"
+mkfifo "$RUN/serve2.fifo" 2>/dev/null || true
+cat > "$RUN/during-restart.py" <<'PY'
+import os, socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)))
+n = bad = 0; worst = 0.0
+end = time.time() + 2.0
+while time.time() < end:
+    m = os.urandom(1024); t = time.perf_counter(); s.sendall(m); got = b""
+    while len(got) < len(m): got += s.recv(4096)
+    worst = max(worst, time.perf_counter() - t); n += 1; bad += got != m
+print(f"   {n} round trips on one connection across the restart, {bad} wrong, longest {worst*1000:.1f} ms")
+PY
+/usr/bin/python3 "$RUN/during-restart.py" "$LOCAL" > "$RUN/during-restart.txt" &
+TRAFFIC=$!
+sleep 0.5  # let the traffic get going before the restart
+"$BATON" serve -c "$RUN/baton.yaml" > "$RUN/serve2.fifo" 2> "$RUN/serve2.log" &
+pids+=($!)
+READY2=$(ready_line "$RUN/serve2.fifo")
+echo "   new pid $(json_field "$READY2" 'd["pid"]'): epoch $(json_field "$READY2" 'd["epoch"]'), took over $(json_field "$READY2" 'd["tunnels"]') tunnel(s) on the same address $(json_field "$READY2" 'd["listen"]')"
+while kill -0 "$OLD_PID" 2>/dev/null; do sleep 0.05; done  # the old process exits by itself
+grep -E "committed" "$RUN/serve.log" | sed 's/.*handoff: /   old process: /'
+wait "$TRAFFIC"
+cat "$RUN/during-restart.txt"
+echo "   The client never reconnected: baton connect logged nothing but its first tunnel:"
+grep -cE "tunnel up" "$RUN/connect.log" | sed 's/^/   tunnels opened by the client: /'
 cat <<TXT
 
 Running. Try it yourself:
    echo hello | nc -q1 ${LOCAL%:*} ${LOCAL##*:}     (through the tunnel to the echo server)
-   tail -f $RUN/serve.log                        (sidecar log)
+   tail -f $RUN/serve2.log                       (sidecar log, the process that took over)
+   $BATON serve -c $RUN/baton.yaml    (another hot restart, from a second terminal)
 Press Ctrl-C to stop.
 TXT
 wait
