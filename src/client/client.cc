@@ -117,7 +117,7 @@ struct Client::Impl {
     if (!ready_sent) {
       for (const ClientForward& f : opts.forwards) {
         auto hp = config::parse_host_port(f.listen, true);
-        auto* l = net::Listener::create(loop, [this, route = f.route](uv_stream_t* s) { accept_local(s, route); });
+        auto* l = net::Listener::create(loop, [this, route = f.route](int fd) { accept_local(fd, route); });
         std::string err = hp ? l->bind(hp->host, hp->port) : "bad forward address " + f.listen;
         if (!err.empty()) {
           l->close();
@@ -132,9 +132,10 @@ struct Client::Impl {
     if (events.on_ready) events.on_ready(r);
   }
 
-  void accept_local(uv_stream_t* server_stream, const std::string& route) {
+  void accept_local(int fd, const std::string& route) {
     net::Tcp* tcp = net::Tcp::create(loop, nullptr);
-    if (uv_accept(server_stream, tcp->stream()) != 0) {
+    if (tcp->open_fd(fd) != 0) {
+      ::close(fd);
       tcp->close();
       return;
     }

@@ -559,7 +559,8 @@ bool Loader::load_limits(const Entry& e, Config& cfg) {
   Entries es;
   if (!entries(e.value, "limits",
                {"max_tunnels", "max_streams_per_tunnel", "handshake_timeout_ms", "idle_timeout_ms",
-                "upstream_connect_timeout_ms", "heartbeat_ms", "tunnel_output_high_water"},
+                "upstream_connect_timeout_ms", "heartbeat_ms", "tunnel_output_high_water", "max_concurrent_handshakes",
+                "max_queued_handshakes", "stream_open_rate", "stream_open_burst", "warn_percent", "retry_after_ms"},
                es))
     return false;
   Limits& l = cfg.limits;
@@ -574,6 +575,12 @@ bool Loader::load_limits(const Entry& e, Config& cfg) {
     else if (f.key == "upstream_connect_timeout_ms") ok = get_u32(f, p, 1, kDay_ms, l.upstream_connect_timeout_ms);
     else if (f.key == "heartbeat_ms") ok = get_u32(f, p, 1, kDay_ms, l.heartbeat_ms);
     else if (f.key == "tunnel_output_high_water") ok = get_u32(f, p, 1, kMaxHighWater, l.tunnel_output_high_water);
+    else if (f.key == "max_concurrent_handshakes") ok = get_u32(f, p, 1, kMaxTunnels, l.max_concurrent_handshakes);
+    else if (f.key == "max_queued_handshakes") ok = get_u32(f, p, 0, kMaxTunnels, l.max_queued_handshakes);
+    else if (f.key == "stream_open_rate") ok = get_u32(f, p, 1, 1000000, l.stream_open_rate);
+    else if (f.key == "stream_open_burst") ok = get_u32(f, p, 1, 1000000, l.stream_open_burst);
+    else if (f.key == "warn_percent") ok = get_u32(f, p, 1, 100, l.warn_percent);
+    else if (f.key == "retry_after_ms") ok = get_u32(f, p, 0, kDay_ms, l.retry_after_ms);
     if (!ok) return false;
   }
   return true;

@@ -51,6 +51,12 @@ struct Limits {
   uint32_t upstream_connect_timeout_ms = 5000;
   uint32_t heartbeat_ms = 15000;                // sent to clients in WELCOME
   uint32_t tunnel_output_high_water = 1048576;  // bytes queued to a client before upstream reads pause
+  uint32_t max_concurrent_handshakes = 256;     // TLS handshakes at once; more connections wait in a queue
+  uint32_t max_queued_handshakes = 4096;        // connections waiting for a handshake slot; beyond: closed
+  uint32_t stream_open_rate = 200;              // streams a tunnel may open per second (token bucket)...
+  uint32_t stream_open_burst = 400;             // ...and at once
+  uint32_t warn_percent = 80;                   // a limit this full logs a warning (once per crossing)
+  uint32_t retry_after_ms = 1000;               // sent with REJECT 3 (overloaded)
 };
 
 struct Drain {

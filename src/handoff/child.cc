@@ -125,7 +125,8 @@ void Child::handle_server_state(Message& m) {
     return;
   }
   server_->set_epoch(s.epoch + 1);
-  server_->set_counters(s.counters);
+  server_->set_metrics(s.metrics);
+  base_metrics_ = s.metrics;
   if (s.has_listener && !m.fds.empty()) {
     err = server_->adopt_listener(m.fds[0]);
     m.fds[0] = -1;
@@ -184,7 +185,7 @@ void Child::handle_commit(Message& m) {
   Commit c;
   std::string err = decode_commit(m.body, c);
   if (!err.empty()) spdlog::warn("handoff: malformed commit ({}); taking over anyway", err);
-  else server_->set_counters(c.counters);
+  else server_->metrics().add_delta(c.metrics, base_metrics_);
   for (proxy::Tunnel* t : adopted_) t->start_adopted();
   result_.tunnels = adopted_.size();
   adopted_.clear();

@@ -75,6 +75,7 @@ class Child {
   std::vector<proxy::Tunnel*> adopted_;  // not started until commit
   ChildPhase phase_ = ChildPhase::awaiting_server_state;
   ChildResult result_;
+  proxy::Metrics base_metrics_;  // the old process's metrics when this one took them
   uint64_t started_ms_;
 };
 

@@ -1,6 +1,7 @@
 #include "handoff/codec.h"
 
 #include <algorithm>
+#include <cstring>
 #include <set>
 
 #include "proxy/bridge.h"
@@ -31,6 +32,8 @@ constexpr uint32_t kMaxQueue = 64u << 20;
 constexpr uint32_t kMaxStreams = 1u << 20;
 constexpr uint32_t kMaxTunnelsPerBatch = 1u << 20;
 constexpr uint16_t kNoFd = 0xFFFF;
+constexpr uint32_t kMaxSeries = 1u << 20;
+constexpr uint32_t kMaxSeriesName = 1024;
 
 class Writer {
  public:
@@ -162,27 +165,47 @@ void finish(std::vector<uint8_t>& out, size_t body_at) {
   util::store_u32(out.data() + body_at - 4, uint32_t(out.size() - body_at));
 }
 
-void put_counters(Writer& w, const proxy::ServerCounters& c) {
-  w.u32(5);
-  w.u64(c.tunnels_accepted);
-  w.u64(c.tunnels_refused_limit);
-  w.u64(c.tunnels_established);
-  w.u64(c.tunnels_rejected);
-  w.u64(c.handshake_failures);
+void put_metrics(Writer& w, const proxy::Metrics& m) {
+  w.u32(uint32_t(m.counters.size()));
+  for (const auto& [k, v] : m.counters) {
+    w.str(k);
+    w.u64(v);
+  }
+  w.u32(uint32_t(m.histograms.size()));
+  for (const auto& [k, h] : m.histograms) {
+    w.str(k);
+    w.u8(uint8_t(h.counts.size()));
+    for (uint64_t c : h.counts) w.u64(c);
+    uint64_t bits;
+    std::memcpy(&bits, &h.sum, sizeof bits);
+    w.u64(bits);
+  }
 }
 
-void get_counters(Reader& r, proxy::ServerCounters& c) {
-  uint32_t n = r.count("counters", 64, 8);
-  uint64_t v[5] = {};
+void get_metrics(Reader& r, proxy::Metrics& m) {
+  uint32_t n = r.count("counter count", kMaxSeries, 12);
   for (uint32_t i = 0; i < n && r.ok(); ++i) {
-    uint64_t x = r.u64("counter");
-    if (i < 5) v[i] = x;  // counters a newer build added are skipped
+    std::string k = r.str("counter name", kMaxSeriesName);
+    uint64_t v = r.u64("counter value");
+    if (r.ok()) m.counters[k] = v;
   }
-  c.tunnels_accepted = v[0];
-  c.tunnels_refused_limit = v[1];
-  c.tunnels_established = v[2];
-  c.tunnels_rejected = v[3];
-  c.handshake_failures = v[4];
+  uint32_t nh = r.count("histogram count", kMaxSeries, 13);
+  for (uint32_t i = 0; i < nh && r.ok(); ++i) {
+    std::string k = r.str("histogram name", kMaxSeriesName);
+    uint8_t nb = r.u8("bucket count");
+    if (r.ok() && nb != proxy::Histogram{}.counts.size()) {
+      // Other bucket bounds (another build): the histogram cannot continue here.
+      r.fail("histogram " + k + ": " + std::to_string(nb) + " buckets, this build has " +
+             std::to_string(proxy::Histogram{}.counts.size()));
+      return;
+    }
+    proxy::Histogram h;
+    for (uint64_t& c : h.counts) c = r.u64("bucket");
+    uint64_t bits = r.u64("histogram sum");
+    std::memcpy(&h.sum, &bits, sizeof bits);
+    if (r.ok() && !(h.sum >= 0)) r.fail("histogram " + k + ": sum is negative or not a number");
+    if (r.ok()) m.histograms[k] = h;
+  }
 }
 
 std::string finish_read(Reader& r) {
@@ -459,7 +482,7 @@ void encode_server_state(const ServerStateMsg& m, std::vector<uint8_t>& out) {
   Writer w(out);
   w.u32(m.pid);
   w.u64(m.epoch);
-  put_counters(w, m.counters);
+  put_metrics(w, m.metrics);
   w.u8(uint8_t(m.ticket_keys.size()));
   for (const tls::TicketKey& k : m.ticket_keys) w.bytes(k);
   w.boolean(m.has_listener);
@@ -470,7 +493,7 @@ std::string decode_server_state(std::span<const uint8_t> body, ServerStateMsg& o
   Reader r(body);
   out.pid = r.u32("pid");
   out.epoch = r.u64("epoch");
-  get_counters(r, out.counters);
+  get_metrics(r, out.metrics);
   uint8_t n = r.u8("ticket key count");
   if (r.ok() && n > tls::kMaxTicketKeys) r.fail("too many ticket keys");
   for (uint8_t i = 0; i < n && r.ok(); ++i) {
@@ -510,13 +533,13 @@ void encode_commit(const Commit& m, std::vector<uint8_t>& out) {
   size_t at;
   begin(out, MsgType::commit, 0, at);
   Writer w(out);
-  put_counters(w, m.counters);
+  put_metrics(w, m.metrics);
   finish(out, at);
 }
 
 std::string decode_commit(std::span<const uint8_t> body, Commit& out) {
   Reader r(body);
-  get_counters(r, out.counters);
+  get_metrics(r, out.metrics);
   return finish_read(r);
 }
 

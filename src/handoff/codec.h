@@ -51,7 +51,7 @@ struct Hello {
 struct ServerStateMsg {
   uint32_t pid = 0;
   uint64_t epoch = 0;                 // the old process's restart epoch
-  proxy::ServerCounters counters;
+  proxy::Metrics metrics;             // counters continue in the new process
   std::vector<tls::TicketKey> ticket_keys;
   bool has_listener = false;          // one fd rides with the message
 };
@@ -63,7 +63,7 @@ struct BatchAck {
 };
 
 struct Commit {
-  proxy::ServerCounters counters;  // the old process's counters at the end
+  proxy::Metrics metrics;  // the old process's counters at the end
 };
 
 // A decoded message header.

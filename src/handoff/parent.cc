@@ -233,7 +233,7 @@ void Parent::handle_hello(Message& m) {
   ServerStateMsg s;
   s.pid = uint32_t(getpid());
   s.epoch = server_.epoch();
-  s.counters = server_.counters();
+  s.metrics = server_.metrics();
   s.ticket_keys = server_.tls().ticket_keys();
   int lfd = server_.listener_fd();
   s.has_listener = lfd >= 0;
@@ -364,7 +364,7 @@ void Parent::drain_local(const std::string& why) {
 
 void Parent::commit() {
   Commit c;
-  c.counters = server_.counters();
+  c.metrics = server_.metrics();
   std::vector<uint8_t> msg;
   encode_commit(c, msg);
   channel_->send(std::move(msg));

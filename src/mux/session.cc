@@ -96,6 +96,7 @@ bool Session::refuse_syn(uint32_t id) {
   // The id is spent even though the stream never existed: the peer must not reuse it.
   st_.highest_remote_id = id;
   emit(FrameType::window_update, flag::rst, id, 0);
+  handler_.on_stream_refused(id, st_.go_away_sent);
   return true;
 }
 

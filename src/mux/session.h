@@ -111,6 +111,9 @@ class SessionHandler {
   // the stream is erased after this returns.
   virtual void on_stream_closed(uint32_t id) = 0;
   virtual void on_ping_answered(uint32_t value, uint64_t sent_at_ms) { (void)value; (void)sent_at_ms; }
+  // A SYN was answered with RST by the session itself: after Go Away
+  // (after_go_away) or beyond max_streams. No stream ever existed.
+  virtual void on_stream_refused(uint32_t id, bool after_go_away) { (void)id; (void)after_go_away; }
   virtual void on_go_away(GoAwayCode code) { (void)code; }
 };
 

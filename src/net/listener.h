@@ -8,28 +8,46 @@
 
 namespace baton::net {
 
+// The listener accepts with accept4() itself (not libuv's stream accept), so
+// that running out of descriptors is handled here: accepting pauses (100 ms,
+// doubling up to 1.6 s) while pending connections wait in the kernel's queue,
+// on_pause fires once per episode, and accepting resumes by itself; no busy
+// loop, no connection dropped by the listener.
 class Listener {
  public:
-  // Called once per accepted connection with the listening stream; the
-  // callee calls uv_accept on a handle of its own (or accepts and drops).
-  using AcceptFn = std::function<void(uv_stream_t* server)>;
-
-  static Listener* create(uv_loop_t* loop, AcceptFn on_accept);
+  // Called once per accepted connection with its fd (non-blocking, CLOEXEC);
+  // the callee owns it.
+  using AcceptFn = std::function<void(int fd)>;
+  // Out of descriptors (paused = true, with the error) and accepting again (false).
+  using PauseFn = std::function<void(bool paused, int err)>;
+  static Listener* create(uv_loop_t* loop, AcceptFn on_accept, PauseFn on_pause = nullptr);
   // Binds and listens on host:port (host must be an IP literal or "localhost").
   // Returns "" or an error naming the address.
-  [[nodiscard]] std::string bind(const std::string& host, uint16_t port, int backlog = 1024);
-  // Adopts a listening socket (hot restart).
+  [[nodiscard]] std::string bind(const std::string& host, uint16_t port, int backlog = 4096);
+  // Adopts a listening socket (hot restart). Takes ownership of fd.
   [[nodiscard]] std::string adopt(int fd);
   std::string local_address() const;
-  int fd() const;
-  // Stops listening and frees the object once libuv is done with it.
+  int fd() const { return fd_; }
+  bool paused() const { return paused_; }
+  // Stops listening, closes the socket and frees the object once libuv is done.
   void close();
 
  private:
-  explicit Listener(AcceptFn f) : on_accept_(std::move(f)) {}
-  static void connection_cb(uv_stream_t* server, int status);
-  uv_tcp_t tcp_;
+  Listener(uv_loop_t* loop, AcceptFn f, PauseFn p) : loop_(loop), on_accept_(std::move(f)), on_pause_(std::move(p)) {}
+  std::string start(int fd);
+  static void poll_cb(uv_poll_t* p, int status, int events);
+  static void timer_cb(uv_timer_t* t);
+  void accept_some();
+
+  uv_loop_t* loop_;
+  int fd_ = -1;
+  uv_poll_t* poll_ = nullptr;
+  uv_timer_t* timer_ = nullptr;
   AcceptFn on_accept_;
+  PauseFn on_pause_;
+  bool paused_ = false;
+  uint32_t pause_ms_ = 0;
+  bool closing_ = false;
 };
 
 // Resolves an IP literal (v4 or v6, optionally "[v6]") or "localhost" into

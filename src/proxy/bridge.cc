@@ -83,6 +83,7 @@ void Bridge::export_state(BridgeState& out) {
   }
   if (phase_ == BridgePhase::relaying && out.fd < 0) out.phase = BridgePhase::done;  // could not move: reset there
   out.pending = std::move(pending_);
+  exported_ = true;
   stream_gone(true);
 }
 
@@ -144,24 +145,31 @@ void Bridge::stream_data() {
 void Bridge::connect(const std::string& route, const std::string& host, uint16_t port, uint32_t timeout_ms) {
   route_ = route;
   phase_ = BridgePhase::awaiting_upstream;
+  connect_started_ns_ = uv_hrtime();
   connect_timer_ = new uv_timer_t;
   uv_timer_init(link_.loop(), connect_timer_);
   connect_timer_->data = this;
   uv_timer_start(connect_timer_, [](uv_timer_t* t) {
     auto* b = static_cast<Bridge*>(t->data);
     Link::EntryGuard g(&b->link_);
+    b->report_connect(UV_ETIMEDOUT);
     b->fail("upstream connect timeout");
   }, timeout_ms, 0);
   resolve_ = net::Resolve::start(link_.loop(), host, port, [this](int status, const sockaddr* addr) {
     Link::EntryGuard g(&link_);
     resolve_ = nullptr;
     if (status != 0) {
+      report_connect(status);
       fail("upstream name resolution failed");
       return;
     }
     tcp_ = net::Tcp::create(link_.loop(), this);
     if (tcp_->connect(addr) != 0) fail("upstream connect failed");
   });
+}
+
+void Bridge::report_connect(int status) {
+  if (on_connect_result) on_connect_result(*this, status, double(uv_hrtime() - connect_started_ns_) / 1e9);
 }
 
 void Bridge::stop_connect_timer() {
@@ -173,6 +181,7 @@ void Bridge::stop_connect_timer() {
 void Bridge::on_connected(int status) {
   Link::EntryGuard g(&link_);
   stop_connect_timer();
+  report_connect(status);
   if (status != 0) {
     spdlog::debug("stream {}: upstream for route {} refused: {}", id_, route_, uv_strerror(status));
     fail("upstream connect failed");
@@ -283,6 +292,7 @@ void Bridge::link_decongested() {
 }
 
 void Bridge::stream_gone(bool reset_tcp) {
+  if (phase_ != BridgePhase::done && !exported_ && on_finished) on_finished(*this);
   phase_ = BridgePhase::done;
   stop_connect_timer();
   if (resolve_) {

@@ -75,6 +75,11 @@ class Bridge : public net::TcpHandler {
   // Server hook: the preamble named `route`; the owner looks it up and calls
   // connect() or resets. Set by the server tunnel.
   std::function<void(Bridge&, const std::string& route)> on_preamble;
+  // Server hooks for metrics: the upstream connect finished (0 or a UV_*
+  // code, with its duration), and the bridge is done (not when it moves to
+  // another process).
+  std::function<void(Bridge&, int status, double seconds)> on_connect_result;
+  std::function<void(Bridge&)> on_finished;
 
   uint64_t bytes_up = 0;    // stream -> TCP
   uint64_t bytes_down = 0;  // TCP -> stream
@@ -103,6 +108,9 @@ class Bridge : public net::TcpHandler {
   bool peer_fin_ = false;    // stream FIN seen; TCP shutdown once inbound is written
   bool shutdown_sent_ = false;
   uint64_t adopted_written_ = 0;  // see BridgeState::upstream_written
+  uint64_t connect_started_ns_ = 0;
+  bool exported_ = false;
+  void report_connect(int status);
 };
 
 }  // namespace baton::proxy

@@ -157,6 +157,7 @@ void Link::handshake_input(std::span<const uint8_t> data) {
   tls::HandshakeStatus st = handshake_->step();
   if (st == tls::HandshakeStatus::failed) {
     spdlog::info("tunnel {}: TLS handshake failed: {}", peer_, handshake_->error());
+    on_handshake_failed();
     close("TLS handshake failed", false);
     return;
   }
@@ -275,6 +276,7 @@ void Link::timer_cb(uv_timer_t* t) {
     case LinkPhase::awaiting_hello:
       if (now >= l->started_ms_ + l->limits_.handshake_timeout_ms) {
         spdlog::info("tunnel {}: handshake timeout ({} ms)", l->peer_, l->limits_.handshake_timeout_ms);
+        if (l->phase_ == LinkPhase::awaiting_handshake) l->on_handshake_failed();
         l->close("handshake timeout", false);
         return;
       }

@@ -141,6 +141,10 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   virtual void on_role_deadline() {}
   // The last data stream of the link ended.
   virtual void on_last_bridge_gone() {}
+  // The session refused a stream: max_streams reached.
+  virtual void on_streams_limit() {}
+  // The TLS handshake failed or timed out (close follows).
+  virtual void on_handshake_failed() {}
 
   void set_phase(LinkPhase p) { phase_ = p; }
   void rearm_timer();
@@ -161,6 +165,10 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   void on_stream_writable(uint32_t id) override;
   void on_stream_closed(uint32_t id) override;
   void on_go_away(mux::GoAwayCode code) override;
+  void on_stream_refused(uint32_t id, bool after_go_away) override {
+    (void)id;
+    if (!after_go_away) on_streams_limit();
+  }
 
   void handshake_input(std::span<const uint8_t> data);
   void record_input(std::span<const uint8_t> data);

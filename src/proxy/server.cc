@@ -2,11 +2,15 @@
 
 #include <mbedtls/sha256.h>
 #include <spdlog/spdlog.h>
+#include <dirent.h>
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdio>
 #include <cstring>
 
 #include "proxy/tunnel.h"
@@ -32,6 +36,25 @@ bool same_address(int fd, const std::string& host, uint16_t port) {
   return std::memcmp(&w->sin6_addr, &h->sin6_addr, sizeof w->sin6_addr) == 0 && (port == 0 || w->sin6_port == h->sin6_port);
 }
 }  // namespace
+
+const char* to_str(ServeState s) {
+  switch (s) {
+    case ServeState::starting: return "starting";
+    case ServeState::serving: return "serving";
+    case ServeState::handing_over: return "handing_over";
+    case ServeState::draining: return "draining";
+  }
+  return "?";
+}
+
+Server::Server(uv_loop_t* loop, const config::Config& cfg) : loop_(loop), cfg_(cfg) {
+  started_ms_ = uv_now(loop_);
+  tick_ = new uv_timer_t;
+  uv_timer_init(loop_, tick_);
+  tick_->data = this;
+  uv_timer_start(tick_, tick_cb, 1000, 1000);
+  uv_unref(reinterpret_cast<uv_handle_t*>(tick_));  // never what keeps the loop alive
+}
 
 std::unique_ptr<Server> Server::create(uv_loop_t* loop, const config::Config& cfg, std::string& error,
                                        const std::vector<tls::TicketKey>& inherited_ticket_keys) {
@@ -61,15 +84,32 @@ std::unique_ptr<Server> Server::create(uv_loop_t* loop, const config::Config& cf
 }
 
 Server::~Server() {
+  handshake_queue_.clear();
   for (Tunnel* t : std::unordered_set<Tunnel*>(tunnels_)) delete t;
   if (listener_) listener_->close();
   release_listener();
+  uv_close(reinterpret_cast<uv_handle_t*>(tick_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+}
+
+net::Listener* Server::make_listener() {
+  return net::Listener::create(
+      loop_, [this](int fd) { on_accept(fd); }, [this](bool paused, int err) { on_accept_paused(paused, err); });
+}
+
+void Server::on_accept_paused(bool paused, int err) {
+  if (paused) {
+    metrics_.inc(series("baton_overload_rejections_total", {{"reason", "fd_exhausted"}}));
+    spdlog::error("accept: {} ({} tunnels open); pausing new connections until descriptors are free", uv_strerror(err),
+                  tunnels_.size());
+  } else {
+    spdlog::warn("accept: descriptors available again; accepting");
+  }
 }
 
 int Server::listener_fd() const { return listener_ ? listener_->fd() : -1; }
 
 std::string Server::adopt_listener(int fd) {
-  auto l = net::Listener::create(loop_, [this](uv_stream_t* s) { on_accept(s); });
+  auto l = make_listener();
   std::string err = l->adopt(fd);
   if (err.empty()) {
     // A new configuration may name another address: then bind that instead.
@@ -82,7 +122,6 @@ std::string Server::adopt_listener(int fd) {
     l->close();
     return listen();
   }
-  ::close(fd);
   l->close();
   return listen();
 }
@@ -99,7 +138,7 @@ void Server::resume_accepting() {
   if (listener_ || spare_listener_fd_ < 0 || stopping_) return;
   int fd = spare_listener_fd_;
   spare_listener_fd_ = -1;
-  listener_ = net::Listener::create(loop_, [this](uv_stream_t* s) { on_accept(s); });
+  listener_ = make_listener();
   std::string err = listener_->adopt(fd);
   if (!err.empty()) {
     spdlog::error("cannot accept again after a failed handoff: {}", err);
@@ -158,7 +197,7 @@ LinkLimits Server::link_limits() const {
 }
 
 std::string Server::listen() {
-  listener_ = net::Listener::create(loop_, [this](uv_stream_t* s) { on_accept(s); });
+  listener_ = make_listener();
   std::string err = listener_->bind(cfg_.listen.host, cfg_.listen.port);
   if (!err.empty()) {
     listener_->close();
@@ -169,27 +208,161 @@ std::string Server::listen() {
 
 std::string Server::listen_address() const { return listener_ ? listener_->local_address() : ""; }
 
-void Server::on_accept(uv_stream_t* server) {
+void Server::on_accept(int fd) {
   net::Tcp* tcp = net::Tcp::create(loop_, nullptr);
-  if (uv_accept(server, tcp->stream()) != 0) {
+  if (tcp->open_fd(fd) != 0) {
+    ::close(fd);
     tcp->close();
     return;
   }
-  counters_.tunnels_accepted++;
-  if (stopping_ || tunnels_.size() >= cfg_.limits.max_tunnels) {
-    // Refused before any TLS work: an overloaded server spends nothing on it.
-    counters_.tunnels_refused_limit++;
-    spdlog::warn("refusing connection from {}: max_tunnels ({}) reached", tcp->peer_address(), cfg_.limits.max_tunnels);
+  metrics_.inc(series("baton_tunnels_total", {{"result", "accepted"}}));
+  if (stopping_) {
     tcp->close();
     return;
   }
   uv_tcp_nodelay(tcp->handle(), 1);
   auto* t = new Tunnel(*this, tcp);
   tunnels_.insert(t);
-  t->start();
+  const config::Limits& l = cfg_.limits;
+  if (handshaking_ < l.max_concurrent_handshakes) {
+    start_handshake(t);
+  } else if (handshake_queue_.size() < l.max_queued_handshakes) {
+    // TLS handshakes are the expensive part: a reconnect storm waits here
+    // instead of starving live tunnels of CPU.
+    handshake_queue_.push_back(t);
+  } else {
+    metrics_.inc(series("baton_overload_rejections_total", {{"reason", "handshake_queue"}}));
+    spdlog::warn("refusing connection from {}: {} handshakes running and {} queued (limits.max_queued_handshakes)",
+                 t->peer(), handshaking_, handshake_queue_.size());
+    delete t;
+  }
 }
 
-void Server::forget(Tunnel* t) { tunnels_.erase(t); }
+void Server::start_handshake(Tunnel* t) {
+  ++handshaking_;
+  t->start_handshake();
+}
+
+void Server::handshake_finished(Tunnel* t) {
+  (void)t;
+  if (handshaking_ > 0) --handshaking_;
+  uint64_t now = uv_now(loop_);
+  while (!handshake_queue_.empty() && handshaking_ < cfg_.limits.max_concurrent_handshakes) {
+    Tunnel* next = handshake_queue_.front();
+    handshake_queue_.pop_front();
+    if (now - next->accepted_ms() >= cfg_.limits.handshake_timeout_ms) {
+      metrics_.inc(series("baton_tunnels_total", {{"result", "tls_failed"}}));
+      delete next;  // waited longer than a handshake may take: the client has likely given up
+      continue;
+    }
+    start_handshake(next);
+  }
+}
+
+void Server::set_state(ServeState s) {
+  if (state_ == s) return;
+  spdlog::debug("server state: {} -> {}", to_str(state_), to_str(s));
+  state_ = s;
+}
+
+void Server::start_drain() {
+  if (state_ == ServeState::draining) return;
+  set_state(ServeState::draining);
+  drain_started_ms_ = uv_now(loop_);
+  size_t n = 0;
+  for (Tunnel* t : std::unordered_set<Tunnel*>(tunnels_)) {
+    if (t->phase() != LinkPhase::serving) continue;
+    t->drain("drain", cfg_.drain.grace_ms, cfg_.drain.reconnect_hint);
+    ++n;
+  }
+  spdlog::info("draining: {} tunnels told to move (grace {} ms); new tunnels are rejected", n, cfg_.drain.grace_ms);
+}
+
+size_t Server::active_streams() const {
+  size_t n = 0;
+  for (Tunnel* t : tunnels_) n += t->bridge_count();
+  return n;
+}
+
+Metrics Server::metrics_snapshot() const {
+  Metrics m = metrics_;
+  for (Tunnel* t : tunnels_) t->add_live_bytes(m);
+  return m;
+}
+
+namespace {
+uint64_t resident_bytes() {
+  FILE* f = std::fopen("/proc/self/statm", "r");
+  if (!f) return 0;
+  unsigned long size = 0, rss = 0;
+  int n = std::fscanf(f, "%lu %lu", &size, &rss);
+  std::fclose(f);
+  return n == 2 ? uint64_t(rss) * uint64_t(sysconf(_SC_PAGESIZE)) : 0;
+}
+
+size_t open_fds() {
+  size_t n = 0;
+  if (DIR* d = opendir("/proc/self/fd")) {
+    while (readdir(d)) ++n;
+    closedir(d);
+  }
+  return n > 3 ? n - 3 : 0;  // ".", "..", and the directory's own fd
+}
+}  // namespace
+
+std::vector<Gauge> Server::gauges() const {
+  const config::Limits& l = cfg_.limits;
+  size_t max_streams = 0;
+  for (Tunnel* t : tunnels_) max_streams = std::max(max_streams, t->bridge_count());
+  rlimit rl{};
+  getrlimit(RLIMIT_NOFILE, &rl);
+  double fd_limit = rl.rlim_cur == RLIM_INFINITY ? 1e9 : double(rl.rlim_cur);
+  std::vector<Gauge> g;
+  g.emplace_back("baton_tunnels_active", double(serving_));
+  g.emplace_back("baton_tunnels_handshaking", double(handshaking_));
+  g.emplace_back("baton_tunnels_queued", double(handshake_queue_.size()));
+  g.emplace_back("baton_streams_active", double(active_streams()));
+  g.emplace_back("baton_drain_state", state_ == ServeState::draining ? 1.0 : 0.0);
+  g.emplace_back("baton_ready", state_ == ServeState::serving ? 1.0 : 0.0);
+  g.emplace_back("baton_restart_epoch", double(epoch_));
+  g.emplace_back("baton_process_resident_bytes", double(resident_bytes()));
+  g.emplace_back("baton_process_open_fds", double(open_fds()));
+  g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "max_tunnels"}}), double(serving_) / l.max_tunnels);
+  g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "max_concurrent_handshakes"}}),
+                 double(handshaking_) / l.max_concurrent_handshakes);
+  g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "max_queued_handshakes"}}),
+                 l.max_queued_handshakes ? double(handshake_queue_.size()) / l.max_queued_handshakes : 0.0);
+  g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "max_streams_per_tunnel"}}),
+                 double(max_streams) / l.max_streams_per_tunnel);
+  g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "open_files"}}), double(open_fds()) / fd_limit);
+  return g;
+}
+
+void Server::tick_cb(uv_timer_t* t) { static_cast<Server*>(t->data)->check_limits(); }
+
+void Server::check_limits() {
+  const double warn = cfg_.limits.warn_percent / 100.0;
+  for (const Gauge& g : gauges()) {
+    if (g.first.rfind("baton_limit_usage_ratio", 0) != 0) continue;
+    bool& above = warned_[g.first];
+    if (!above && g.second >= warn) {
+      above = true;
+      spdlog::warn("limit {} is {:.0f}% used (warning at {}%)", g.first.substr(g.first.find('"') + 1,
+                   g.first.rfind('"') - g.first.find('"') - 1), g.second * 100, cfg_.limits.warn_percent);
+    } else if (above && g.second < warn * 0.9) {
+      above = false;  // re-armed once clearly below
+    }
+  }
+}
+
+void Server::forget(Tunnel* t) {
+  tunnels_.erase(t);
+  for (auto it = handshake_queue_.begin(); it != handshake_queue_.end(); ++it)
+    if (*it == t) {
+      handshake_queue_.erase(it);
+      break;
+    }
+}
 
 void Server::stop() {
   stopping_ = true;

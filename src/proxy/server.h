@@ -5,6 +5,8 @@
 #include <uv.h>
 
 #include <cstdint>
+#include <deque>
+#include <map>
 #include <memory>
 #include <string>
 #include <unordered_set>
@@ -13,6 +15,7 @@
 #include "config/config.h"
 #include "net/listener.h"
 #include "proxy/link.h"
+#include "proxy/metrics.h"
 #include "proxy/state.h"
 #include "tls/context.h"
 
@@ -20,13 +23,18 @@ namespace baton::proxy {
 
 class Tunnel;
 
-struct ServerCounters {
-  uint64_t tunnels_accepted = 0;
-  uint64_t tunnels_refused_limit = 0;  // closed before TLS: max_tunnels reached
-  uint64_t tunnels_established = 0;    // WELCOME sent
-  uint64_t tunnels_rejected = 0;       // REJECT sent
-  uint64_t handshake_failures = 0;
+// What the server is doing, for readiness (GET /readyz) and logs.
+enum class ServeState : uint8_t {
+  starting = 0,      // listeners not up yet (or a takeover in progress)
+  serving = 1,
+  handing_over = 2,  // a new process is taking the listener and tunnels
+  draining = 3,      // POST /drain: new tunnels get REJECT 4, live ones got DRAIN
 };
+const char* to_str(ServeState s);
+
+// One gauge value of a snapshot: series name (with labels) and value.
+using Gauge = std::pair<std::string, double>;
+
 
 class Server {
  public:
@@ -42,11 +50,35 @@ class Server {
   // Stops accepting and closes every tunnel (Go Away, close_notify).
   void stop();
 
+  ServeState state() const { return state_; }
+  void set_state(ServeState s);
+  // Drain (POST /drain): readiness goes 503, new tunnels are rejected with
+  // REJECT 4, live tunnels get DRAIN (PROTOCOL.md 6). Idempotent.
+  void start_drain();
+  uint64_t drain_started_ms() const { return drain_started_ms_; }
+
+  // Counters plus the bytes of streams still open (so byte counters move
+  // smoothly instead of jumping when a stream ends).
+  Metrics metrics_snapshot() const;
+  // Gauges computed now: active tunnels and streams, state, epoch, RSS,
+  // how full each limit is.
+  std::vector<Gauge> gauges() const;
+  uint64_t started_ms() const { return started_ms_; }
+
+  // Admission (called by tunnels).
+  size_t serving_tunnels() const { return serving_; }
+  size_t active_streams() const;
+  void tunnel_serving(bool on) { on ? ++serving_ : --serving_; }
+  // A tunnel left its TLS handshake (done, failed or closed): the next queued one starts.
+  void handshake_finished(Tunnel* t);
+  bool accepting_paused() const { return listener_ && listener_->paused(); }
+
   const config::Config& config() const { return cfg_; }
   tls::Context& tls() { return *tls_; }
   uv_loop_t* loop() const { return loop_; }
   LinkLimits link_limits() const;
-  ServerCounters& counters() { return counters_; }
+  Metrics& metrics() { return metrics_; }
+  const Metrics& metrics() const { return metrics_; }
   size_t tunnel_count() const { return tunnels_.size(); }
   const std::string& server_id() const { return server_id_; }
 
@@ -79,11 +111,16 @@ class Server {
   Tunnel* adopt(TunnelState& st, std::string& error);
   uint64_t epoch() const { return epoch_; }
   void set_epoch(uint64_t e) { epoch_ = e; }
-  void set_counters(const ServerCounters& c) { counters_ = c; }
+  void set_metrics(const Metrics& m) { metrics_ = m; }
 
  private:
-  Server(uv_loop_t* loop, const config::Config& cfg) : loop_(loop), cfg_(cfg) {}
-  void on_accept(uv_stream_t* server);
+  Server(uv_loop_t* loop, const config::Config& cfg);
+  void on_accept(int fd);
+  void on_accept_paused(bool paused, int err);
+  net::Listener* make_listener();
+  void start_handshake(Tunnel* t);
+  static void tick_cb(uv_timer_t* t);
+  void check_limits();
 
   uv_loop_t* loop_;
   config::Config cfg_;
@@ -91,7 +128,15 @@ class Server {
   std::unique_ptr<tls::Context> tls_;
   net::Listener* listener_ = nullptr;
   std::unordered_set<Tunnel*> tunnels_;
-  ServerCounters counters_;
+  std::deque<Tunnel*> handshake_queue_;  // accepted, waiting for a handshake slot
+  size_t handshaking_ = 0;               // tunnels holding a slot
+  size_t serving_ = 0;                   // WELCOME sent, not closed
+  Metrics metrics_;
+  ServeState state_ = ServeState::starting;
+  uint64_t started_ms_ = 0;
+  uint64_t drain_started_ms_ = 0;
+  uv_timer_t* tick_ = nullptr;           // once a second: limit warnings
+  std::map<std::string, bool> warned_;   // limit -> above the warning threshold
   bool stopping_ = false;
   int spare_listener_fd_ = -1;  // kept while a handoff is in progress
   uint64_t epoch_ = 0;

@@ -14,17 +14,81 @@ struct HelloView {
 };
 
 Tunnel::Tunnel(Server& server, net::Tcp* tcp)
-    : Link(server.loop(), tcp, server.tls(), mux::Role::server, server.link_limits()), server_(server) {}
+    : Link(server.loop(), tcp, server.tls(), mux::Role::server, server.link_limits()), server_(server) {
+  accepted_ms_ = uv_now(server.loop());
+  stream_tokens_ = server_.config().limits.stream_open_burst;
+  stream_tokens_ms_ = accepted_ms_;
+}
 
-Tunnel::~Tunnel() { server_.forget(this); }
+Tunnel::~Tunnel() {
+  release_handshake_slot();
+  set_counted(false);
+  server_.forget(this);
+}
+
+void Tunnel::start_handshake() {
+  holds_handshake_slot_ = true;
+  handshake_started_ns_ = uv_hrtime();
+  start();
+}
+
+void Tunnel::release_handshake_slot() {
+  if (!holds_handshake_slot_) return;
+  holds_handshake_slot_ = false;
+  server_.handshake_finished(this);
+}
+
+void Tunnel::set_counted(bool on) {
+  if (counted_ == on) return;
+  counted_ = on;
+  server_.tunnel_serving(on);
+}
+
+void Tunnel::on_handshake_failed() {
+  server_.metrics().inc(series("baton_tunnels_total", {{"result", "tls_failed"}}));
+}
+
+void Tunnel::on_streams_limit() {
+  server_.metrics().inc(series("baton_overload_rejections_total", {{"reason", "max_streams_per_tunnel"}}));
+}
+
+void Tunnel::add_live_bytes(Metrics& m) const {
+  for (const auto& [id, b] : bridges()) {
+    if (b->route().empty() || b->phase() == BridgePhase::done) continue;
+    if (!server_.config().find_route(b->route())) continue;
+    m.inc(series("baton_bytes_total", {{"route", b->route()}, {"direction", "up"}}), b->bytes_up);
+    m.inc(series("baton_bytes_total", {{"route", b->route()}, {"direction", "down"}}), b->bytes_down);
+  }
+}
+
+void Tunnel::install_hooks(Bridge& b) {
+  b.on_preamble = [this](Bridge& br, const std::string& route) { route_stream(br, route); };
+  b.on_connect_result = [this](Bridge& br, int status, double seconds) {
+    Metrics& m = server_.metrics();
+    m.inc(series("baton_streams_total", {{"route", br.route()}, {"result", status == 0 ? "opened" : "connect_failed"}}));
+    if (status == 0) m.observe("baton_upstream_connect_seconds", seconds);
+  };
+  b.on_finished = [this](Bridge& br) {
+    // Only configured routes become label values: a client cannot grow the metric set.
+    if (br.route().empty() || !server_.config().find_route(br.route())) return;
+    Metrics& m = server_.metrics();
+    m.inc(series("baton_bytes_total", {{"route", br.route()}, {"direction", "up"}}), br.bytes_up);
+    m.inc(series("baton_bytes_total", {{"route", br.route()}, {"direction", "down"}}), br.bytes_down);
+  };
+}
 
 void Tunnel::on_secure() {
+  if (holds_handshake_slot_)
+    server_.metrics().observe("baton_handshake_seconds", double(uv_hrtime() - handshake_started_ns_) / 1e9);
+  release_handshake_slot();
   if (!peer_info().cert_subject.empty())
     spdlog::debug("tunnel {}: client certificate {}", peer(), peer_info().cert_subject);
 }
 
 void Tunnel::on_closed(const char* reason) {
   if (counted_) spdlog::info("tunnel {} ({}): closed: {}", peer(), client_id_, reason);
+  release_handshake_slot();
+  set_counted(false);
 }
 
 void Tunnel::on_peer_stream(uint32_t id) {
@@ -38,8 +102,23 @@ void Tunnel::on_peer_stream(uint32_t id) {
     session().reset(id);
     return;
   }
+  // limits.stream_open_rate: a token bucket per tunnel.
+  const config::Limits& lim = server_.config().limits;
+  uint64_t now = uv_now(loop());
+  stream_tokens_ = std::min<double>(lim.stream_open_burst,
+                                    stream_tokens_ + double(now - stream_tokens_ms_) * lim.stream_open_rate / 1000.0);
+  stream_tokens_ms_ = now;
+  if (stream_tokens_ < 1.0) {
+    server_.metrics().inc(series("baton_overload_rejections_total", {{"reason", "stream_open_rate"}}));
+    spdlog::debug("tunnel {}: stream {} refused: more than {} streams/s (limits.stream_open_rate)", peer(), id,
+                  lim.stream_open_rate);
+    session().reset(id);
+    flush();
+    return;
+  }
+  stream_tokens_ -= 1.0;
   auto b = std::make_unique<Bridge>(*this, id);
-  b->on_preamble = [this](Bridge& br, const std::string& route) { route_stream(br, route); };
+  install_hooks(*b);
   add_bridge(id, std::move(b));
 }
 
@@ -47,6 +126,7 @@ void Tunnel::route_stream(Bridge& br, const std::string& route) {
   const config::Route* r = server_.config().find_route(route);
   if (!r) {
     spdlog::debug("tunnel {}: stream {}: unknown route \"{}\"", peer(), br.id(), route);
+    server_.metrics().inc(series("baton_streams_total", {{"route", "(unknown)"}, {"result", "unknown_route"}}));
     session().reset(br.id());
     br.stream_gone(true);
     remove_bridge(br.id());
@@ -58,8 +138,12 @@ void Tunnel::route_stream(Bridge& br, const std::string& route) {
 
 Tunnel::Tunnel(Server& server, TunnelState& st, std::string& error)
     : Link(server.loop(), server.tls(), mux::Role::server, server.link_limits(), st, error), server_(server),
-      session_id_(st.session_id), client_id_(st.client_id), control_open_(st.control_open), counted_(st.counted) {
-  for (auto& [id, b] : bridges()) b->on_preamble = [this](Bridge& br, const std::string& route) { route_stream(br, route); };
+      session_id_(st.session_id), client_id_(st.client_id), control_open_(st.control_open) {
+  accepted_ms_ = uv_now(server.loop());
+  stream_tokens_ = server_.config().limits.stream_open_burst;
+  stream_tokens_ms_ = accepted_ms_;
+  for (auto& [id, b] : bridges()) install_hooks(*b);
+  if (error.empty()) set_counted(st.counted);
 }
 
 void Tunnel::drain(const std::string& reason, uint32_t grace_ms, const std::string& reconnect_hint) {
@@ -124,11 +208,14 @@ void Tunnel::send_control(const std::vector<uint8_t>& msg) {
 }
 
 void Tunnel::reject(uint16_t code, const std::string& reason) {
-  server_.counters().tunnels_rejected++;
+  const char* result = code == 2 ? "auth_failed" : code == 3 ? "rejected_overload" : code == 4 ? "rejected_draining"
+                                                                                                : "rejected";
+  server_.metrics().inc(series("baton_tunnels_total", {{"result", result}}));
   spdlog::info("tunnel {}: REJECT {} ({})", peer(), code, reason);
   mux::Reject r;
   r.code = code;
   r.reason = reason;
+  if (code == 3) r.retry_after_ms = server_.config().limits.retry_after_ms;
   std::vector<uint8_t> msg;
   mux::encode(r, msg);
   send_control(msg);
@@ -177,6 +264,15 @@ void Tunnel::handle_hello(const HelloView& hv) {
     reject(2, "unauthorized");
     return;
   }
+  if (server_.state() == ServeState::draining) {
+    reject(4, "draining");
+    return;
+  }
+  if (server_.serving_tunnels() >= cfg.limits.max_tunnels) {
+    server_.metrics().inc(series("baton_overload_rejections_total", {{"reason", "max_tunnels"}}));
+    reject(3, "max_tunnels (" + std::to_string(cfg.limits.max_tunnels) + ") reached");
+    return;
+  }
   (void)mbedtls_ctr_drbg_random(server_.tls().rng(), session_id_.data(), session_id_.size());
   mux::Welcome w;
   w.session_id = session_id_;
@@ -186,8 +282,8 @@ void Tunnel::handle_hello(const HelloView& hv) {
   mux::encode(w, msg);
   set_phase(LinkPhase::serving);
   rearm_timer();
-  counted_ = true;
-  server_.counters().tunnels_established++;
+  set_counted(true);
+  server_.metrics().inc(series("baton_tunnels_total", {{"result", "established"}}));
   spdlog::info("tunnel {}: welcome client \"{}\" (token {}{}{}), session {}", peer(), client_id_,
                token_name.empty() ? "-" : token_name, peer_info().cert_subject.empty() ? "" : ", cert ",
                peer_info().cert_subject, util::to_hex(session_id_).substr(0, 8));

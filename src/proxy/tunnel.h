@@ -7,6 +7,7 @@
 #include <string>
 
 #include "proxy/link.h"
+#include "proxy/metrics.h"
 
 namespace baton::proxy {
 
@@ -31,6 +32,11 @@ class Tunnel : public Link {
   bool draining() const { return drain_deadline_ms_ != 0; }
 
   const std::array<uint8_t, 16>& session_id() const { return session_id_; }
+  // Starts the TLS handshake (the server grants a handshake slot first).
+  void start_handshake();
+  uint64_t accepted_ms() const { return accepted_ms_; }
+  // Adds the bytes relayed so far by streams still open to `m`'s byte counters.
+  void add_live_bytes(Metrics& m) const;
   const std::string& client_id() const { return client_id_; }
 
  protected:
@@ -39,12 +45,17 @@ class Tunnel : public Link {
   void on_peer_stream(uint32_t id) override;
   void on_closed(const char* reason) override;
   uint64_t role_deadline() const override { return drain_deadline_ms_; }
+  void on_streams_limit() override;
+  void on_handshake_failed() override;
   void on_role_deadline() override;
   void on_last_bridge_gone() override;
 
  private:
   Tunnel(Server& server, TunnelState& st, std::string& error);
   void route_stream(Bridge& b, const std::string& route);
+  void install_hooks(Bridge& b);
+  void release_handshake_slot();
+  void set_counted(bool on);
   void handle_hello(const struct HelloView& h);
   void reject(uint16_t code, const std::string& reason);
   void send_control(const std::vector<uint8_t>& msg);
@@ -55,6 +66,13 @@ class Tunnel : public Link {
   bool control_open_ = false;
   bool counted_ = false;
   uint64_t drain_deadline_ms_ = 0;
+  uint64_t accepted_ms_ = 0;
+  uint64_t handshake_started_ns_ = 0;
+  bool holds_handshake_slot_ = false;
+  // Stream-open token bucket (limits.stream_open_rate / _burst); starts full,
+  // and full again after a hot restart.
+  double stream_tokens_ = 0;
+  uint64_t stream_tokens_ms_ = 0;
 };
 
 }  // namespace baton::proxy

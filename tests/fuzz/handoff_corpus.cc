@@ -218,7 +218,9 @@ int main(int argc, char** argv) {
   handoff::ServerStateMsg ss;
   ss.pid = 4242;
   ss.epoch = 3;
-  ss.counters = {10, 1, 8, 1, 2};
+  ss.metrics.inc("baton_tunnels_total{result=\"accepted\"}", 10);
+  ss.metrics.inc("baton_bytes_total{route=\"echo\",direction=\"up\"}", 12345);
+  ss.metrics.observe("baton_handshake_seconds", 0.004);
   ss.ticket_keys.resize(2);
   ss.ticket_keys[0].fill(0x11);
   ss.ticket_keys[1].fill(0x22);
@@ -233,7 +235,7 @@ int main(int argc, char** argv) {
   handoff::encode_batch_ack({1, 2, "stream 5: cannot adopt the upstream socket"}, v);
   write("msg_batch_ack", v);
   v.clear();
-  handoff::encode_commit({{10, 1, 8, 1, 2}}, v);
+  handoff::encode_commit({ss.metrics}, v);
   write("msg_commit", v);
   v.clear();
   handoff::encode_abort("new process failed to listen", v);

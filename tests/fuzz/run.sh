@@ -17,7 +17,7 @@ OUT=${FUZZ_BUILD:-build-fuzz}
 CXX_FUZZ=${CXX_FUZZ:-clang++}
 SEEDS=tests/fuzz/corpus/handoff_decoder
 # The codec and the cores it reads and writes; nothing that touches libuv or sockets.
-SRCS=(src/handoff/codec.cc src/tls/record.cc src/mux/session.cc src/mux/frame.cc
+SRCS=(src/handoff/codec.cc src/proxy/metrics.cc src/tls/record.cc src/mux/session.cc src/mux/frame.cc
       src/util/byte_queue.cc src/util/bytes.cc)
 FLAGS=(-std=c++20 -g -O1 -fno-omit-frame-pointer -Wall -Wextra -Werror -Iinclude -Isrc
        -fsanitize=address,undefined -fno-sanitize-recover=undefined)

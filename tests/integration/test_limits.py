@@ -1,20 +1,24 @@
 """limits.*: tunnels, streams, handshake and idle timeouts."""
 
 import socket
+
+import pytest
 import time
 
 import baton_wire as bw
 from conftest import TOKEN, echo_roundtrip, scaled
 
 
-def test_max_tunnels_third_connection_closed(server_factory, tunnel_factory):
-    srv = server_factory(limits={"max_tunnels": 2})
+def test_max_tunnels_third_tunnel_gets_reject_overloaded(server_factory, tunnel_factory):
+    """Beyond max_tunnels a client is told, never silently closed: REJECT 3
+    (overloaded) with retry_after_ms, then Go Away; live tunnels go on."""
+    srv = server_factory(limits={"max_tunnels": 2, "retry_after_ms": 1500})
     t1 = tunnel_factory(srv)
     t2 = tunnel_factory(srv)
-    s = socket.create_connection(srv.addr, timeout=scaled(10))
-    closed_at = bw.wait_socket_closed(s, scaled(5))
-    s.close()
-    assert closed_at is not None, "3rd TCP connection was not closed with max_tunnels=2"
+    with pytest.raises(bw.Rejected) as e:
+        tunnel_factory(srv)
+    assert e.value.code == 3, e.value
+    assert e.value.message.u32(0x0d) == 1500  # retry_after_ms
     # the two tunnels still work
     assert echo_roundtrip(t1, b"one") == b"one"
     assert echo_roundtrip(t2, b"two") == b"two"
@@ -26,23 +30,10 @@ def test_max_tunnels_third_connection_closed(server_factory, tunnel_factory):
         try:
             t3 = tunnel_factory(srv, timeout=scaled(3))
             break
-        except (ConnectionError, OSError, EOFError, TimeoutError):
+        except (bw.Rejected, ConnectionError, OSError, EOFError, TimeoutError):
             if time.monotonic() > deadline:
                 raise
     assert echo_roundtrip(t3, b"three") == b"three"
-
-
-def test_max_tunnels_closed_before_tls(server_factory, tunnel_factory, certs):
-    srv = server_factory(limits={"max_tunnels": 1})
-    tunnel_factory(srv)
-    ctx = bw.client_context(ca=str(certs.ca_crt))
-    try:
-        t = bw.Tunnel.open_tls(srv.addr, ctx=ctx, timeout=scaled(10))
-    except (ConnectionError, OSError, EOFError) as e:
-        assert not isinstance(e, TimeoutError)
-    else:
-        t.close()
-        raise AssertionError("TLS handshake completed over the tunnel limit")
 
 
 def test_max_streams_per_tunnel(server_factory, tunnel_factory):

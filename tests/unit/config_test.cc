@@ -298,7 +298,8 @@ TEST(ConfigErrors, UnknownKeyNested) {
   EXPECT_ERR(minimal(lines({"limits:", "  max_tunels: 5"})),
              "baton.yaml:11:3: unknown key \"max_tunels\" in limits (expected one of: max_tunnels, "
              "max_streams_per_tunnel, handshake_timeout_ms, idle_timeout_ms, upstream_connect_timeout_ms, "
-             "heartbeat_ms, tunnel_output_high_water)");
+             "heartbeat_ms, tunnel_output_high_water, max_concurrent_handshakes, max_queued_handshakes, stream_open_rate, "
+                        "stream_open_burst, warn_percent, retry_after_ms)");
   EXPECT_ERR(minimal(lines({"log: {level: info, colour: true}"})),
              "baton.yaml:10:20: unknown key \"colour\" in log (expected one of: level, format)");
   EXPECT_ERR(lines({"auth:", "  tokens:", "    - name: a", "      secret: x"}),

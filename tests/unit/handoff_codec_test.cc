@@ -1306,13 +1306,13 @@ TEST(HandoffCodec, OversizeCountsAndLengthsAllocateNothing) {
   V cbody(cm.begin() + handoff::kHeaderSize, cm.end());
   util::store_u32(cbody.data(), 0xFFFFFFFFu);
   handoff::Commit c;
-  EXPECT_NE(handoff::decode_commit(cbody, c).find("counters"), std::string::npos);
+  EXPECT_NE(handoff::decode_commit(cbody, c).find("counter count"), std::string::npos);
   V ss;
   handoff::encode_server_state({}, ss);
   V sbody(ss.begin() + handoff::kHeaderSize, ss.end());
   util::store_u32(&sbody[12], 0xFFFFFFFFu);  // pid 4, epoch 8, counters
   handoff::ServerStateMsg sm;
-  EXPECT_NE(handoff::decode_server_state(sbody, sm).find("counters"), std::string::npos);
+  EXPECT_NE(handoff::decode_server_state(sbody, sm).find("counter count"), std::string::npos);
 }
 
 // Two empty tunnels in a batch; the offsets of their fd indices in the body.
@@ -1522,7 +1522,10 @@ TEST(HandoffMessages, ServerState) {
   handoff::ServerStateMsg m;
   m.pid = 77;
   m.epoch = 0x1122334455667788ull;
-  m.counters = {1, 2, 3, 4, 0xFFFFFFFFFFFFFFFFull};
+  m.metrics.inc("baton_tunnels_total{result=\"accepted\"}", 1);
+  m.metrics.inc("baton_bytes_total{route=\"a\\\"b\",direction=\"up\"}", 0xFFFFFFFFFFFFFFFFull);
+  m.metrics.observe("baton_handshake_seconds", 0.003);
+  m.metrics.observe("baton_handshake_seconds", 7.5);
   for (int k = 0; k < 3; ++k) {
     tls::TicketKey key;
     for (size_t i = 0; i < key.size(); ++i) key[i] = uint8_t(k * 40 + i);
@@ -1536,11 +1539,8 @@ TEST(HandoffMessages, ServerState) {
   ASSERT_EQ(handoff::decode_server_state(body, d), "");
   EXPECT_EQ(d.pid, 77u);
   EXPECT_EQ(d.epoch, m.epoch);
-  EXPECT_EQ(d.counters.tunnels_accepted, 1u);
-  EXPECT_EQ(d.counters.tunnels_refused_limit, 2u);
-  EXPECT_EQ(d.counters.tunnels_established, 3u);
-  EXPECT_EQ(d.counters.tunnels_rejected, 4u);
-  EXPECT_EQ(d.counters.handshake_failures, 0xFFFFFFFFFFFFFFFFull);
+  EXPECT_EQ(d.metrics, m.metrics);
+  EXPECT_EQ(d.metrics.histograms["baton_handshake_seconds"].count(), 2u);
   EXPECT_EQ(d.ticket_keys, m.ticket_keys);
   EXPECT_TRUE(d.has_listener);
   expect_prefixes_refused<handoff::ServerStateMsg>(body, handoff::decode_server_state);
@@ -1591,40 +1591,51 @@ TEST(HandoffMessages, BatchAck) {
 
 TEST(HandoffMessages, Commit) {
   handoff::Commit c;
-  c.counters = {10, 20, 30, 40, 50};
+  c.metrics.inc("baton_tunnels_total{result=\"established\"}", 10);
+  c.metrics.inc("baton_streams_total{route=\"echo\",result=\"opened\"}", 50);
   V msg;
   handoff::encode_commit(c, msg);
   auto body = body_of(msg, MsgType::commit);
   handoff::Commit d;
   ASSERT_EQ(handoff::decode_commit(body, d), "");
-  EXPECT_EQ(d.counters.tunnels_accepted, 10u);
-  EXPECT_EQ(d.counters.handshake_failures, 50u);
+  EXPECT_EQ(d.metrics, c.metrics);
   expect_prefixes_refused<handoff::Commit>(body, handoff::decode_commit);
 
-  // A newer build sends more counters: the known ones are read, the rest skipped.
-  V newer(4);
-  util::store_u32(newer.data(), 7);
-  for (uint64_t i = 1; i <= 7; ++i) {
-    uint8_t b[8];
-    util::store_u64(b, i * 100);
-    newer.insert(newer.end(), b, b + 8);
-  }
-  handoff::Commit n;
-  ASSERT_EQ(handoff::decode_commit(newer, n), "");
-  EXPECT_EQ(n.counters.tunnels_accepted, 100u);
-  EXPECT_EQ(n.counters.handshake_failures, 500u);
-  // An older one sends fewer: the missing ones are zero.
-  V older(4);
-  util::store_u32(older.data(), 2);
-  for (uint64_t i = 1; i <= 2; ++i) {
-    uint8_t b[8];
-    util::store_u64(b, i);
-    older.insert(older.end(), b, b + 8);
+  // A histogram with another number of buckets (another build) is refused, not misread.
+  V odd;
+  {
+    V tmp(4, 0);  // no counters
+    util::store_u32(tmp.data(), 0);
+    odd = tmp;
+    uint8_t n[4];
+    util::store_u32(n, 1);
+    odd.insert(odd.end(), n, n + 4);
+    util::store_u32(n, 1);
+    odd.insert(odd.end(), n, n + 4);
+    odd.push_back('h');
+    odd.push_back(3);  // 3 buckets
+    odd.insert(odd.end(), 8 * 4, 0);
   }
   handoff::Commit o;
-  ASSERT_EQ(handoff::decode_commit(older, o), "");
-  EXPECT_EQ(o.counters.tunnels_refused_limit, 2u);
-  EXPECT_EQ(o.counters.tunnels_established, 0u);
+  EXPECT_NE(handoff::decode_commit(odd, o).find("buckets"), std::string::npos);
+}
+
+TEST(Metrics, AddDeltaContinuesCountersAcrossARestart) {
+  proxy::Metrics old_at_start, old_at_end, mine;
+  old_at_start.inc("a", 5);
+  old_at_start.observe("h", 0.001);
+  old_at_end = old_at_start;
+  old_at_end.inc("a", 3);
+  old_at_end.inc("b", 2);
+  old_at_end.observe("h", 2.0);
+  mine = old_at_start;  // the new process starts from the old values...
+  mine.inc("a", 1);     // ...counts its own...
+  mine.add_delta(old_at_end, old_at_start);  // ...and adds what the old one counted meanwhile
+  EXPECT_EQ(mine.get("a"), 9u);
+  EXPECT_EQ(mine.get("b"), 2u);
+  EXPECT_EQ(mine.histograms["h"].count(), 2u);
+  EXPECT_DOUBLE_EQ(mine.histograms["h"].sum, 2.001);
+  EXPECT_EQ(proxy::series("f", {{"route", "a\"b\\c\nd"}}), "f{route=\"a\\\"b\\\\c\\nd\"}");
 }
 
 TEST(HandoffMessages, AbortAndRefuse) {
