@@ -16,6 +16,7 @@
 
 #include "baton/client.h"
 #include "config/config.h"
+#include "admin/admin.h"
 #include "handoff/child.h"
 #include "handoff/parent.h"
 #include "proxy/server.h"
@@ -256,9 +257,11 @@ int cmd_serve(Args& a) {
   uv_timer_t exit_timer;
   uv_timer_init(loop, &exit_timer);
   std::unique_ptr<baton::handoff::Parent> parent;
+  std::unique_ptr<baton::admin::Admin> admin;
   Signals sig;
   std::function<void()> check_exit = [&]() {
     parent.reset();
+    admin.reset();  // the successor answers on the admin port now
     size_t left = server->tunnel_count(), draining = server->draining_tunnels();
     bool closing_too_long = draining == 0 && uv_now(loop) - handed_over_ms >= 500;
     if (left == 0 || closing_too_long) {
@@ -290,6 +293,13 @@ int cmd_serve(Args& a) {
     spdlog::error("{}", error);
     return kExitFailure;
   }
+  admin = std::make_unique<baton::admin::Admin>(loop, *server);
+  error = admin->start(cfg.admin);
+  if (!error.empty()) {
+    spdlog::error("{}", error);
+    return kExitFailure;
+  }
+  server->set_state(baton::proxy::ServeState::serving);
   spdlog::info("baton {} serving tunnels on {} as \"{}\" ({} routes, epoch {})", BATON_VERSION, server->listen_address(),
                server->server_id(), cfg.routes.size(), server->epoch());
   // Handlers before the ready line: whoever reads it may signal at once.
@@ -297,6 +307,7 @@ int cmd_serve(Args& a) {
     if (!server) return;
     spdlog::info("received {}, closing {} tunnels", signum == SIGTERM ? "SIGTERM" : "SIGINT", server->tunnel_count());
     parent.reset();
+    admin.reset();
     if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(&exit_timer))) {
       uv_timer_stop(&exit_timer);
       uv_close(reinterpret_cast<uv_handle_t*>(&exit_timer), nullptr);
@@ -306,9 +317,11 @@ int cmd_serve(Args& a) {
   });
   print_line("{\"event\":\"ready\",\"listen\":" + json_string(server->listen_address()) +
              ",\"pid\":" + std::to_string(getpid()) + ",\"epoch\":" + std::to_string(server->epoch()) +
-             ",\"takeover\":" + (hfd >= 0 ? "true" : "false") + ",\"tunnels\":" + std::to_string(takeover.tunnels) + "}");
+             ",\"takeover\":" + (hfd >= 0 ? "true" : "false") + ",\"tunnels\":" + std::to_string(takeover.tunnels) +
+             ",\"admin\":" + json_string(admin->address()) + "}");
   uv_run(loop, UV_RUN_DEFAULT);
   parent.reset();
+  admin.reset();
   server.reset();
   uv_run(loop, UV_RUN_DEFAULT);  // let the close callbacks run
   spdlog::info(handed_over ? "handed over, exiting" : "stopped");

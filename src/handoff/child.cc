@@ -188,6 +188,7 @@ void Child::handle_commit(Message& m) {
   else server_->metrics().add_delta(c.metrics, base_metrics_);
   for (proxy::Tunnel* t : adopted_) t->start_adopted();
   result_.tunnels = adopted_.size();
+  server_->metrics().inc(proxy::series("baton_handoff_tunnels_total", {{"result", "received"}}), adopted_.size());
   adopted_.clear();
   finish(true, "");
 }

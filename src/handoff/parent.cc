@@ -155,6 +155,7 @@ void Parent::on_accept() {
   channel_ = Channel::create(loop_, fd, [this](Message& m) { on_message(m); },
                              [this](const std::string& why) { on_channel_closed(why); });
   phase_ = ParentPhase::awaiting_hello;
+  server_.set_state(proxy::ServeState::handing_over);
   child_takes_tunnels_ = true;
   stats_ = {};
   stats_.started_ms = uv_now(loop_);
@@ -328,6 +329,7 @@ void Parent::handle_batch_ack(Message& m) {
     if (i < a.adopted) {
       acked_.push_back(std::move(ts[i]));
       stats_.tunnels_sent++;
+      server_.metrics().inc(proxy::series("baton_handoff_tunnels_total", {{"result", "sent"}}));
       continue;
     }
     // Not taken: back into this process, then drained (make before break).
@@ -340,6 +342,7 @@ void Parent::handle_batch_ack(Message& m) {
     t->start_adopted();
     t->drain("rolling_update", opts_.drain_grace_ms, opts_.reconnect_hint);
     stats_.tunnels_drained++;
+    server_.metrics().inc(proxy::series("baton_handoff_tunnels_total", {{"result", "drained"}}));
   }
   if (a.adopted < ts.size()) {
     spdlog::warn("handoff: new process took {} of {} tunnels ({}); the rest drain here", a.adopted, ts.size(), a.reason);
@@ -359,6 +362,7 @@ void Parent::drain_local(const std::string& why) {
     ++n;
   }
   stats_.tunnels_drained += n;
+  server_.metrics().inc(proxy::series("baton_handoff_tunnels_total", {{"result", "drained"}}), n);
   if (n) spdlog::info("handoff: draining {} tunnels here: {}", n, why);
 }
 
@@ -415,6 +419,8 @@ void Parent::abort(const std::string& why, bool tell_peer) {
     t->start_adopted();
     ++resumed;
   }
+  if (resumed) server_.metrics().inc(proxy::series("baton_handoff_tunnels_total", {{"result", "resumed"}}), resumed);
+  server_.set_state(proxy::ServeState::serving);
   server_.resume_accepting();
   phase_ = ParentPhase::idle;
   spdlog::info("handoff: resumed {} tunnels; accepting again", resumed);

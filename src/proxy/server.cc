@@ -278,6 +278,12 @@ void Server::start_drain() {
   spdlog::info("draining: {} tunnels told to move (grace {} ms); new tunnels are rejected", n, cfg_.drain.grace_ms);
 }
 
+std::map<std::string, uint64_t> Server::streams_by_route() const {
+  std::map<std::string, uint64_t> m;
+  for (Tunnel* t : tunnels_) t->count_routes(m);
+  return m;
+}
+
 size_t Server::active_streams() const {
   size_t n = 0;
   for (Tunnel* t : tunnels_) n += t->bridge_count();

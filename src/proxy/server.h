@@ -68,6 +68,8 @@ class Server {
   // Admission (called by tunnels).
   size_t serving_tunnels() const { return serving_; }
   size_t active_streams() const;
+  // Open data streams per configured route.
+  std::map<std::string, uint64_t> streams_by_route() const;
   void tunnel_serving(bool on) { on ? ++serving_ : --serving_; }
   // A tunnel left its TLS handshake (done, failed or closed): the next queued one starts.
   void handshake_finished(Tunnel* t);

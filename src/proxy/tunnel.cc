@@ -61,6 +61,11 @@ void Tunnel::add_live_bytes(Metrics& m) const {
   }
 }
 
+void Tunnel::count_routes(std::map<std::string, uint64_t>& m) const {
+  for (const auto& [id, b] : bridges())
+    if (!b->route().empty() && b->phase() != BridgePhase::done) m[b->route()]++;
+}
+
 void Tunnel::install_hooks(Bridge& b) {
   b.on_preamble = [this](Bridge& br, const std::string& route) { route_stream(br, route); };
   b.on_connect_result = [this](Bridge& br, int status, double seconds) {

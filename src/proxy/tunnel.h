@@ -4,6 +4,7 @@
 #pragma once
 
 #include <array>
+#include <map>
 #include <string>
 
 #include "proxy/link.h"
@@ -37,6 +38,8 @@ class Tunnel : public Link {
   uint64_t accepted_ms() const { return accepted_ms_; }
   // Adds the bytes relayed so far by streams still open to `m`'s byte counters.
   void add_live_bytes(Metrics& m) const;
+  // Adds this tunnel's open streams per route to `m`.
+  void count_routes(std::map<std::string, uint64_t>& m) const;
   const std::string& client_id() const { return client_id_; }
 
  protected:

@@ -1,0 +1,411 @@
+#include "admin/admin.h"
+
+#include <httplib.h>
+#include <spdlog/spdlog.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <map>
+#include <set>
+
+namespace baton::admin {
+
+namespace {
+
+std::string json_str(const std::string& s) {
+  std::string o = "\"";
+  for (unsigned char c : s) {
+    switch (c) {
+      case '"': o += "\\\""; break;
+      case '\\': o += "\\\\"; break;
+      case '\n': o += "\\n"; break;
+      case '\r': o += "\\r"; break;
+      case '\t': o += "\\t"; break;
+      default:
+        if (c < 0x20) {
+          char b[8];
+          std::snprintf(b, sizeof b, "\\u%04x", c);
+          o += b;
+        } else {
+          o += char(c);
+        }
+    }
+  }
+  return o + "\"";
+}
+
+std::string num(double v) {
+  char b[64];
+  if (v == double(int64_t(v)) && v < 9e15 && v > -9e15) std::snprintf(b, sizeof b, "%" PRId64, int64_t(v));
+  else std::snprintf(b, sizeof b, "%.6g", v);
+  return b;
+}
+
+// "family{labels}" -> family
+std::string family_of(const std::string& series) { return series.substr(0, series.find('{')); }
+// label value of `key` in a series name ("" if absent)
+std::string label(const std::string& series, const std::string& key) {
+  std::string pat = key + "=\"";
+  size_t at = series.find(pat);
+  if (at == std::string::npos) return "";
+  std::string v;
+  for (size_t i = at + pat.size(); i < series.size() && series[i] != '"'; ++i) {
+    if (series[i] == '\\' && i + 1 < series.size()) {
+      ++i;
+      v += series[i] == 'n' ? '\n' : series[i];
+    } else {
+      v += series[i];
+    }
+  }
+  return v;
+}
+
+double gauge(const Snapshot& s, const std::string& name) {
+  for (const auto& [k, v] : s.gauges)
+    if (k == name) return v;
+  return 0;
+}
+
+struct Family {
+  const char* name;
+  const char* type;
+  const char* help;
+};
+// Every family baton exports (docs/operations.md lists the same).
+const Family kFamilies[] = {
+    {"baton_tunnels_active", "gauge", "Tunnels past WELCOME and not closed."},
+    {"baton_tunnels_handshaking", "gauge", "Connections in their TLS handshake."},
+    {"baton_tunnels_queued", "gauge", "Connections waiting for a handshake slot (limits.max_concurrent_handshakes)."},
+    {"baton_streams_active", "gauge", "Data streams open."},
+    {"baton_tunnels_total", "counter",
+     "Connections by outcome: accepted, established, tls_failed, auth_failed, rejected_overload, rejected_draining, rejected."},
+    {"baton_streams_total", "counter", "Streams by route and outcome: opened, connect_failed, unknown_route."},
+    {"baton_bytes_total", "counter", "Bytes relayed by route; direction up = client to upstream, down = upstream to client."},
+    {"baton_upstream_connect_seconds", "histogram", "Time to connect to a route's upstream."},
+    {"baton_handshake_seconds", "histogram", "TLS handshake duration, from the first byte to Finished."},
+    {"baton_overload_rejections_total", "counter",
+     "Refusals by limit: max_tunnels, max_streams_per_tunnel, stream_open_rate, handshake_queue, fd_exhausted."},
+    {"baton_drain_state", "gauge", "1 while draining, else 0."},
+    {"baton_ready", "gauge", "1 while /readyz answers 200."},
+    {"baton_restart_epoch", "gauge", "Hot restarts since the first process of this lineage (0 = first)."},
+    {"baton_handoff_tunnels_total", "counter",
+     "Tunnels in hot restarts: sent, received, drained (the new process could not take them), resumed (handoff failed)."},
+    {"baton_process_resident_bytes", "gauge", "Resident memory of this process."},
+    {"baton_process_open_fds", "gauge", "Open file descriptors of this process."},
+    {"baton_limit_usage_ratio", "gauge", "How full each limit is (1 = at the limit)."},
+    {"baton_uptime_seconds", "gauge", "Seconds since this process started."},
+};
+
+}  // namespace
+
+Snapshot take_snapshot(const proxy::Server& server) {
+  Snapshot s;
+  s.metrics = server.metrics_snapshot();
+  s.gauges = server.gauges();
+  s.state = server.state();
+  s.epoch = server.epoch();
+  uint64_t now = uv_now(server.loop());
+  s.uptime_ms = now - server.started_ms();
+  s.pid = int(getpid());
+  s.server_id = server.server_id();
+  s.listen = server.listen_address();
+  std::map<std::string, uint64_t> active = server.streams_by_route();
+  for (const config::Route& r : server.config().routes) {
+    RouteStats rs;
+    rs.name = r.name;
+    rs.upstream = r.upstream.to_string();
+    rs.streams_active = active[r.name];
+    s.routes.push_back(rs);
+  }
+  s.limits = server.config().limits;
+  s.drain_grace_ms = server.config().drain.grace_ms;
+  s.drain_elapsed_ms = server.drain_started_ms() ? now - server.drain_started_ms() : 0;
+  s.tunnels_active = server.serving_tunnels();
+  s.tunnels_total = server.tunnel_count();
+  return s;
+}
+
+std::string render_prometheus(const Snapshot& s) {
+  // Group every series by family, then write each family once with HELP/TYPE.
+  std::map<std::string, std::vector<std::pair<std::string, std::string>>> lines;
+  for (const auto& [k, v] : s.metrics.counters) lines[family_of(k)].emplace_back(k, num(double(v)));
+  for (const auto& [k, v] : s.gauges) lines[family_of(k)].emplace_back(k, num(v));
+  lines["baton_uptime_seconds"].emplace_back("baton_uptime_seconds", num(double(s.uptime_ms) / 1000.0));
+  std::string out;
+  std::set<std::string> done;
+  auto write_family = [&](const std::string& fam, const char* type, const char* help) {
+    out += "# HELP " + fam + " " + help + "\n# TYPE " + fam + " " + type + "\n";
+    if (std::string(type) == "histogram") {
+      auto it = s.metrics.histograms.find(fam);
+      proxy::Histogram h = it == s.metrics.histograms.end() ? proxy::Histogram{} : it->second;
+      uint64_t cum = 0;
+      for (size_t i = 0; i < proxy::Histogram::kBounds.size(); ++i) {
+        cum += h.counts[i];
+        char le[32];
+        std::snprintf(le, sizeof le, "%g", proxy::Histogram::kBounds[i]);
+        out += fam + "_bucket{le=\"" + le + "\"} " + num(double(cum)) + "\n";
+      }
+      cum += h.counts.back();
+      out += fam + "_bucket{le=\"+Inf\"} " + num(double(cum)) + "\n";
+      char sum[64];
+      std::snprintf(sum, sizeof sum, "%.9g", h.sum);
+      out += fam + "_sum " + sum + "\n" + fam + "_count " + num(double(cum)) + "\n";
+      return;
+    }
+    for (const auto& [series, value] : lines[fam]) out += series + " " + value + "\n";
+  };
+  for (const Family& f : kFamilies) {
+    // Counter families with no series yet are still announced (with no samples)
+    // so dashboards and alerts can reference them from the start.
+    write_family(f.name, f.type, f.help);
+    done.insert(f.name);
+  }
+  for (const auto& [fam, ls] : lines)
+    if (!done.count(fam)) write_family(fam, "untyped", "baton metric.");
+  return out;
+}
+
+std::string render_drain_json(const Snapshot& s) {
+  bool draining = s.state == proxy::ServeState::draining;
+  std::string o = "{\"draining\":" + std::string(draining ? "true" : "false");
+  o += ",\"state\":" + json_str(proxy::to_str(s.state));
+  o += ",\"grace_ms\":" + num(s.drain_grace_ms);
+  o += ",\"elapsed_ms\":" + num(double(s.drain_elapsed_ms));
+  o += ",\"tunnels_left\":" + num(double(s.tunnels_active));
+  o += ",\"streams_left\":" + num(gauge(s, "baton_streams_active")) + "}";
+  return o;
+}
+
+std::string render_stats_json(const Snapshot& s) {
+  const proxy::Metrics& m = s.metrics;
+  auto counters_by = [&](const std::string& fam, const std::string& key) {
+    std::string o = "{";
+    bool first = true;
+    for (const auto& [k, v] : m.counters) {
+      if (family_of(k) != fam) continue;
+      if (!first) o += ",";
+      first = false;
+      o += json_str(label(k, key)) + ":" + num(double(v));
+    }
+    return o + "}";
+  };
+  std::string o = "{";
+  o += "\"version\":" + json_str(BATON_VERSION);
+  o += ",\"pid\":" + num(s.pid);
+  o += ",\"server_id\":" + json_str(s.server_id);
+  o += ",\"epoch\":" + num(double(s.epoch));
+  o += ",\"uptime_s\":" + num(double(s.uptime_ms) / 1000.0);
+  o += ",\"state\":" + json_str(proxy::to_str(s.state));
+  o += ",\"ready\":" + std::string(s.state == proxy::ServeState::serving ? "true" : "false");
+  o += ",\"listen\":" + json_str(s.listen);
+  o += ",\"drain\":" + render_drain_json(s);
+  o += ",\"tunnels\":{\"active\":" + num(double(s.tunnels_active)) +
+       ",\"handshaking\":" + num(gauge(s, "baton_tunnels_handshaking")) +
+       ",\"queued\":" + num(gauge(s, "baton_tunnels_queued")) + ",\"connections\":" + num(double(s.tunnels_total)) +
+       ",\"total\":" + counters_by("baton_tunnels_total", "result") + "}";
+  o += ",\"streams\":{\"active\":" + num(gauge(s, "baton_streams_active")) + "}";
+  o += ",\"routes\":[";
+  for (size_t i = 0; i < s.routes.size(); ++i) {
+    const RouteStats& r = s.routes[i];
+    auto c = [&](const char* k, const char* v) {
+      return num(double(m.get(proxy::series("baton_streams_total", {{"route", r.name}, {k, v}}))));
+    };
+    if (i) o += ",";
+    o += "{\"name\":" + json_str(r.name) + ",\"upstream\":" + json_str(r.upstream) +
+         ",\"streams_active\":" + num(double(r.streams_active)) + ",\"streams_opened\":" + c("result", "opened") +
+         ",\"connect_failed\":" + c("result", "connect_failed") + ",\"bytes_up\":" +
+         num(double(m.get(proxy::series("baton_bytes_total", {{"route", r.name}, {"direction", "up"}})))) +
+         ",\"bytes_down\":" +
+         num(double(m.get(proxy::series("baton_bytes_total", {{"route", r.name}, {"direction", "down"}})))) + "}";
+  }
+  o += "]";
+  o += ",\"limits\":{";
+  bool first = true;
+  auto limit = [&](const char* name, double limit_value, double used) {
+    if (!first) o += ",";
+    first = false;
+    o += json_str(name) + ":{\"limit\":" + num(limit_value) + ",\"used\":" + num(used) +
+         ",\"ratio\":" + num(limit_value > 0 ? used / limit_value : 0) + "}";
+  };
+  const config::Limits& l = s.limits;
+  limit("max_tunnels", l.max_tunnels, double(s.tunnels_active));
+  limit("max_concurrent_handshakes", l.max_concurrent_handshakes, gauge(s, "baton_tunnels_handshaking"));
+  limit("max_queued_handshakes", l.max_queued_handshakes, gauge(s, "baton_tunnels_queued"));
+  limit("max_streams_per_tunnel", l.max_streams_per_tunnel,
+        gauge(s, proxy::series("baton_limit_usage_ratio", {{"limit", "max_streams_per_tunnel"}})) *
+            l.max_streams_per_tunnel);
+  double fd_ratio = gauge(s, proxy::series("baton_limit_usage_ratio", {{"limit", "open_files"}}));
+  double fds = gauge(s, "baton_process_open_fds");
+  limit("open_files", fd_ratio > 0 ? fds / fd_ratio : 0, fds);
+  o += "},\"warn_percent\":" + num(l.warn_percent);
+  o += ",\"overload_rejections\":" + counters_by("baton_overload_rejections_total", "reason");
+  o += ",\"handoff\":" + counters_by("baton_handoff_tunnels_total", "result");
+  o += ",\"process\":{\"resident_bytes\":" + num(gauge(s, "baton_process_resident_bytes")) +
+       ",\"open_fds\":" + num(fds) + "}";
+  return o + "}";
+}
+
+Admin::Admin(uv_loop_t* loop, proxy::Server& server) : loop_(loop), server_(server) {
+  async_ = new uv_async_t;
+  uv_async_init(loop_, async_, async_cb);
+  async_->data = this;
+  uv_unref(reinterpret_cast<uv_handle_t*>(async_));  // the admin never keeps the loop alive
+}
+
+Admin::~Admin() {
+  stop();
+  uv_close(reinterpret_cast<uv_handle_t*>(async_), [](uv_handle_t* h) { delete reinterpret_cast<uv_async_t*>(h); });
+}
+
+void Admin::async_cb(uv_async_t* a) {
+  auto* self = static_cast<Admin*>(a->data);
+  std::deque<std::shared_ptr<Job>> jobs;
+  {
+    std::lock_guard<std::mutex> g(self->mu_);
+    jobs.swap(self->jobs_);
+  }
+  for (auto& j : jobs) {
+    j->fn();
+    std::lock_guard<std::mutex> g(j->m);
+    j->done = true;
+    j->cv.notify_all();
+  }
+}
+
+bool Admin::on_loop(std::function<void()> fn, uint32_t timeout_ms) {
+  auto job = std::make_shared<Job>();
+  job->fn = std::move(fn);
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (stopping_) return false;
+    jobs_.push_back(job);
+  }
+  uv_async_send(async_);
+  std::unique_lock<std::mutex> lk(job->m);
+  return job->cv.wait_for(lk, std::chrono::milliseconds(timeout_ms), [&] { return job->done; });
+}
+
+std::string Admin::start(const config::HostPort& listen) {
+  http_ = std::make_unique<httplib::Server>();
+  http_->new_task_queue = [] { return new httplib::ThreadPool(2); };
+  http_->set_payload_max_length(4096);
+  http_->set_read_timeout(5, 0);
+  http_->set_write_timeout(5, 0);
+  http_->set_keep_alive_max_count(100);
+  http_->set_socket_options([](socket_t sock) {
+    int one = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    setsockopt(sock, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+  });
+  routes();
+  std::string host = listen.host;
+  if (host.size() > 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
+  int port = listen.port;
+  if (port == 0) {
+    port = http_->bind_to_any_port(host);
+    if (port <= 0) return "admin: cannot listen on " + listen.to_string();
+  } else if (!http_->bind_to_port(host, port)) {
+    return "admin: cannot listen on " + listen.to_string() + ": " + std::strerror(errno);
+  }
+  address_ = (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + std::to_string(port);
+  thread_ = std::thread([this] { http_->listen_after_bind(); });
+  return "";
+}
+
+void Admin::stop() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  if (http_) http_->stop();
+  if (thread_.joinable()) thread_.join();
+  // Requests still waiting time out on their own (they hold the job alive).
+  std::lock_guard<std::mutex> g(mu_);
+  jobs_.clear();
+}
+
+void Admin::routes() {
+  auto json = [](httplib::Response& res, int status, const std::string& body) {
+    res.status = status;
+    res.set_content(body + "\n", "application/json");
+  };
+  auto unavailable = [json](httplib::Response& res) {
+    json(res, 503, "{\"error\":\"the event loop did not answer within 1 s\"}");
+  };
+  // A snapshot from the loop; false if it did not answer in time. The job
+  // owns what it writes: after a timeout the loop may still run it.
+  auto snapshot = [this](Snapshot& out) {
+    auto box = std::make_shared<Snapshot>();
+    if (!on_loop([this, box] { *box = take_snapshot(server_); })) return false;
+    out = std::move(*box);
+    return true;
+  };
+
+  http_->Get("/healthz", [this, json, unavailable](const httplib::Request&, httplib::Response& res) {
+    if (on_loop([] {})) json(res, 200, "{\"status\":\"ok\"}");
+    else unavailable(res);
+  });
+  http_->Get("/readyz", [this, json, unavailable](const httplib::Request&, httplib::Response& res) {
+    auto box = std::make_shared<proxy::ServeState>(proxy::ServeState::starting);
+    if (!on_loop([this, box] { *box = server_.state(); })) return unavailable(res);
+    proxy::ServeState st = *box;
+    bool ready = st == proxy::ServeState::serving;
+    json(res, ready ? 200 : 503,
+         std::string("{\"ready\":") + (ready ? "true" : "false") + ",\"state\":" + json_str(proxy::to_str(st)) + "}");
+  });
+  http_->Get("/stats", [snapshot, json, unavailable](const httplib::Request&, httplib::Response& res) {
+    Snapshot s;
+    if (!snapshot(s)) return unavailable(res);
+    json(res, 200, render_stats_json(s));
+  });
+  http_->Get("/metrics", [snapshot, unavailable](const httplib::Request&, httplib::Response& res) {
+    Snapshot s;
+    if (!snapshot(s)) return unavailable(res);
+    res.status = 200;
+    res.set_content(render_prometheus(s), "text/plain; version=0.0.4; charset=utf-8");
+  });
+  http_->Get("/drain", [snapshot, json, unavailable](const httplib::Request&, httplib::Response& res) {
+    Snapshot s;
+    if (!snapshot(s)) return unavailable(res);
+    json(res, 200, render_drain_json(s));
+  });
+  auto post_drain = [this, json, unavailable](httplib::Response& res) {
+    auto box = std::make_shared<Snapshot>();
+    if (!on_loop([this, box] {
+          server_.start_drain();
+          *box = take_snapshot(server_);
+        }))
+      return unavailable(res);
+    json(res, 200, render_drain_json(*box));
+  };
+  http_->Post("/drain", [post_drain](const httplib::Request&, httplib::Response& res) { post_drain(res); });
+  // POST /drain carries no body: answer it before httplib tries to read one
+  // (`curl -X POST` sends no Content-Length, which httplib would refuse).
+  http_->set_pre_routing_handler(httplib::Server::HandlerWithResponse(
+      [post_drain](const httplib::Request& req, httplib::Response& res) {
+        if (req.method != "POST" || req.path != "/drain" || req.has_header("Content-Length") ||
+            req.has_header("Transfer-Encoding"))
+          return httplib::Server::HandlerResponse::Unhandled;
+        post_drain(res);
+        return httplib::Server::HandlerResponse::Handled;
+      }));
+  // Everything else: 405 on a known path with another method, 404 otherwise.
+  static const std::set<std::string> kPaths = {"/healthz", "/readyz", "/stats", "/metrics", "/drain"};
+  http_->set_error_handler(httplib::Server::HandlerWithResponse([json](const httplib::Request& req,
+                                                                       httplib::Response& res) {
+    if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;  // our own 503 answers
+    if (res.status == 404 && kPaths.count(req.path)) res.status = 405;
+    std::string what = res.status == 405   ? "method not allowed"
+                       : res.status == 404 ? "not found"
+                       : res.status == 413 ? "request too large"
+                                           : "bad request";
+    json(res, res.status, "{\"error\":" + json_str(what) + ",\"path\":" + json_str(req.path.substr(0, 200)) + "}");
+    return httplib::Server::HandlerResponse::Handled;
+  }));
+}
+
+}  // namespace baton::admin

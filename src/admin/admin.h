@@ -1,0 +1,109 @@
+// Admin: the operator's HTTP API (docs/operations.md), cpp-httplib on a
+// thread of its own.
+//
+//   GET  /healthz   200 while the event loop answers within 1 s, else 503
+//   GET  /readyz    200 while serving; 503 starting, handing over, draining
+//   GET  /stats     JSON snapshot (process, tunnels, streams, routes, limits)
+//   GET  /metrics   Prometheus text format 0.0.4
+//   POST /drain     starts the drain (idempotent); GET /drain: its state
+//
+// Threading (ARCHITECTURE principle 7): the HTTP threads never touch loop
+// state. A request posts a job through a uv_async_t and waits (at most 1 s)
+// for the loop to run it; the job copies what the answer needs (a Snapshot)
+// and the rendering happens back on the HTTP thread.
+#pragma once
+
+#include <uv.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "config/config.h"
+#include "proxy/metrics.h"
+#include "proxy/server.h"
+
+namespace httplib {
+class Server;
+}
+
+namespace baton::admin {
+
+struct RouteStats {
+  std::string name;
+  std::string upstream;
+  uint64_t streams_active = 0;
+};
+
+// Everything an answer needs, copied on the loop thread.
+struct Snapshot {
+  proxy::Metrics metrics;
+  std::vector<proxy::Gauge> gauges;
+  proxy::ServeState state = proxy::ServeState::starting;
+  uint64_t epoch = 0;
+  uint64_t uptime_ms = 0;
+  int pid = 0;
+  std::string server_id;
+  std::string listen;
+  std::vector<RouteStats> routes;
+  config::Limits limits;
+  uint32_t drain_grace_ms = 0;
+  uint64_t drain_elapsed_ms = 0;  // since POST /drain (0 when not draining)
+  uint64_t tunnels_active = 0;
+  uint64_t tunnels_total = 0;     // including handshakes and closing ones
+};
+
+// Takes a snapshot of `server` (loop thread only).
+Snapshot take_snapshot(const proxy::Server& server);
+// Renderings (any thread).
+std::string render_prometheus(const Snapshot& s);
+std::string render_stats_json(const Snapshot& s);
+std::string render_drain_json(const Snapshot& s);
+
+class Admin {
+ public:
+  // Loop thread. `server` must outlive the admin (or call stop() first).
+  Admin(uv_loop_t* loop, proxy::Server& server);
+  ~Admin();
+  Admin(const Admin&) = delete;
+  Admin& operator=(const Admin&) = delete;
+
+  // Binds host:port (port 0: any) with SO_REUSEPORT, so the new process of a
+  // hot restart can bind while the old one still answers, then starts the
+  // HTTP thread. Returns "" or an error.
+  [[nodiscard]] std::string start(const config::HostPort& listen);
+  // "host:port" actually bound.
+  const std::string& address() const { return address_; }
+  // Loop thread: stops the HTTP thread and answers pending requests 503.
+  void stop();
+
+ private:
+  struct Job {
+    std::function<void()> fn;
+    std::mutex m;
+    std::condition_variable cv;
+    bool done = false;
+  };
+  // HTTP thread: runs fn on the loop, waiting at most timeout_ms. False on timeout/stop.
+  bool on_loop(std::function<void()> fn, uint32_t timeout_ms = 1000);
+  static void async_cb(uv_async_t* a);
+  void routes();
+
+  uv_loop_t* loop_;
+  proxy::Server& server_;
+  uv_async_t* async_ = nullptr;
+  std::unique_ptr<httplib::Server> http_;
+  std::thread thread_;
+  std::string address_;
+  std::mutex mu_;
+  std::deque<std::shared_ptr<Job>> jobs_;
+  bool stopping_ = false;
+};
+
+}  // namespace baton::admin
