@@ -290,10 +290,13 @@ bool Admin::on_loop(std::function<void()> fn, uint32_t timeout_ms) {
 
 std::string Admin::start(const config::HostPort& listen) {
   http_ = std::make_unique<httplib::Server>();
-  http_->new_task_queue = [] { return new httplib::ThreadPool(2); };
+  // Probes must answer within 1 s even while idle or slow connections hold
+  // workers: several workers, and every wait on a client bounded by 1 s.
+  http_->new_task_queue = [] { return new httplib::ThreadPool(8); };
   http_->set_payload_max_length(4096);
-  http_->set_read_timeout(5, 0);
-  http_->set_write_timeout(5, 0);
+  http_->set_read_timeout(1, 0);
+  http_->set_write_timeout(1, 0);
+  http_->set_keep_alive_timeout(1);
   http_->set_keep_alive_max_count(100);
   http_->set_socket_options([](socket_t sock) {
     int one = 1;
@@ -386,9 +389,15 @@ void Admin::routes() {
   // POST /drain carries no body: answer it before httplib tries to read one
   // (`curl -X POST` sends no Content-Length, which httplib would refuse).
   http_->set_pre_routing_handler(httplib::Server::HandlerWithResponse(
-      [post_drain](const httplib::Request& req, httplib::Response& res) {
-        if (req.method != "POST" || req.path != "/drain" || req.has_header("Content-Length") ||
-            req.has_header("Transfer-Encoding"))
+      [post_drain, json](const httplib::Request& req, httplib::Response& res) {
+        // The size limit applies to Content-Length only: refuse chunked bodies
+        // before httplib reads them into memory.
+        if (req.has_header("Transfer-Encoding")) {
+          res.set_header("Connection", "close");
+          json(res, 413, "{\"error\":\"request bodies must have a Content-Length (at most 4096 bytes)\"}");
+          return httplib::Server::HandlerResponse::Handled;
+        }
+        if (req.method != "POST" || req.path != "/drain" || req.has_header("Content-Length"))
           return httplib::Server::HandlerResponse::Unhandled;
         post_drain(res);
         return httplib::Server::HandlerResponse::Handled;

@@ -100,14 +100,15 @@ def read_json_line(proc: subprocess.Popen, timeout: float) -> dict:
 class BatonProcess:
     kind = "baton"
 
-    def __init__(self, args: List[str], workdir: Path, env: Optional[dict] = None, name: str = "baton"):
+    def __init__(self, args: List[str], workdir: Path, env: Optional[dict] = None, name: str = "baton",
+                 preexec_fn: Optional[Callable[[], None]] = None):
         self.args = args
         self.workdir = workdir
         self.stderr_path = workdir / ("%s.stderr" % name)
         self.stdout_extra_path = workdir / ("%s.stdout" % name)
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
-                                     env=env)
+                                     env=env, preexec_fn=preexec_fn)
         self.pid = self.proc.pid
         self.ready: Optional[dict] = None
         self.exit_status: Optional[int] = None
@@ -193,7 +194,7 @@ class ServerProcess(BatonProcess):
     kind = "baton serve"
 
     def __init__(self, config_path: Path, workdir: Path, config_text: str, name: str, env: Optional[dict] = None,
-                 extra_args: Optional[List[str]] = None):
+                 extra_args: Optional[List[str]] = None, preexec_fn: Optional[Callable[[], None]] = None):
         args = [BATON_BIN, "serve", "-c", str(config_path)] + list(extra_args or [])
         lvl = os.environ.get("BATON_TEST_LOG_LEVEL")
         if lvl:
@@ -202,7 +203,7 @@ class ServerProcess(BatonProcess):
         if env:
             full_env = dict(os.environ)
             full_env.update(env)
-        super().__init__(args, workdir, env=full_env, name=name)
+        super().__init__(args, workdir, env=full_env, name=name, preexec_fn=preexec_fn)
         self.config_path = config_path
         self.config_text = config_text
         self.addr = None
@@ -374,8 +375,9 @@ def server_factory(request, baton_bin, certs, echo_server, tmp_path, short_tmp):
     request.node._baton_procs = getattr(request.node, "_baton_procs", [])
 
     def start(routes=None, wait=True, env=None, successor_of: Optional[ServerProcess] = None, extra_args=None,
-              **kw) -> ServerProcess:
-        """successor_of=P: a new process with P's config file: it takes over from P (hot restart)."""
+              preexec_fn=None, **kw) -> ServerProcess:
+        """successor_of=P: a new process with P's config file: it takes over from P (hot restart).
+        preexec_fn: run in the child before exec (e.g. to lower RLIMIT_NOFILE)."""
         n = len(procs)
         if successor_of is not None:
             path, text = successor_of.config_path, successor_of.config_text
@@ -386,7 +388,8 @@ def server_factory(request, baton_bin, certs, echo_server, tmp_path, short_tmp):
             text = make_config(certs, routes, str(short_tmp / ("handoff%d.sock" % n)), **kw)
             path = tmp_path / ("server%d.yaml" % n)
             path.write_text(text)
-        p = ServerProcess(path, tmp_path, text, name="server%d" % n, env=env, extra_args=extra_args)
+        p = ServerProcess(path, tmp_path, text, name="server%d" % n, env=env, extra_args=extra_args,
+                          preexec_fn=preexec_fn)
         procs.append(p)
         request.node._baton_procs.append(p)
         if wait:
