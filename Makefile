@@ -2,11 +2,12 @@
 # so a fresh Debian 12 machine needs only `make run` or `make test`.
 BUILD   ?= build
 ASAN    ?= build-asan
+TSAN    ?= build-tsan
 FUZZ    ?= build-fuzz
 FUZZ_SECONDS ?= 60
 MESON_OPTS ?= --buildtype=debugoptimized
 
-.PHONY: all deps build asan run test test-unit test-integration fuzz bench clean
+.PHONY: all deps build asan tsan run test test-unit test-integration fuzz bench clean
 
 all: build
 
@@ -25,6 +26,14 @@ $(ASAN)/build.ninja:
 asan: deps $(ASAN)/build.ninja
 	ninja -C $(ASAN)
 
+# ThreadSanitizer: the admin HTTP threads beside the event loop (scripts/test.sh
+# runs the tests on it with TSAN_OPTIONS=suppressions=tests/tsan.supp).
+$(TSAN)/build.ninja:
+	meson setup $(TSAN) --buildtype=debug -Db_sanitize=thread
+
+tsan: deps $(TSAN)/build.ninja
+	ninja -C $(TSAN)
+
 run: build
 	@scripts/demo.sh $(BUILD)
 
@@ -40,4 +49,4 @@ bench: build
 	@bench/restart.py $(BUILD)
 
 clean:
-	rm -rf $(BUILD) $(ASAN) $(FUZZ)
+	rm -rf $(BUILD) $(ASAN) $(TSAN) $(FUZZ)

@@ -1,4 +1,6 @@
 // baton: the sidecar (`serve`), the client (`connect`) and their tools.
+#include <arpa/inet.h>
+#include <httplib.h>
 #include <mbedtls/sha256.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -7,11 +9,14 @@
 #include <spdlog/spdlog.h>
 #include <uv.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
 #include <iterator>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "baton/client.h"
@@ -42,10 +47,15 @@ usage:
   baton check -c FILE        Validate a configuration (and load its TLS files).
   baton certs --out DIR [--name DNS]... [--ip ADDR]...
       Write a development CA, server and client certificates and a ticket key.
+  baton status [-c FILE | --admin HOST:PORT] [--json]
+      Show a running baton's state, tunnels, routes and limits, read from its
+      admin API (GET /stats) at admin.listen of FILE, --admin, or 127.0.0.1:9901.
+      --json prints the /stats answer as it came.
   baton hash-token           Read a token on stdin, print the sha256 hex for the config.
   baton version
 
-exit status: 0 ok, 1 failure, 2 usage or configuration error, 3 rejected by the server
+exit status: 0 ok, 1 failure (status: admin API unreachable or in error), 2 usage or
+configuration error, 3 rejected by the server
 )";
 
 // Log lines as JSON need the message escaped; spdlog's pattern cannot do it.
@@ -471,6 +481,406 @@ int cmd_hash_token() {
   return kExitOk;
 }
 
+
+// --- baton status -----------------------------------------------------------
+// A reader for the admin API's /stats JSON (docs/operations.md). None of the
+// project's dependencies parses JSON and the document is small, so a minimal
+// recursive-descent parser does; it checks bounds and nesting depth, since
+// whatever answers on the address may not be baton.
+
+struct Json {
+  enum class Kind { null, boolean, number, string, array, object };
+  Kind kind = Kind::null;
+  bool b = false;
+  double n = 0;
+  std::string s;
+  std::vector<Json> items;        // array elements, or object member values
+  std::vector<std::string> keys;  // object member names, parallel to items
+
+  // Member `key` of an object; a null value when absent or not an object.
+  const Json& operator[](const std::string& key) const {
+    static const Json none;
+    if (kind == Kind::object)
+      for (size_t i = 0; i < keys.size(); ++i)
+        if (keys[i] == key) return items[i];
+    return none;
+  }
+  double num(double dflt = 0) const { return kind == Kind::number ? n : dflt; }
+  std::string str(const std::string& dflt = "") const { return kind == Kind::string ? s : dflt; }
+  bool truthy() const { return kind == Kind::boolean && b; }
+};
+
+class JsonParser {
+ public:
+  explicit JsonParser(const std::string& text) : t_(text) {}
+  // Parses the whole text; false (and error()) if it is not one JSON value.
+  bool parse(Json& out) {
+    if (!value(out, 0)) return false;
+    ws();
+    if (i_ != t_.size()) return fail("trailing characters");
+    return true;
+  }
+  const std::string& error() const { return error_; }
+
+ private:
+  bool fail(const char* what) {
+    if (error_.empty()) error_ = std::string(what) + " at offset " + std::to_string(i_);
+    return false;
+  }
+  void ws() {
+    while (i_ < t_.size() && (t_[i_] == ' ' || t_[i_] == '\n' || t_[i_] == '\r' || t_[i_] == '\t')) ++i_;
+  }
+  bool lit(const char* w) {
+    size_t n = std::strlen(w);
+    if (t_.compare(i_, n, w) != 0) return fail("unexpected token");
+    i_ += n;
+    return true;
+  }
+  bool value(Json& v, int depth) {
+    if (depth > 64) return fail("nested too deeply");
+    ws();
+    if (i_ >= t_.size()) return fail("unexpected end");
+    char c = t_[i_];
+    if (c == '{') return object(v, depth);
+    if (c == '[') return array(v, depth);
+    if (c == '"') {
+      v.kind = Json::Kind::string;
+      return string(v.s);
+    }
+    if (c == 't' || c == 'f') {
+      v.kind = Json::Kind::boolean;
+      v.b = c == 't';
+      return lit(v.b ? "true" : "false");
+    }
+    if (c == 'n') return lit("null");
+    return number(v);
+  }
+  bool object(Json& v, int depth) {
+    v.kind = Json::Kind::object;
+    ++i_;
+    ws();
+    if (i_ < t_.size() && t_[i_] == '}') return ++i_, true;
+    for (;;) {
+      ws();
+      std::string key;
+      if (i_ >= t_.size() || t_[i_] != '"' || !string(key)) return fail("expected a member name");
+      ws();
+      if (i_ >= t_.size() || t_[i_] != ':') return fail("expected ':'");
+      ++i_;
+      Json m;
+      if (!value(m, depth + 1)) return false;
+      v.keys.push_back(std::move(key));
+      v.items.push_back(std::move(m));
+      ws();
+      if (i_ < t_.size() && t_[i_] == ',') {
+        ++i_;
+        continue;
+      }
+      if (i_ < t_.size() && t_[i_] == '}') return ++i_, true;
+      return fail("expected ',' or '}'");
+    }
+  }
+  bool array(Json& v, int depth) {
+    v.kind = Json::Kind::array;
+    ++i_;
+    ws();
+    if (i_ < t_.size() && t_[i_] == ']') return ++i_, true;
+    for (;;) {
+      Json item;
+      if (!value(item, depth + 1)) return false;
+      v.items.push_back(std::move(item));
+      ws();
+      if (i_ < t_.size() && t_[i_] == ',') {
+        ++i_;
+        continue;
+      }
+      if (i_ < t_.size() && t_[i_] == ']') return ++i_, true;
+      return fail("expected ',' or ']'");
+    }
+  }
+  bool hex4(uint32_t& out) {
+    out = 0;
+    for (int k = 0; k < 4; ++k, ++i_) {
+      if (i_ >= t_.size()) return fail("short \\u escape");
+      char c = t_[i_];
+      int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+      if (d < 0) return fail("bad \\u escape");
+      out = out * 16 + uint32_t(d);
+    }
+    return true;
+  }
+  bool string(std::string& out) {
+    ++i_;  // opening quote
+    while (i_ < t_.size()) {
+      char c = t_[i_++];
+      if (c == '"') return true;
+      if (c != '\\') {
+        out += c;
+        continue;
+      }
+      if (i_ >= t_.size()) break;
+      char e = t_[i_++];
+      switch (e) {
+        case '"': case '\\': case '/': out += e; break;
+        case 'b': out += '\b'; break;
+        case 'f': out += '\f'; break;
+        case 'n': out += '\n'; break;
+        case 'r': out += '\r'; break;
+        case 't': out += '\t'; break;
+        case 'u': {
+          uint32_t cp;
+          if (!hex4(cp)) return false;
+          if (cp >= 0xd800 && cp < 0xdc00 && t_.compare(i_, 2, "\\u") == 0) {
+            i_ += 2;
+            uint32_t lo;
+            if (!hex4(lo)) return false;
+            cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
+          }
+          // UTF-8
+          if (cp < 0x80) {
+            out += char(cp);
+          } else if (cp < 0x800) {
+            out += char(0xc0 | (cp >> 6));
+            out += char(0x80 | (cp & 0x3f));
+          } else if (cp < 0x10000) {
+            out += char(0xe0 | (cp >> 12));
+            out += char(0x80 | ((cp >> 6) & 0x3f));
+            out += char(0x80 | (cp & 0x3f));
+          } else {
+            out += char(0xf0 | (cp >> 18));
+            out += char(0x80 | ((cp >> 12) & 0x3f));
+            out += char(0x80 | ((cp >> 6) & 0x3f));
+            out += char(0x80 | (cp & 0x3f));
+          }
+          break;
+        }
+        default: return fail("bad escape");
+      }
+    }
+    return fail("unterminated string");
+  }
+  bool number(Json& v) {
+    size_t start = i_;
+    while (i_ < t_.size() && std::strchr("+-0123456789.eE", t_[i_])) ++i_;
+    if (start == i_) return fail("unexpected character");
+    std::string tok = t_.substr(start, i_ - start);
+    char* end = nullptr;
+    v.kind = Json::Kind::number;
+    v.n = std::strtod(tok.c_str(), &end);
+    if (!end || *end) return fail("bad number");
+    return true;
+  }
+
+  const std::string& t_;
+  size_t i_ = 0;
+  std::string error_;
+};
+
+std::string human_bytes(double b) {
+  static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+  int u = 0;
+  while (b >= 1024 && u < 5) {
+    b /= 1024;
+    ++u;
+  }
+  char buf[32];
+  if (u == 0) std::snprintf(buf, sizeof buf, "%.0f B", b);
+  else std::snprintf(buf, sizeof buf, "%.1f %s", b, units[u]);
+  return buf;
+}
+
+std::string human_duration(double seconds) {
+  uint64_t s = seconds > 0 ? uint64_t(seconds) : 0;
+  char buf[48];
+  if (s < 60 && seconds == double(s)) std::snprintf(buf, sizeof buf, "%lus", (unsigned long)s);
+  else if (s < 60) std::snprintf(buf, sizeof buf, "%.1fs", seconds > 0 ? seconds : 0.0);
+  else if (s < 3600) std::snprintf(buf, sizeof buf, "%lum%02lus", (unsigned long)(s / 60), (unsigned long)(s % 60));
+  else if (s < 86400)
+    std::snprintf(buf, sizeof buf, "%luh%02lum", (unsigned long)(s / 3600), (unsigned long)(s / 60 % 60));
+  else std::snprintf(buf, sizeof buf, "%lud%02luh", (unsigned long)(s / 86400), (unsigned long)(s / 3600 % 24));
+  return buf;
+}
+
+std::string count(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.0f", v);
+  return buf;
+}
+
+// "accepted 3, established 2" from {"accepted":3,"established":2}; "none" if empty.
+std::string counters_line(const Json& o) {
+  std::string out;
+  for (size_t i = 0; i < o.keys.size(); ++i) {
+    if (!out.empty()) out += ", ";
+    out += o.keys[i] + " " + count(o.items[i].num());
+  }
+  return out.empty() ? "none" : out;
+}
+
+// A table with a header row; align[c] is 'l' or 'r' for column c.
+std::string table(const std::vector<std::vector<std::string>>& rows, const std::string& indent, const char* align) {
+  std::vector<size_t> w;
+  for (const auto& r : rows)
+    for (size_t c = 0; c < r.size(); ++c) {
+      if (w.size() <= c) w.push_back(0);
+      w[c] = std::max(w[c], r[c].size());
+    }
+  std::string out;
+  for (const auto& r : rows) {
+    std::string line = indent;
+    for (size_t c = 0; c < r.size(); ++c) {
+      if (c) line += "  ";
+      std::string pad(w[c] - r[c].size(), ' ');
+      bool left = c < std::strlen(align) && align[c] == 'l';
+      line += left ? r[c] + pad : pad + r[c];
+    }
+    while (!line.empty() && line.back() == ' ') line.pop_back();
+    out += line + "\n";
+  }
+  return out;
+}
+
+// The human-readable rendering of /stats.
+std::string render_status(const Json& st, const std::string& admin) {
+  std::string o;
+  auto row = [&](const std::string& label, const std::string& text) {
+    o += label + std::string(label.size() < 11 ? 11 - label.size() : 1, ' ') + text + "\n";
+  };
+  row("process", "pid " + count(st["pid"].num()) + ", baton " + st["version"].str("?") + ", server_id \"" +
+                     st["server_id"].str() + "\", epoch " + count(st["epoch"].num()) + ", up " +
+                     human_duration(st["uptime_s"].num()));
+  row("state", st["state"].str("?") + (st["ready"].truthy() ? " (ready)" : " (not ready)"));
+  row("listen", st["listen"].str("-") + ", admin " + admin);
+  const Json& d = st["drain"];
+  if (d["draining"].truthy()) {
+    row("drain", "draining for " + human_duration(d["elapsed_ms"].num() / 1000) + " of " +
+                     human_duration(d["grace_ms"].num() / 1000) + " grace; " + count(d["tunnels_left"].num()) +
+                     " tunnels and " + count(d["streams_left"].num()) + " streams left");
+  } else {
+    row("drain", "not draining (grace " + human_duration(d["grace_ms"].num() / 1000) + ")");
+  }
+  const Json& t = st["tunnels"];
+  row("tunnels", count(t["active"].num()) + " active, " + count(t["handshaking"].num()) + " handshaking, " +
+                     count(t["queued"].num()) + " queued (" + count(t["connections"].num()) + " connections)");
+  row("  totals", counters_line(t["total"]));
+  row("streams", count(st["streams"]["active"].num()) + " active");
+
+  std::vector<const Json*> routes;
+  const Json& route_list = st["routes"];
+  if (route_list.kind == Json::Kind::array)
+    for (const Json& r : route_list.items) routes.push_back(&r);
+  std::stable_sort(routes.begin(), routes.end(), [](const Json* a, const Json* b) {
+    return (*a)["bytes_up"].num() + (*a)["bytes_down"].num() > (*b)["bytes_up"].num() + (*b)["bytes_down"].num();
+  });
+  o += "\nroutes (by traffic)\n";
+  std::vector<std::vector<std::string>> rows = {
+      {"ROUTE", "UPSTREAM", "UP", "DOWN", "ACTIVE", "OPENED", "CONNECT FAILED"}};
+  for (const Json* r : routes)
+    rows.push_back({(*r)["name"].str(), (*r)["upstream"].str(), human_bytes((*r)["bytes_up"].num()),
+                    human_bytes((*r)["bytes_down"].num()), count((*r)["streams_active"].num()),
+                    count((*r)["streams_opened"].num()), count((*r)["connect_failed"].num())});
+  o += table(rows, "  ", "llrrrrr");
+
+  double warn = st["warn_percent"].num(80);
+  o += "\nlimits (warning at " + count(warn) + "%)\n";
+  rows = {{"LIMIT", "USED", "MAX", "USE", ""}};
+  const Json& limits = st["limits"];
+  for (size_t i = 0; i < limits.keys.size(); ++i) {
+    const std::string& name = limits.keys[i];
+    const Json& l = limits.items[i];
+    double limit = l["limit"].num(), used = l["used"].num(), pct = l["ratio"].num() * 100;
+    char p[16];
+    std::snprintf(p, sizeof p, "%.0f%%", std::floor(pct));
+    bool hot = limit > 0 && pct >= warn;
+    rows.push_back({name, count(used), limit > 0 ? count(limit) : "-", limit > 0 ? p : "-", hot ? "<- high" : ""});
+  }
+  o += table(rows, "  ", "lrrrl");
+
+  o += "\n";
+  row("overload", "rejections: " + counters_line(st["overload_rejections"]));
+  row("handoff", "tunnels: " + counters_line(st["handoff"]));
+  const Json& pr = st["process"];
+  row("resources", "rss " + human_bytes(pr["resident_bytes"].num()) + ", " + count(pr["open_fds"].num()) +
+                       " open fds");
+  return o;
+}
+
+int cmd_status(Args& a) {
+  std::string cfg_path, admin_arg;
+  bool err = false, json = false;
+  while (a.more() && !err) {
+    if (a.v[a.i] == "--json") {
+      json = true;
+      ++a.i;
+      continue;
+    }
+    if (a.take("-c", cfg_path, err) || a.take("--config", cfg_path, err) || a.take("--admin", admin_arg, err))
+      continue;
+    return usage_error("status: unknown argument " + a.v[a.i]);
+  }
+  if (err) return kExitUsage;
+  if (!cfg_path.empty() && !admin_arg.empty()) return usage_error("status: give -c FILE or --admin HOST:PORT, not both");
+
+  baton::config::HostPort addr{"127.0.0.1", 9901};
+  if (!admin_arg.empty()) {
+    std::string s = admin_arg;
+    if (s.rfind("http://", 0) == 0) s = s.substr(7);
+    while (!s.empty() && s.back() == '/') s.pop_back();
+    auto hp = baton::config::parse_host_port(s, false);
+    if (!hp) return usage_error("status: --admin expects HOST:PORT (e.g. 127.0.0.1:9901), got \"" + admin_arg + "\"");
+    addr = *hp;
+  } else if (!cfg_path.empty()) {
+    baton::config::Config cfg;
+    if (int rc = load_config(cfg_path, cfg)) return rc;
+    if (cfg.admin.port == 0)
+      return usage_error("status: admin.listen in " + cfg_path +
+                         " has port 0 (any free port); give the bound address with --admin HOST:PORT");
+    addr = cfg.admin;
+  }
+  // A wildcard listen address answers on loopback.
+  in_addr a4;
+  in6_addr a6;
+  if (inet_pton(AF_INET, addr.host.c_str(), &a4) == 1 && a4.s_addr == htonl(INADDR_ANY)) addr.host = "127.0.0.1";
+  else if (inet_pton(AF_INET6, addr.host.c_str(), &a6) == 1 && IN6_IS_ADDR_UNSPECIFIED(&a6)) addr.host = "::1";
+  const std::string where = addr.to_string();
+
+  httplib::Client cli(addr.host, addr.port);
+  cli.set_connection_timeout(2, 0);
+  cli.set_read_timeout(5, 0);  // the admin waits up to 1 s for the event loop
+  cli.set_write_timeout(2, 0);
+  auto res = cli.Get("/stats");
+  if (!res) {
+    httplib::Error e = res.error();
+    std::string why = e == httplib::Error::Connection ? "cannot connect (is `baton serve` running with this admin.listen?)"
+                      : e == httplib::Error::ConnectionTimeout ? "connection timed out"
+                      : e == httplib::Error::Read ? "no answer"
+                                                  : "request failed (" + httplib::to_string(e) + ")";
+    std::fprintf(stderr, "baton status: admin API at http://%s unreachable: %s\n", where.c_str(), why.c_str());
+    return kExitFailure;
+  }
+  if (res->status != 200) {
+    std::string body = res->body.substr(0, 300);
+    while (!body.empty() && (body.back() == '\n' || body.back() == '\r')) body.pop_back();
+    std::fprintf(stderr, "baton status: admin API at http://%s answered GET /stats with %d: %s\n", where.c_str(),
+                 res->status, body.c_str());
+    return kExitFailure;
+  }
+  if (json) {
+    std::fwrite(res->body.data(), 1, res->body.size(), stdout);
+    if (res->body.empty() || res->body.back() != '\n') std::fputc('\n', stdout);
+    return kExitOk;
+  }
+  Json st;
+  JsonParser parser(res->body);
+  if (!parser.parse(st) || st.kind != Json::Kind::object) {
+    std::fprintf(stderr, "baton status: admin API at http://%s: GET /stats is not a JSON object (%s)\n", where.c_str(),
+                 parser.error().empty() ? "not an object" : parser.error().c_str());
+    return kExitFailure;
+  }
+  std::fputs(render_status(st, where).c_str(), stdout);
+  return kExitOk;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -481,6 +891,7 @@ int main(int argc, char** argv) {
   if (cmd == "connect") return cmd_connect(a);
   if (cmd == "check") return cmd_check(a);
   if (cmd == "certs") return cmd_certs(a);
+  if (cmd == "status") return cmd_status(a);
   if (cmd == "hash-token") return cmd_hash_token();
   if (cmd == "version" || cmd == "--version") {
     std::printf("baton %s (mbedTLS 2.28, libuv %s)\n", BATON_VERSION, uv_version_string());

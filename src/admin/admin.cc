@@ -85,7 +85,7 @@ const Family kFamilies[] = {
     {"baton_streams_total", "counter", "Streams by route and outcome: opened, connect_failed, unknown_route."},
     {"baton_bytes_total", "counter", "Bytes relayed by route; direction up = client to upstream, down = upstream to client."},
     {"baton_upstream_connect_seconds", "histogram", "Time to connect to a route's upstream."},
-    {"baton_handshake_seconds", "histogram", "TLS handshake duration, from the first byte to Finished."},
+    {"baton_handshake_seconds", "histogram", "TLS handshake duration, from getting a handshake slot to Finished."},
     {"baton_overload_rejections_total", "counter",
      "Refusals by limit: max_tunnels, max_streams_per_tunnel, stream_open_rate, handshake_queue, fd_exhausted."},
     {"baton_drain_state", "gauge", "1 while draining, else 0."},

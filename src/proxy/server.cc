@@ -233,8 +233,15 @@ void Server::on_accept(int fd) {
     handshake_queue_.push_back(t);
   } else {
     metrics_.inc(series("baton_overload_rejections_total", {{"reason", "handshake_queue"}}));
-    spdlog::warn("refusing connection from {}: {} handshakes running and {} queued (limits.max_queued_handshakes)",
-                 t->peer(), handshaking_, handshake_queue_.size());
+    // A reconnect storm refuses thousands: one line a second at most, with the count.
+    ++queue_refusals_unlogged_;
+    uint64_t now = uv_now(loop_);
+    if (now - queue_refusal_logged_ms_ >= 1000) {
+      spdlog::warn("refused {} connection(s): {} handshakes running and {} queued (limits.max_queued_handshakes)",
+                   queue_refusals_unlogged_, handshaking_, handshake_queue_.size());
+      queue_refusal_logged_ms_ = now;
+      queue_refusals_unlogged_ = 0;
+    }
     delete t;
   }
 }
@@ -298,13 +305,16 @@ Metrics Server::metrics_snapshot() const {
 }
 
 namespace {
+// Through a descriptor opened once, so it still works when descriptors run out.
 uint64_t resident_bytes() {
-  FILE* f = std::fopen("/proc/self/statm", "r");
-  if (!f) return 0;
+  static int fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
+  char buf[128];
+  ssize_t n = fd < 0 ? -1 : pread(fd, buf, sizeof buf - 1, 0);
+  if (n <= 0) return 0;
+  buf[n] = 0;
   unsigned long size = 0, rss = 0;
-  int n = std::fscanf(f, "%lu %lu", &size, &rss);
-  std::fclose(f);
-  return n == 2 ? uint64_t(rss) * uint64_t(sysconf(_SC_PAGESIZE)) : 0;
+  if (std::sscanf(buf, "%lu %lu", &size, &rss) != 2) return 0;
+  return uint64_t(rss) * uint64_t(sysconf(_SC_PAGESIZE));
 }
 
 // Counts /proc/self/fd through a descriptor opened once: when descriptors

@@ -133,6 +133,8 @@ class Server {
   std::deque<Tunnel*> handshake_queue_;  // accepted, waiting for a handshake slot
   size_t handshaking_ = 0;               // tunnels holding a slot
   size_t serving_ = 0;                   // WELCOME sent, not closed
+  uint64_t queue_refusal_logged_ms_ = 0;
+  uint64_t queue_refusals_unlogged_ = 0;
   Metrics metrics_;
   ServeState state_ = ServeState::starting;
   uint64_t started_ms_ = 0;

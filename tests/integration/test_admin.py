@@ -630,7 +630,7 @@ def test_handshake_slots_and_queue(server_factory, client_ctx):
     the queue full and is closed at once, counted as handshake_queue."""
     srv = server_factory(limits={"max_concurrent_handshakes": 1, "max_queued_handshakes": 1,
                                  "handshake_timeout_ms": 1500})
-    a = Admin(srv, persistent=True)
+    a = Admin(srv)  # a connection per request: the admin closes idle keep-alives after 1 s
     t0 = time.monotonic()
     silent = socket.create_connection(srv.addr, timeout=scaled(10))
     wait_until(lambda: a.metrics().get("baton_tunnels_handshaking") == 1, 5, what="the silent connection's slot")

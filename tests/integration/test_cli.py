@@ -11,6 +11,15 @@ import pytest
 
 from conftest import BATON_BIN, SERVER_ID, TOKEN, make_config, scaled
 
+# Under ThreadSanitizer (GCC 12's libtsan) a signal sent the moment a process
+# is ready is now and then never delivered to libuv's handler: the process
+# runs on until a second signal. A 40-line program with only libuv's
+# uv_signal_t and std::thread shows it too (about 1 in 20..70 runs), and
+# without TSan it never happens. scripts/test.sh sets BATON_TEST_TSAN=1.
+tsan_loses_early_signals = pytest.mark.skipif(
+    os.environ.get("BATON_TEST_TSAN") == "1",
+    reason="TSan sometimes loses a signal that arrives right after start-up")
+
 
 def run(args, timeout=30, **kw):
     return subprocess.run(args, capture_output=True, timeout=scaled(timeout), **kw)
@@ -41,6 +50,7 @@ def test_serve_ready_line_and_sigterm_exit_0(server):
     assert server.stop(signal.SIGTERM) == 0
 
 
+@tsan_loses_early_signals
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_signal_right_after_ready_line_exit_0(baton_bin, certs, tmp_path, short_tmp, sig):
     """The ready line promises a running server: a signal sent the moment it
@@ -63,6 +73,7 @@ def test_serve_signal_right_after_ready_line_exit_0(baton_bin, certs, tmp_path, 
     assert statuses == [0] * 10, "exit statuses: %s (negative = killed by the signal)" % statuses
 
 
+@tsan_loses_early_signals
 def test_connect_sigterm_right_after_ready_line_exit_0(server, connect_factory):
     statuses = []
     for _ in range(5):
