@@ -129,7 +129,7 @@ grep -E "committed" "$RUN/serve.log" | sed 's/.*handoff: /   old process: /'
 wait "$TRAFFIC"
 cat "$RUN/during-restart.txt"
 echo "   The client never reconnected: baton connect logged nothing but its first tunnel:"
-grep -cE "tunnel up" "$RUN/connect.log" | sed 's/^/   tunnels opened by the client: /'
+grep -cE "tunnel up|session [0-9]+ up" "$RUN/connect.log" | sed "s/^/   sessions opened by the client: /"
 cat <<TXT
 
 Running. Try it yourself:

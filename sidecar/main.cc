@@ -22,6 +22,7 @@
 #include "baton/client.h"
 #include "config/config.h"
 #include "admin/admin.h"
+#include "drain/drainer.h"
 #include "handoff/child.h"
 #include "handoff/parent.h"
 #include "proxy/server.h"
@@ -39,11 +40,16 @@ usage:
   baton serve -c FILE [--log-level L] [--log-format text|json]
       Terminate client tunnels as configured in FILE. Prints one JSON line
       {"event":"ready",...} to stdout once listening; logs go to stderr.
-  baton connect --server HOST:PORT --forward LISTEN=ROUTE [--forward ...]
+  baton connect --server HOST:PORT [--server ...] --forward LISTEN=ROUTE [--forward ...]
                 [--token T | --token-file F] [--ca FILE] [--cert FILE --key FILE]
-                [--server-name NAME] [--client-id ID] [--log-level L] [--log-format F]
+                [--server-name NAME] [--client-id ID] [--max-reconnects N]
+                [--log-level L] [--log-format F]
       Open a tunnel and forward each local connection on LISTEN to ROUTE.
       The token may also come from the BATON_TOKEN environment variable.
+      Reconnects (rotating through the --server list, with backoff) when the
+      session ends and follows DRAIN; --max-reconnects N gives up after N
+      failed tries in a row (default 0: never). Prints {"event":"ready",...},
+      then {"event":"session",...} for every session that comes up.
   baton check -c FILE        Validate a configuration (and load its TLS files).
   baton certs --out DIR [--name DNS]... [--ip ADDR]...
       Write a development CA, server and client certificates and a ticket key.
@@ -268,10 +274,12 @@ int cmd_serve(Args& a) {
   uv_timer_init(loop, &exit_timer);
   std::unique_ptr<baton::handoff::Parent> parent;
   std::unique_ptr<baton::admin::Admin> admin;
+  std::unique_ptr<baton::drain::Drainer> drainer;
   Signals sig;
   std::function<void()> check_exit = [&]() {
     parent.reset();
     admin.reset();  // the successor answers on the admin port now
+    if (drainer) drainer->stop();
     size_t left = server->tunnel_count(), draining = server->draining_tunnels();
     bool closing_too_long = draining == 0 && uv_now(loop) - handed_over_ms >= 500;
     if (left == 0 || closing_too_long) {
@@ -312,10 +320,11 @@ int cmd_serve(Args& a) {
   server->set_state(baton::proxy::ServeState::serving);
   spdlog::info("baton {} serving tunnels on {} as \"{}\" ({} routes, epoch {})", BATON_VERSION, server->listen_address(),
                server->server_id(), cfg.routes.size(), server->epoch());
-  // Handlers before the ready line: whoever reads it may signal at once.
-  sig.start(loop, [&](int signum) {
+  // Drain (POST /drain, `baton drain`, SIGTERM): tell every client to move,
+  // let the streams finish, then exit.
+  auto stop_now = [&]() {
     if (!server) return;
-    spdlog::info("received {}, closing {} tunnels", signum == SIGTERM ? "SIGTERM" : "SIGINT", server->tunnel_count());
+    drainer->stop();
     parent.reset();
     admin.reset();
     if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(&exit_timer))) {
@@ -324,6 +333,21 @@ int cmd_serve(Args& a) {
     }
     server->stop();
     sig.stop();
+  };
+  drainer = std::make_unique<baton::drain::Drainer>(loop, *server, cfg.drain, [&](const std::string&) { stop_now(); });
+  std::string drain_trigger = "POST /drain";
+  server->set_drain_handler([&]() { drainer->start(drain_trigger); });
+  // Handlers before the ready line: whoever reads it may signal at once.
+  // SIGTERM: drain, then exit. SIGINT, or SIGTERM again: exit at once.
+  sig.start(loop, [&](int signum) {
+    if (!server) return;
+    if (signum == SIGTERM && drainer->phase() == baton::drain::DrainPhase::idle && !handed_over) {
+      drain_trigger = "SIGTERM";
+      server->start_drain();
+      return;
+    }
+    spdlog::info("received {}, closing {} tunnels now", signum == SIGTERM ? "SIGTERM" : "SIGINT", server->tunnel_count());
+    stop_now();
   });
   print_line("{\"event\":\"ready\",\"listen\":" + json_string(server->listen_address()) +
              ",\"pid\":" + std::to_string(getpid()) + ",\"epoch\":" + std::to_string(server->epoch()) +
@@ -332,6 +356,7 @@ int cmd_serve(Args& a) {
   uv_run(loop, UV_RUN_DEFAULT);
   parent.reset();
   admin.reset();
+  drainer.reset();
   server.reset();
   uv_run(loop, UV_RUN_DEFAULT);  // let the close callbacks run
   spdlog::info(handed_over ? "handed over, exiting" : "stopped");
@@ -349,7 +374,20 @@ int cmd_connect(Args& a) {
       o.forwards.push_back({fwd.substr(0, eq), fwd.substr(eq + 1)});
       continue;
     }
-    if (a.take("--server", o.server, err) || a.take("--token", o.token, err) ||
+    std::string srv, num;
+    if (a.take("--server", srv, err)) {
+      if (o.server.empty()) o.server = srv;
+      else o.servers.push_back(srv);
+      continue;
+    }
+    if (a.take("--max-reconnects", num, err)) {
+      char* end = nullptr;
+      unsigned long v = std::strtoul(num.c_str(), &end, 10);
+      if (num.empty() || *end || v > UINT32_MAX) return usage_error("--max-reconnects expects a number, got \"" + num + "\"");
+      o.max_reconnects = uint32_t(v);
+      continue;
+    }
+    if (a.take("--token", o.token, err) ||
         a.take("--token-file", token_file, err) || a.take("--ca", o.ca_file, err) ||
         a.take("--cert", o.cert_file, err) || a.take("--key", o.key_file, err) ||
         a.take("--server-name", o.server_name, err) || a.take("--client-id", o.client_id, err) ||
@@ -387,9 +425,23 @@ int cmd_connect(Args& a) {
       fw += "{\"listen\":" + json_string(addr) + ",\"route\":" + json_string(route) + "}";
       spdlog::info("forwarding {} -> route \"{}\"", addr, route);
     }
-    spdlog::info("tunnel up to {} (server \"{}\", heartbeat {} ms)", o.server, r.server_id, r.heartbeat_ms);
+    spdlog::info("tunnel up (server \"{}\", heartbeat {} ms)", r.server_id, r.heartbeat_ms);
     print_line("{\"event\":\"ready\",\"forwards\":[" + fw + "],\"session_id\":\"" +
                baton::util::to_hex(r.session_id) + "\",\"server_id\":" + json_string(r.server_id) + "}");
+  };
+  ev.on_session = [&](const baton::ClientSessionInfo& si) {
+    if (si.n > 1)
+      spdlog::info("session {} up to {} (server \"{}\", {})", si.n, si.server, si.server_id,
+                   si.resumed ? "resumed" : "full handshake");
+    print_line("{\"event\":\"session\",\"n\":" + std::to_string(si.n) + ",\"server\":" + json_string(si.server) +
+               ",\"server_id\":" + json_string(si.server_id) + ",\"session_id\":\"" +
+               baton::util::to_hex(si.session_id) + "\",\"resumed\":" + (si.resumed ? "true" : "false") +
+               ",\"reconnects\":" + std::to_string(si.counters.reconnects) +
+               ",\"resumed_handshakes\":" + std::to_string(si.counters.resumed_handshakes) +
+               ",\"drains_followed\":" + std::to_string(si.counters.drains_followed) + "}");
+  };
+  ev.on_session_lost = [&](uint64_t n, const std::string& why) {
+    spdlog::warn("session {} lost: {}; reconnecting", n, why);
   };
   ev.on_reject = [&](uint16_t code, const std::string& reason) {
     static const char* names[] = {"?", "unsupported version", "unauthorized", "overloaded", "draining"};

@@ -6,6 +6,17 @@
 // becomes one stream to the forwarder's route. open_stream() gives the same
 // to a program that already holds a connected socket.
 //
+// The client keeps a session up: when one ends (closed, heartbeat lost, dead
+// TCP path) it dials again, rotating through `servers`, with exponential
+// backoff and full jitter (100 ms, x1.5, cap 5 s). On DRAIN (PROTOCOL.md 6)
+// it opens the replacement session at once (make before break): new streams
+// go to the new session as soon as it is ready, old streams finish on the old
+// one. Local connections that arrive while no session is ready wait (at most
+// connect_timeout_ms) instead of failing. Every reconnect offers the last TLS
+// session ticket. Only REJECT 1 (version) and 2 (unauthorized), or giving up
+// (max_reconnects; or no server reachable at all before the first session),
+// stop the client: on_closed.
+//
 // Threading: every call must come from the loop's thread.
 #pragma once
 
@@ -26,15 +37,41 @@ struct ClientForward {
 };
 
 struct ClientOptions {
-  std::string server;       // "host:port" of the sidecar's tunnel listener
-  std::string server_name;  // certificate name to verify; default: the host of `server`
+  std::string server;       // "host:port" of the sidecar's tunnel listener (tried first)
+  std::vector<std::string> servers;  // more "host:port"s, tried in turn after `server`
+  std::string server_name;  // certificate name to verify; default: the host of the address dialed
   std::string token;        // sent in HELLO; never logged
   std::string client_id;    // shown in the sidecar's logs; default: the host name
   std::string ca_file;      // CA that signed the sidecar's certificate; default: system bundle
   std::string cert_file;    // optional client certificate (mTLS)
   std::string key_file;
   std::vector<ClientForward> forwards;
-  uint32_t connect_timeout_ms = 10000;  // TCP + TLS + WELCOME
+  uint32_t connect_timeout_ms = 10000;  // TCP + TLS + WELCOME; also how long a local connection waits for a session
+  // Consecutive failed tries (no session became ready) before giving up; 0 = never.
+  uint32_t max_reconnects = 0;
+  // TCP keepalive and TCP_USER_TIMEOUT on the tunnel socket find a dead path
+  // within about this long; 0 leaves the system defaults.
+  uint32_t dead_after_ms = 10000;
+};
+
+struct ClientCounters {
+  uint64_t sessions_opened = 0;     // sessions that got WELCOME
+  uint64_t reconnects = 0;          // sessions after the first
+  uint64_t full_handshakes = 0;
+  uint64_t resumed_handshakes = 0;  // TLS resumed with a session ticket
+  uint64_t drains_followed = 0;     // DRAIN messages acted upon
+  uint64_t failed_tries = 0;        // dials that ended before WELCOME (incl. REJECT)
+};
+
+// One session that became ready (the first one too).
+struct ClientSessionInfo {
+  uint64_t n = 0;           // 1 for the first session, then 2, 3, ...
+  std::string server;       // "host:port" dialed
+  std::string server_id;    // from WELCOME
+  std::array<uint8_t, 16> session_id{};
+  uint32_t heartbeat_ms = 0;
+  bool resumed = false;     // TLS session resumed with a ticket
+  ClientCounters counters;  // after this session was counted
 };
 
 struct ClientReady {
@@ -48,8 +85,13 @@ struct ClientEvents {
   std::function<void(const ClientReady&)> on_ready;  // WELCOME received, forwarders listening
   // REJECT received: code per PROTOCOL.md (1 version, 2 unauthorized, 3 overloaded, 4 draining).
   std::function<void(uint16_t code, const std::string& reason)> on_reject;
-  // The session ended (after on_ready) or could not be established; `error` says why.
+  // The client stopped for good (fatal REJECT, gave up reconnecting, bad
+  // forward address); `error` says why. Not called after stop().
   std::function<void(const std::string& error)> on_closed;
+  // A session became ready (after on_ready for the first one).
+  std::function<void(const ClientSessionInfo&)> on_session;
+  // A ready session ended; the client reconnects unless told to stop.
+  std::function<void(uint64_t n, const std::string& reason)> on_session_lost;
 };
 
 class Client {
@@ -66,11 +108,16 @@ class Client {
   void stop();
 
   // Relays an already connected TCP socket `fd` over a new stream to `route`.
-  // Takes ownership of fd. False if no session is established.
+  // Takes ownership of fd. While no session is ready the socket waits (at most
+  // connect_timeout_ms, then it is reset). False (fd closed) if the client is
+  // stopped.
   bool open_stream(int fd, const std::string& route);
 
-  // Streams currently open on the session.
+  // Streams currently open on all sessions (the current one and draining ones).
   size_t stream_count() const;
+  // Local connections waiting for a session.
+  size_t waiting_count() const;
+  const ClientCounters& counters() const;
   // Local "host:port" of the tunnel's TCP connection ("" when none). A hot
   // restart of the sidecar leaves it unchanged: the connection is the same.
   std::string local_address() const;

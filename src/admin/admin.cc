@@ -2,7 +2,10 @@
 
 #include <httplib.h>
 #include <spdlog/spdlog.h>
+#include <pthread.h>
 #include <sys/socket.h>
+
+#include <csignal>
 #include <unistd.h>
 
 #include <chrono>
@@ -88,7 +91,7 @@ const Family kFamilies[] = {
     {"baton_handshake_seconds", "histogram", "TLS handshake duration, from getting a handshake slot to Finished."},
     {"baton_overload_rejections_total", "counter",
      "Refusals by limit: max_tunnels, max_streams_per_tunnel, stream_open_rate, handshake_queue, fd_exhausted."},
-    {"baton_drain_state", "gauge", "1 while draining, else 0."},
+    {"baton_drain_state", "gauge", "0 serving, 1 notifying clients, 2 waiting for streams to end, 3 done."},
     {"baton_ready", "gauge", "1 while /readyz answers 200."},
     {"baton_restart_epoch", "gauge", "Hot restarts since the first process of this lineage (0 = first)."},
     {"baton_handoff_tunnels_total", "counter",
@@ -123,6 +126,7 @@ Snapshot take_snapshot(const proxy::Server& server) {
   s.limits = server.config().limits;
   s.drain_grace_ms = server.config().drain.grace_ms;
   s.drain_elapsed_ms = server.drain_started_ms() ? now - server.drain_started_ms() : 0;
+  s.drain_phase = server.drain_phase();
   s.tunnels_active = server.serving_tunnels();
   s.tunnels_total = server.tunnel_count();
   return s;
@@ -172,6 +176,7 @@ std::string render_drain_json(const Snapshot& s) {
   bool draining = s.state == proxy::ServeState::draining;
   std::string o = "{\"draining\":" + std::string(draining ? "true" : "false");
   o += ",\"state\":" + json_str(proxy::to_str(s.state));
+  o += ",\"phase\":" + json_str(s.drain_phase);
   o += ",\"grace_ms\":" + num(s.drain_grace_ms);
   o += ",\"elapsed_ms\":" + num(double(s.drain_elapsed_ms));
   o += ",\"tunnels_left\":" + num(double(s.tunnels_active));
@@ -314,7 +319,15 @@ std::string Admin::start(const config::HostPort& listen) {
     return "admin: cannot listen on " + listen.to_string() + ": " + std::strerror(errno);
   }
   address_ = (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + std::to_string(port);
+  // The HTTP threads never take a process signal: they go to the loop
+  // thread, whose libuv handlers turn them into events. (The threads inherit
+  // the mask; the loop thread gets its own back at once.)
+  sigset_t block, old;
+  sigemptyset(&block);
+  for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGCHLD, SIGPIPE}) sigaddset(&block, sig);
+  pthread_sigmask(SIG_BLOCK, &block, &old);
   thread_ = std::thread([this] { http_->listen_after_bind(); });
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
   return "";
 }
 

@@ -1,7 +1,16 @@
 #include "baton/client.h"
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <spdlog/spdlog.h>
+#include <sys/socket.h>
 #include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <deque>
+#include <optional>
+#include <random>
 
 #include "config/config.h"
 #include "mux/control.h"
@@ -19,23 +28,47 @@ using proxy::LinkPhase;
 
 namespace {
 
+constexpr uint32_t kBackoffInitialMs = 100;
+constexpr double kBackoffFactor = 1.5;
+constexpr uint32_t kBackoffCapMs = 5000;
+
+// Where one dial goes.
+struct Target {
+  config::HostPort hp;
+  std::string name;  // TLS server name
+  std::string str() const { return hp.to_string(); }
+};
+
 // The client's side of one session: sends HELLO, waits for WELCOME, pings.
 class ClientLink : public Link {
  public:
   ClientLink(Client::Impl& owner, net::Tcp* tcp, tls::Context& ctx, const proxy::LinkLimits& limits,
-             const std::string& server_name, tls::ClientSession* session)
-      : Link(owner_loop(owner), tcp, ctx, mux::Role::client, limits, server_name, session), owner_(owner) {}
+             const Target& target, tls::ClientSession* session)
+      : Link(owner_loop(owner), tcp, ctx, mux::Role::client, limits, target.name, session),
+        target(target),
+        owner_(owner) {}
 
   static uv_loop_t* owner_loop(Client::Impl& o);
   uint32_t heartbeat_ms = 0;
+  Target target;
+  uint64_t n = 0;                // session number once ready
+  bool draining = false;         // DRAIN received: takes no new streams
+  std::optional<mux::Reject> reject;  // REJECT received before WELCOME
+  bool resumed() const { return peer_info().resumed; }
+  // Takes new streams.
+  bool usable() {
+    return phase() == LinkPhase::serving && !draining && !session().go_away_received();
+  }
 
  protected:
   void on_secure() override;
   void on_control_data() override;
   void on_peer_stream(uint32_t id) override { session().reset(id); }
   void on_closed(const char* reason) override;
-  uint64_t role_deadline() const override { return next_ping_ms_; }
+  // No pings once closing: a deadline in the past would spin the timer.
+  uint64_t role_deadline() const override { return phase() == LinkPhase::serving ? next_ping_ms_ : 0; }
   void on_role_deadline() override;
+  void on_last_bridge_gone() override;
 
  private:
   Client::Impl& owner_;
@@ -50,15 +83,35 @@ struct Client::Impl {
   ClientOptions opts;
   ClientEvents events;
   std::unique_ptr<tls::Context> tls;
-  tls::ClientSession resume;  // ticket from the last session, offered on the next dial
-  config::HostPort server;
-  std::string server_name;
-  ClientLink* link = nullptr;
+  tls::ClientSession resume;  // ticket from the last session, offered on every dial
+  std::vector<config::HostPort> servers;
+  size_t cur = 0;  // index into servers of the next (or current) dial
+
+  ClientLink* active = nullptr;        // the ready session new streams go to
+  ClientLink* pending = nullptr;       // a session being set up (TLS, HELLO)
+  std::vector<ClientLink*> old;        // replaced sessions whose streams are finishing
   net::Tcp* dialing = nullptr;
   net::Resolve* resolve = nullptr;
+  Target dial_target;
+  uv_timer_t* retry_timer = nullptr;   // backoff wait, or TCP connect timeout while dialing
+  bool retry_waiting = false;
+  uv_timer_t* wait_timer = nullptr;    // expiry of waiting local connections
+
+  struct Waiting {
+    net::Tcp* tcp;
+    std::string route;
+    uint64_t deadline;
+  };
+  std::deque<Waiting> waiting;
+
   std::vector<std::pair<net::Listener*, std::string>> listeners;
   bool ready_sent = false;
   bool stopped = false;
+  bool ever_ready = false;
+  uint32_t failures = 0;          // consecutive failed tries
+  uint32_t initial_failures = 0;  // transport failures before the first session
+  ClientCounters counters;
+  std::mt19937_64 rng{std::random_device{}()};
 
   struct Dialer : net::TcpHandler {
     Impl* impl;
@@ -68,10 +121,52 @@ struct Client::Impl {
     void on_connected(int status) override { impl->connected(status); }
   } dialer;
 
-  void fail(const std::string& err) {
-    if (stopped) return;
+  // --- timers ---
+
+  uv_timer_t* make_timer() {
+    auto* t = new uv_timer_t;
+    uv_timer_init(loop, t);
+    t->data = this;
+    return t;
+  }
+  static void free_timer(uv_timer_t*& t) {
+    if (!t) return;
+    uv_timer_stop(t);
+    uv_close(reinterpret_cast<uv_handle_t*>(t), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+    t = nullptr;
+  }
+  static void retry_cb(uv_timer_t* t) { static_cast<Impl*>(t->data)->retry_fired(); }
+  static void wait_cb(uv_timer_t* t) { static_cast<Impl*>(t->data)->expire_waiting(); }
+
+  // --- giving up ---
+
+  void shutdown_all(const char* why) {
     stopped = true;
     close_listeners();
+    free_timer(retry_timer);
+    free_timer(wait_timer);
+    retry_waiting = false;
+    for (Waiting& w : waiting) w.tcp->close(true);
+    waiting.clear();
+    if (resolve) {
+      resolve->cancel();
+      resolve = nullptr;
+    }
+    if (dialing) {
+      dialing->close();
+      dialing = nullptr;
+    }
+    std::vector<ClientLink*> links = old;
+    old.clear();
+    if (active) links.push_back(active);
+    if (pending) links.push_back(pending);
+    active = pending = nullptr;
+    for (ClientLink* l : links) l->close(why, true);
+  }
+
+  void fail(const std::string& err) {
+    if (stopped) return;
+    shutdown_all("client giving up");
     if (events.on_closed) events.on_closed(err);
   }
 
@@ -80,11 +175,25 @@ struct Client::Impl {
     listeners.clear();
   }
 
-  void dial() {
-    resolve = net::Resolve::start(loop, server.host, server.port, [this](int status, const sockaddr* addr) {
+  // --- dialing ---
+
+  bool dial_in_progress() const { return resolve || dialing || pending; }
+
+  Target target_of(const config::HostPort& hp) const {
+    return Target{hp, opts.server_name.empty() ? hp.host : opts.server_name};
+  }
+
+  void dial(const Target& t) {
+    if (stopped) return;
+    retry_waiting = false;
+    uv_timer_stop(retry_timer);
+    dial_target = t;
+    spdlog::debug("dialing {}", t.str());
+    uv_timer_start(retry_timer, retry_cb, opts.connect_timeout_ms, 0);
+    resolve = net::Resolve::start(loop, t.hp.host, t.hp.port, [this](int status, const sockaddr* addr) {
       resolve = nullptr;
       if (status != 0) {
-        fail("cannot resolve " + server.to_string() + ": " + uv_strerror(status));
+        attempt_failed("cannot resolve " + dial_target.str() + ": " + uv_strerror(status), true);
         return;
       }
       dialer.impl = this;
@@ -94,43 +203,224 @@ struct Client::Impl {
     });
   }
 
+  void set_socket_options(net::Tcp* tcp) {
+    uv_tcp_nodelay(tcp->handle(), 1);
+    if (opts.dead_after_ms == 0) return;
+    int fd = tcp->fd();
+    if (fd < 0) return;
+    int on = 1;
+    int idle = std::max(1, int(opts.dead_after_ms * 2 / 5 / 1000));
+    int intvl = std::max(1, int(opts.dead_after_ms / 5 / 1000));
+    int cnt = 3;
+    unsigned int user_timeout = opts.dead_after_ms;
+    (void)setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof intvl);
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout, sizeof user_timeout);
+  }
+
   void connected(int status) {
     net::Tcp* tcp = dialing;
     dialing = nullptr;
+    uv_timer_stop(retry_timer);
     if (status != 0) {
       tcp->close();
-      fail("cannot connect to " + server.to_string() + ": " + uv_strerror(status));
+      attempt_failed("cannot connect to " + dial_target.str() + ": " + uv_strerror(status), true);
       return;
     }
+    set_socket_options(tcp);
     proxy::LinkLimits limits;
     limits.handshake_timeout_ms = opts.connect_timeout_ms;
     limits.idle_timeout_ms = UINT32_MAX / 2;  // the client relies on heartbeats instead
-    link = new ClientLink(*this, tcp, *tls, limits, server_name, &resume);
-    link->start();
+    pending = new ClientLink(*this, tcp, *tls, limits, dial_target, &resume);
+    pending->start();
   }
 
-  void welcomed(const mux::Welcome& w) {
-    ClientReady r;
-    r.session_id = w.session_id;
-    r.server_id = w.server_id;
-    r.heartbeat_ms = w.heartbeat_ms;
+  void retry_fired() {
+    if (stopped) return;
+    if (retry_waiting) {
+      retry_waiting = false;
+      dial(target_of(servers[cur]));
+      return;
+    }
+    // TCP connect (or resolve) took longer than connect_timeout_ms.
+    if (resolve) {
+      resolve->cancel();
+      resolve = nullptr;
+    } else if (dialing) {
+      dialing->close();
+      dialing = nullptr;
+    } else {
+      return;
+    }
+    attempt_failed("cannot connect to " + dial_target.str() + ": timed out", true);
+  }
+
+  uint32_t backoff_ms(uint32_t k) {
+    double base = kBackoffInitialMs * std::pow(kBackoffFactor, std::min<uint32_t>(k, 30));
+    uint64_t cap = uint64_t(std::min<double>(base, kBackoffCapMs));
+    return uint32_t(std::uniform_int_distribution<uint64_t>(0, cap)(rng));
+  }
+
+  void schedule_retry(uint32_t delay_ms) {
+    if (stopped || dial_in_progress()) return;
+    retry_waiting = true;
+    uv_timer_start(retry_timer, retry_cb, delay_ms, 0);
+  }
+
+  // A try ended before WELCOME. `transport`: TCP/TLS level, not a REJECT.
+  void attempt_failed(const std::string& err, bool transport, std::optional<uint32_t> delay = std::nullopt) {
+    if (stopped) return;
+    counters.failed_tries++;
+    failures++;
+    if (transport && !ever_ready && ++initial_failures >= servers.size()) {
+      fail(err);
+      return;
+    }
+    if (opts.max_reconnects && failures > opts.max_reconnects) {
+      fail(err + " (gave up after " + std::to_string(failures) + " tries)");
+      return;
+    }
+    cur = (cur + 1) % servers.size();
+    uint32_t d = delay ? *delay : backoff_ms(failures - 1);
+    spdlog::info("{}; next try at {} in {} ms", err, servers[cur].to_string(), d);
+    schedule_retry(d);
+  }
+
+  // --- session events (from ClientLink) ---
+
+  void welcomed(ClientLink* l, const mux::Welcome& w) {
+    if (l != pending) {  // cannot happen: only a pending link awaits WELCOME
+      l->close("unexpected WELCOME", true);
+      return;
+    }
+    pending = nullptr;
+    ever_ready = true;
+    failures = 0;
+    initial_failures = 0;
+    counters.sessions_opened++;
+    if (counters.sessions_opened > 1) counters.reconnects++;
+    if (l->resumed()) counters.resumed_handshakes++;
+    else counters.full_handshakes++;
+    l->n = counters.sessions_opened;
+    if (active) {
+      ClientLink* prev = active;
+      old.push_back(prev);
+      active = l;
+      if (prev->bridge_count() == 0) prev->close("replaced by a new session", true);
+    } else {
+      active = l;
+    }
+    // The next reconnect starts at the server in use.
+    for (size_t i = 0; i < servers.size(); ++i)
+      if (servers[i].host == l->target.hp.host && servers[i].port == l->target.hp.port) cur = i;
+
     if (!ready_sent) {
       for (const ClientForward& f : opts.forwards) {
         auto hp = config::parse_host_port(f.listen, true);
-        auto* l = net::Listener::create(loop, [this, route = f.route](int fd) { accept_local(fd, route); });
-        std::string err = hp ? l->bind(hp->host, hp->port) : "bad forward address " + f.listen;
+        auto* lis = net::Listener::create(loop, [this, route = f.route](int fd) { accept_local(fd, route); });
+        std::string err = hp ? lis->bind(hp->host, hp->port) : "bad forward address " + f.listen;
         if (!err.empty()) {
-          l->close();
+          lis->close();
           fail(err);
           return;
         }
-        listeners.emplace_back(l, f.route);
+        listeners.emplace_back(lis, f.route);
       }
+      ready_sent = true;
+      ClientReady r;
+      r.session_id = w.session_id;
+      r.server_id = w.server_id;
+      r.heartbeat_ms = w.heartbeat_ms;
+      for (auto& [lis, route] : listeners) r.forwards.emplace_back(lis->local_address(), route);
+      if (events.on_ready) events.on_ready(r);
+      if (stopped) return;
     }
-    for (auto& [l, route] : listeners) r.forwards.emplace_back(l->local_address(), route);
-    ready_sent = true;
-    if (events.on_ready) events.on_ready(r);
+    ClientSessionInfo info;
+    info.n = l->n;
+    info.server = l->target.str();
+    info.server_id = w.server_id;
+    info.session_id = w.session_id;
+    info.heartbeat_ms = w.heartbeat_ms;
+    info.resumed = l->resumed();
+    info.counters = counters;
+    if (events.on_session) events.on_session(info);
+    if (stopped) return;
+    flush_waiting();
   }
+
+  void rejected(ClientLink* l, const mux::Reject& r) {
+    l->reject = r;
+    if (r.code != 3 && r.code != 4) {
+      if (events.on_reject) events.on_reject(r.code, r.reason);
+    }
+  }
+
+  void drained(ClientLink* l, const mux::Drain& d) {
+    if (l != active || l->draining) {
+      spdlog::info("DRAIN from {} ({}) on a replaced session: ignored", l->target.str(), d.reason);
+      return;
+    }
+    l->draining = true;
+    counters.drains_followed++;
+    Target t = l->target;
+    if (!d.reconnect_hint.empty()) {
+      if (auto hp = config::parse_host_port(d.reconnect_hint, false)) t = target_of(*hp);
+      else spdlog::warn("DRAIN from {}: bad reconnect_hint \"{}\", ignored", l->target.str(), d.reconnect_hint);
+    }
+    spdlog::info("DRAIN from {} ({}, grace {} ms): moving to {}{}", l->target.str(), d.reason, d.grace_ms,
+                 t.str(), dial_in_progress() ? " (a dial is already under way)" : "");
+    if (!dial_in_progress()) dial(t);
+  }
+
+  void link_idle(ClientLink* l) {
+    if (std::find(old.begin(), old.end(), l) != old.end()) l->close("replaced session finished its streams", true);
+  }
+
+  void link_closed(ClientLink* l, const std::string& reason) {
+    if (l == pending) {
+      pending = nullptr;
+      if (stopped) return;
+      if (l->reject) {
+        const mux::Reject& r = *l->reject;
+        if (r.code == 3) {
+          std::optional<uint32_t> d;
+          if (r.retry_after_ms) d = *r.retry_after_ms;
+          attempt_failed("REJECT 3 (overloaded) from " + l->target.str() + ": " + r.reason, false, d);
+        } else if (r.code == 4) {
+          // At once to the next server; with one server (or all draining), back off.
+          std::optional<uint32_t> d;
+          if (servers.size() > 1 && failures < servers.size()) d = 0u;
+          attempt_failed("REJECT 4 (draining) from " + l->target.str() + ": " + r.reason, false, d);
+        } else {
+          fail("rejected by server: code " + std::to_string(r.code) + ": " + r.reason);
+        }
+        return;
+      }
+      attempt_failed("session to " + l->target.str() + " failed: " + reason, true);
+      return;
+    }
+    if (l == active) {
+      active = nullptr;
+      if (stopped) return;
+      spdlog::info("session {} to {} ended: {}", l->n, l->target.str(), reason);
+      if (events.on_session_lost) events.on_session_lost(l->n, reason);
+      if (stopped) return;
+      if (!dial_in_progress() && !retry_waiting) {
+        if (!l->draining) cur = (cur + 1) % servers.size();
+        schedule_retry(backoff_ms(0));
+      }
+      return;
+    }
+    auto it = std::find(old.begin(), old.end(), l);
+    if (it != old.end()) {
+      old.erase(it);
+      spdlog::debug("replaced session {} to {} closed: {}", l->n, l->target.str(), reason);
+    }
+  }
+
+  // --- local connections ---
 
   void accept_local(int fd, const std::string& route) {
     net::Tcp* tcp = net::Tcp::create(loop, nullptr);
@@ -139,11 +429,61 @@ struct Client::Impl {
       tcp->close();
       return;
     }
-    if (!relay(tcp, route)) tcp->close(true);
+    submit(tcp, route);
+  }
+
+  void submit(net::Tcp* tcp, const std::string& route) {
+    if (stopped) {
+      tcp->close(true);
+      return;
+    }
+    if (waiting.empty() && active && active->usable()) {
+      if (relay(tcp, route)) return;
+    }
+    if (active && !active->usable() && !dial_in_progress()) {
+      // The server said Go Away without DRAIN: replace the session as for a drain.
+      if (retry_waiting) uv_timer_stop(retry_timer);
+      dial(active->target);
+    }
+    waiting.push_back({tcp, route, uv_now(loop) + opts.connect_timeout_ms});
+    if (waiting.size() == 1) uv_timer_start(wait_timer, wait_cb, opts.connect_timeout_ms, 0);
+  }
+
+  void flush_waiting() {
+    while (!waiting.empty() && active && active->usable()) {
+      Waiting w = waiting.front();
+      waiting.pop_front();
+      if (!relay(w.tcp, w.route)) w.tcp->close(true);
+    }
+    rearm_wait_timer();
+  }
+
+  void rearm_wait_timer() {
+    if (!wait_timer) return;
+    if (waiting.empty()) {
+      uv_timer_stop(wait_timer);
+      return;
+    }
+    uint64_t now = uv_now(loop);
+    uint64_t d = waiting.front().deadline > now ? waiting.front().deadline - now : 0;
+    uv_timer_start(wait_timer, wait_cb, d, 0);
+  }
+
+  void expire_waiting() {
+    uint64_t now = uv_now(loop);
+    size_t n = 0;
+    while (!waiting.empty() && waiting.front().deadline <= now) {
+      waiting.front().tcp->close(true);
+      waiting.pop_front();
+      ++n;
+    }
+    if (n) spdlog::warn("{} local connection(s) reset: no session within {} ms", n, opts.connect_timeout_ms);
+    rearm_wait_timer();
   }
 
   bool relay(net::Tcp* tcp, const std::string& route) {
-    if (!link || link->phase() != LinkPhase::serving) return false;
+    ClientLink* link = active;
+    if (!link || !link->usable()) return false;
     Link::EntryGuard g(link);
     uint32_t id = link->session().open();
     if (id == 0) return false;
@@ -154,11 +494,6 @@ struct Client::Impl {
     link->add_bridge(id, std::make_unique<proxy::Bridge>(*link, id, tcp));
     link->flush();
     return true;
-  }
-
-  void link_closed(const std::string& reason) {
-    link = nullptr;
-    fail(reason);
   }
 };
 
@@ -190,26 +525,27 @@ void ClientLink::on_control_data() {
       return;
     }
     session().consumed(1, r.used);
-    in = session().inbound(1);
     if (m.welcome && phase() == LinkPhase::awaiting_hello) {
       set_phase(LinkPhase::serving);
       heartbeat_ms = m.welcome->heartbeat_ms;
       if (heartbeat_ms) next_ping_ms_ = uv_now(loop()) + heartbeat_ms;
       rearm_timer();
-      owner_.welcomed(*m.welcome);
+      EntryGuard g(this);
+      owner_.welcomed(this, *m.welcome);
     } else if (m.reject) {
-      if (owner_.events.on_reject) owner_.events.on_reject(m.reject->code, m.reject->reason);
+      owner_.rejected(this, *m.reject);
       close("rejected by server", false);
       return;
     } else if (m.drain) {
-      // Reconnect-before-break comes with drain support; for now, note it.
-      spdlog::info("server is draining ({}), grace {} ms", m.drain->reason, m.drain->grace_ms);
+      EntryGuard g(this);
+      owner_.drained(this, *m.drain);
     }
     in = session().inbound(1);
   }
 }
 
 void ClientLink::on_role_deadline() {
+  if (phase() != LinkPhase::serving) return;
   uint64_t now = uv_now(loop());
   if (session().pending_pings().size() >= 2) {
     close("heartbeat lost: 2 pings unanswered", true);
@@ -220,7 +556,9 @@ void ClientLink::on_role_deadline() {
   next_ping_ms_ = now + heartbeat_ms;
 }
 
-void ClientLink::on_closed(const char* reason) { owner_.link_closed(reason); }
+void ClientLink::on_last_bridge_gone() { owner_.link_idle(this); }
+
+void ClientLink::on_closed(const char* reason) { owner_.link_closed(this, reason); }
 
 }  // namespace
 
@@ -236,10 +574,15 @@ Client::~Client() {
 
 std::string Client::start() {
   Impl& i = *impl_;
-  auto hp = config::parse_host_port(i.opts.server, false);
-  if (!hp) return "bad --server address \"" + i.opts.server + "\": expected host:port";
-  i.server = *hp;
-  i.server_name = i.opts.server_name.empty() ? hp->host : i.opts.server_name;
+  std::vector<std::string> addrs;
+  if (!i.opts.server.empty()) addrs.push_back(i.opts.server);
+  for (const std::string& s : i.opts.servers) addrs.push_back(s);
+  if (addrs.empty()) return "no server address";
+  for (const std::string& s : addrs) {
+    auto hp = config::parse_host_port(s, false);
+    if (!hp) return "bad --server address \"" + s + "\": expected host:port";
+    i.servers.push_back(*hp);
+  }
   for (const ClientForward& f : i.opts.forwards) {
     if (!config::parse_host_port(f.listen, true)) return "bad forward address \"" + f.listen + "\": expected host:port";
     if (f.route.empty() || f.route.size() > 255) return "bad route name \"" + f.route + "\"";
@@ -256,44 +599,42 @@ std::string Client::start() {
   std::string err;
   i.tls = tls::Context::make_client(t, err);
   if (!i.tls) return err;
-  i.dial();
+  i.retry_timer = i.make_timer();
+  i.wait_timer = i.make_timer();
+  i.dial(i.target_of(i.servers[0]));
   return "";
 }
 
 void Client::stop() {
   Impl& i = *impl_;
-  i.stopped = true;
-  i.close_listeners();
-  if (i.resolve) {
-    i.resolve->cancel();
-    i.resolve = nullptr;
-  }
-  if (i.dialing) {
-    i.dialing->close();
-    i.dialing = nullptr;
-  }
-  if (i.link) {
-    ClientLink* l = i.link;
-    i.link = nullptr;
-    l->close("client stopping", true);
-  }
+  if (i.stopped) return;
+  i.shutdown_all("client stopping");
 }
 
 bool Client::open_stream(int fd, const std::string& route) {
+  if (impl_->stopped) {
+    ::close(fd);
+    return false;
+  }
   net::Tcp* tcp = net::Tcp::create(impl_->loop, nullptr);
   if (tcp->open_fd(fd) != 0) {
     tcp->close();
     return false;
   }
-  if (!impl_->relay(tcp, route)) {
-    tcp->close(true);
-    return false;
-  }
+  impl_->submit(tcp, route);
   return true;
 }
 
-std::string Client::local_address() const { return impl_->link ? impl_->link->local_address() : ""; }
+std::string Client::local_address() const { return impl_->active ? impl_->active->local_address() : ""; }
 
-size_t Client::stream_count() const { return impl_->link ? impl_->link->bridge_count() : 0; }
+size_t Client::stream_count() const {
+  size_t n = impl_->active ? impl_->active->bridge_count() : 0;
+  for (ClientLink* l : impl_->old) n += l->bridge_count();
+  return n;
+}
+
+size_t Client::waiting_count() const { return impl_->waiting.size(); }
+
+const ClientCounters& Client::counters() const { return impl_->counters; }
 
 }  // namespace baton

@@ -624,12 +624,16 @@ bool Loader::load_drain(const Entry& e, Config& cfg) {
   if (is_null(e.value)) return true;
   if (!expect_mapping(e, "drain", "a mapping")) return false;
   Entries es;
-  if (!entries(e.value, "drain", {"grace_ms", "reconnect_hint"}, es)) return false;
+  if (!entries(e.value, "drain", {"grace_ms", "delay_ms", "spread_ms", "reconnect_hint"}, es)) return false;
   for (const Entry& f : es) {
     std::string p = "drain." + f.key;
     remember(p, f);
     if (f.key == "grace_ms") {
       if (!get_u32(f, p, 0, kDay_ms, cfg.drain.grace_ms)) return false;
+    } else if (f.key == "delay_ms") {
+      if (!get_u32(f, p, 0, kDay_ms, cfg.drain.delay_ms)) return false;
+    } else if (f.key == "spread_ms") {
+      if (!get_u32(f, p, 0, kDay_ms, cfg.drain.spread_ms)) return false;
     } else if (f.key == "reconnect_hint") {
       if (is_null(f.value)) continue;
       HostPort hp;

@@ -60,7 +60,9 @@ struct Limits {
 };
 
 struct Drain {
-  uint32_t grace_ms = 30000;
+  uint32_t grace_ms = 30000;  // from the start of the drain until every tunnel is closed and the process exits
+  uint32_t delay_ms = 5000;   // keep accepting (answering REJECT 4) while the endpoint is removed
+  uint32_t spread_ms = 1000;  // DRAIN notices spread over this long
   std::string reconnect_hint;  // optional host:port sent in DRAIN
 };
 

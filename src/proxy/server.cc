@@ -277,6 +277,11 @@ void Server::start_drain() {
   if (state_ == ServeState::draining) return;
   set_state(ServeState::draining);
   drain_started_ms_ = uv_now(loop_);
+  if (drain_handler_) {
+    drain_handler_();
+    return;
+  }
+  drain_phase_ = "waiting";
   size_t n = 0;
   for (Tunnel* t : std::unordered_set<Tunnel*>(tunnels_)) {
     if (t->phase() != LinkPhase::serving) continue;
@@ -290,6 +295,13 @@ std::map<std::string, uint64_t> Server::streams_by_route() const {
   std::map<std::string, uint64_t> m;
   for (Tunnel* t : tunnels_) t->count_routes(m);
   return m;
+}
+
+std::vector<Tunnel*> Server::tunnels_to_drain() const {
+  std::vector<Tunnel*> out;
+  for (Tunnel* t : tunnels_)
+    if (t->phase() == LinkPhase::serving && !t->draining()) out.push_back(t);
+  return out;
 }
 
 size_t Server::active_streams() const {
@@ -350,7 +362,13 @@ std::vector<Gauge> Server::gauges() const {
   g.emplace_back("baton_tunnels_handshaking", double(handshaking_));
   g.emplace_back("baton_tunnels_queued", double(handshake_queue_.size()));
   g.emplace_back("baton_streams_active", double(active_streams()));
-  g.emplace_back("baton_drain_state", state_ == ServeState::draining ? 1.0 : 0.0);
+  // 0 serving, 1 notifying clients, 2 waiting for streams to end, 3 done
+  double drain = 0;
+  if (state_ == ServeState::draining) {
+    std::string p = drain_phase_;
+    drain = p == "notifying" ? 1 : p == "done" ? 3 : 2;
+  }
+  g.emplace_back("baton_drain_state", drain);
   g.emplace_back("baton_ready", state_ == ServeState::serving ? 1.0 : 0.0);
   g.emplace_back("baton_restart_epoch", double(epoch_));
   g.emplace_back("baton_process_resident_bytes", double(resident_bytes()));

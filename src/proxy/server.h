@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -56,6 +57,13 @@ class Server {
   // REJECT 4, live tunnels get DRAIN (PROTOCOL.md 6). Idempotent.
   void start_drain();
   uint64_t drain_started_ms() const { return drain_started_ms_; }
+  // The drain controller (src/drain) takes over start_drain() when installed;
+  // it reports its phase here for /drain, /stats and metrics.
+  void set_drain_handler(std::function<void()> fn) { drain_handler_ = std::move(fn); }
+  void set_drain_phase(const char* phase) { drain_phase_ = phase; }
+  const char* drain_phase() const { return drain_phase_; }
+  // Serving tunnels not yet told to drain.
+  std::vector<Tunnel*> tunnels_to_drain() const;
 
   // Counters plus the bytes of streams still open (so byte counters move
   // smoothly instead of jumping when a stream ends).
@@ -139,6 +147,8 @@ class Server {
   ServeState state_ = ServeState::starting;
   uint64_t started_ms_ = 0;
   uint64_t drain_started_ms_ = 0;
+  std::function<void()> drain_handler_;
+  const char* drain_phase_ = "idle";
   uv_timer_t* tick_ = nullptr;           // once a second: limit warnings
   std::map<std::string, bool> warned_;   // limit -> above the warning threshold
   bool stopping_ = false;

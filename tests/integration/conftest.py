@@ -145,8 +145,9 @@ class BatonProcess:
                     return int(line.split()[1])
         raise RuntimeError("no VmRSS for pid %d" % self.pid)
 
-    def stop(self, sig=signal.SIGTERM, timeout: float = 10.0) -> Optional[int]:
-        """Signals the process and waits; SIGKILL if it does not exit. Returns
+    def stop(self, sig=signal.SIGINT, timeout: float = 10.0) -> Optional[int]:
+        """Signals the process (SIGINT: `baton serve` exits at once, where
+        SIGTERM would drain first) and waits; SIGKILL if it does not exit. Returns
         the exit status of the signalled process (None if it had to be killed)."""
         if self.proc.poll() is None:
             try:

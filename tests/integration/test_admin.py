@@ -252,7 +252,7 @@ def test_endpoints_status_and_shape(server, echo_server):
     assert 0 < m.get("baton_limit_usage_ratio", limit="open_files") < 1
 
     d = a.get_json("/drain")
-    assert d == {"draining": False, "state": "serving", "grace_ms": 30000, "elapsed_ms": 0, "tunnels_left": 0,
+    assert d == {"draining": False, "state": "serving", "phase": "idle", "grace_ms": 30000, "elapsed_ms": 0, "tunnels_left": 0,
                  "streams_left": 0}, d
 
     # unknown paths: 404, JSON error body, whatever the method
@@ -451,7 +451,8 @@ def test_drain(server_factory, tunnel_factory):
     for t in (busy, idle):
         msg = t.next_control(scaled(10))
         assert msg.type == bw.MSG_DRAIN, msg
-        assert msg.u32(bw.TAG_GRACE_MS) == 20000, msg.fields
+        # the grace left when this tunnel was told: notices are spread over drain.spread_ms (1 s)
+        assert 20000 - 1100 <= msg.u32(bw.TAG_GRACE_MS) <= 20000, msg.fields
         assert t.wait_go_away(scaled(10)).length == bw.GOAWAY_NORMAL
     assert idle.wait_closed(scaled(10)), "a draining tunnel without streams stayed open"
 
@@ -466,7 +467,7 @@ def test_drain(server_factory, tunnel_factory):
     assert d["draining"] is True and d["tunnels_left"] == 1 and d["streams_left"] == 1, d
     first_elapsed = d["elapsed_ms"]
     m = a.metrics()
-    assert m.get("baton_drain_state") == 1 and m.get("baton_ready") == 0
+    assert m.get("baton_drain_state") in (1, 2) and m.get("baton_ready") == 0
     assert m.counter("baton_tunnels_total", result="rejected_draining") == 1
     assert a.get_json("/stats")["state"] == "draining"
 

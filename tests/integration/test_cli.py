@@ -56,7 +56,8 @@ def test_serve_signal_right_after_ready_line_exit_0(baton_bin, certs, tmp_path, 
     """The ready line promises a running server: a signal sent the moment it
     is read must already be handled (exit 0, not death by the signal)."""
     cfg = tmp_path / "s.yaml"
-    cfg.write_text(make_config(certs, {"echo": "127.0.0.1:9"}, str(short_tmp / "h.sock")))
+    # SIGTERM drains first; with nothing to drain and no delay it exits at once.
+    cfg.write_text(make_config(certs, {"echo": "127.0.0.1:9"}, str(short_tmp / "h.sock"), extra="drain:\n  delay_ms: 0\n"))
     statuses = []
     for i in range(10):
         with open(tmp_path / ("err%d" % i), "wb") as err:

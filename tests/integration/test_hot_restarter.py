@@ -54,7 +54,8 @@ def pid_alive(pid):
 
 def test_sighup_restarts_failed_start_keeps_serving_sigterm_forwards(server_factory, tunnel_factory, tmp_path):
     # a config the wrapper's batons will use (taken from a normal server, then stopped)
-    proto = server_factory()
+    # SIGTERM drains before exiting: no delay, a short grace for this test
+    proto = server_factory(extra="drain:\n  delay_ms: 0\n  grace_ms: 3000\n")
     cfg = proto.config_path
     proto.stop()
     args_file = tmp_path / "args"
@@ -106,8 +107,12 @@ def test_sighup_restarts_failed_start_keeps_serving_sigterm_forwards(server_fact
         s.send(b"four")
         assert s.recv_exactly(4, scaled(10)) == b"four"
 
-        # SIGTERM goes to the current baton; the wrapper exits with its status
+        # SIGTERM goes to the current baton, which drains (the live tunnel is
+        # told to move; its stream ends here) and exits; the wrapper exits with its status
         w.proc.send_signal(signal.SIGTERM)
+        msg = t.next_control(scaled(10))
+        assert msg.type == 4, msg  # DRAIN
+        s.close_write()
         assert w.proc.wait(scaled(20)) == 0
         for ev in (first, second, third):
             assert not pid_alive(ev["pid"]), "baton pid %d outlived the wrapper" % ev["pid"]
