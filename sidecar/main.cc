@@ -18,6 +18,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+#include <thread>
+#include <chrono>
 
 #include "baton/client.h"
 #include "config/config.h"
@@ -53,6 +55,10 @@ usage:
   baton check -c FILE        Validate a configuration (and load its TLS files).
   baton certs --out DIR [--name DNS]... [--ip ADDR]...
       Write a development CA, server and client certificates and a ticket key.
+  baton drain [-c FILE | --admin HOST:PORT] [--wait]
+      Start a running baton's drain (POST /drain): clients are told to move,
+      open streams finish, then it exits. --wait returns when it is done or
+      gone (for a preStop hook); exit 1 if still draining after grace + 10 s.
   baton status [-c FILE | --admin HOST:PORT] [--json]
       Show a running baton's state, tunnels, routes and limits, read from its
       admin API (GET /stats) at admin.listen of FILE, --admin, or 127.0.0.1:9901.
@@ -857,6 +863,85 @@ std::string render_status(const Json& st, const std::string& admin) {
   return o;
 }
 
+// The admin API's address: --admin, or admin.listen of -c FILE (a wildcard
+// address answers on loopback), or the default 127.0.0.1:9901. 0 or an exit code.
+int admin_address(const std::string& cmd, const std::string& cfg_path, const std::string& admin_arg,
+                  baton::config::HostPort& addr) {
+  addr = baton::config::HostPort{"127.0.0.1", 9901};
+  if (!admin_arg.empty()) {
+    std::string s = admin_arg;
+    if (s.rfind("http://", 0) == 0) s = s.substr(7);
+    while (!s.empty() && s.back() == '/') s.pop_back();
+    auto hp = baton::config::parse_host_port(s, false);
+    if (!hp) return usage_error(cmd + ": --admin expects HOST:PORT (e.g. 127.0.0.1:9901), got \"" + admin_arg + "\"");
+    addr = *hp;
+  } else if (!cfg_path.empty()) {
+    baton::config::Config cfg;
+    if (int rc = load_config(cfg_path, cfg)) return rc;
+    if (cfg.admin.port == 0)
+      return usage_error(cmd + ": admin.listen in " + cfg_path +
+                         " has port 0 (any free port); give the bound address with --admin HOST:PORT");
+    addr = cfg.admin;
+  }
+  // A wildcard listen address answers on loopback.
+  in_addr a4;
+  in6_addr a6;
+  if (inet_pton(AF_INET, addr.host.c_str(), &a4) == 1 && a4.s_addr == htonl(INADDR_ANY)) addr.host = "127.0.0.1";
+  else if (inet_pton(AF_INET6, addr.host.c_str(), &a6) == 1 && IN6_IS_ADDR_UNSPECIFIED(&a6)) addr.host = "::1";
+  return 0;
+}
+
+// `baton drain`: POST /drain; with --wait, until the process is gone or the
+// drain is done (a preStop hook: the pod's SIGTERM then finds nothing left).
+int cmd_drain(Args& a) {
+  std::string cfg_path, admin_arg;
+  bool err = false, wait = false;
+  while (a.more() && !err) {
+    if (a.v[a.i] == "--wait") {
+      wait = true;
+      ++a.i;
+      continue;
+    }
+    if (a.take("-c", cfg_path, err) || a.take("--config", cfg_path, err) || a.take("--admin", admin_arg, err))
+      continue;
+    return usage_error("drain: unknown argument " + a.v[a.i]);
+  }
+  if (err) return kExitUsage;
+  baton::config::HostPort addr;
+  if (int rc = admin_address("drain", cfg_path, admin_arg, addr)) return rc;
+  httplib::Client cli(addr.host, addr.port);
+  cli.set_connection_timeout(2, 0);
+  cli.set_read_timeout(5, 0);
+  auto res = cli.Post("/drain", "", "application/json");
+  if (!res || res->status != 200) {
+    std::fprintf(stderr, "baton drain: POST http://%s/drain failed: %s\n", addr.to_string().c_str(),
+                 res ? ("status " + std::to_string(res->status)).c_str() : httplib::to_string(res.error()).c_str());
+    return kExitFailure;
+  }
+  std::fputs(res->body.c_str(), stdout);
+  std::fflush(stdout);
+  if (!wait) return kExitOk;
+  // Bounded by the grace period the server reported, plus a margin for its exit.
+  uint64_t grace_ms = 30000;
+  size_t at = res->body.find("\"grace_ms\":");
+  if (at != std::string::npos) grace_ms = std::strtoull(res->body.c_str() + at + 11, nullptr, 10);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(grace_ms + 10000);
+  while (std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // polling another process: no event to await
+    auto r = cli.Get("/drain");
+    if (!r) {
+      std::fputs("{\"drained\":true,\"process\":\"gone\"}\n", stdout);
+      return kExitOk;
+    }
+    if (r->status == 200 && r->body.find("\"phase\":\"done\"") != std::string::npos) {
+      std::fputs(r->body.c_str(), stdout);
+      return kExitOk;
+    }
+  }
+  std::fprintf(stderr, "baton drain: still draining after %llu ms\n", static_cast<unsigned long long>(grace_ms + 10000));
+  return kExitFailure;
+}
+
 int cmd_status(Args& a) {
   std::string cfg_path, admin_arg;
   bool err = false, json = false;
@@ -873,27 +958,8 @@ int cmd_status(Args& a) {
   if (err) return kExitUsage;
   if (!cfg_path.empty() && !admin_arg.empty()) return usage_error("status: give -c FILE or --admin HOST:PORT, not both");
 
-  baton::config::HostPort addr{"127.0.0.1", 9901};
-  if (!admin_arg.empty()) {
-    std::string s = admin_arg;
-    if (s.rfind("http://", 0) == 0) s = s.substr(7);
-    while (!s.empty() && s.back() == '/') s.pop_back();
-    auto hp = baton::config::parse_host_port(s, false);
-    if (!hp) return usage_error("status: --admin expects HOST:PORT (e.g. 127.0.0.1:9901), got \"" + admin_arg + "\"");
-    addr = *hp;
-  } else if (!cfg_path.empty()) {
-    baton::config::Config cfg;
-    if (int rc = load_config(cfg_path, cfg)) return rc;
-    if (cfg.admin.port == 0)
-      return usage_error("status: admin.listen in " + cfg_path +
-                         " has port 0 (any free port); give the bound address with --admin HOST:PORT");
-    addr = cfg.admin;
-  }
-  // A wildcard listen address answers on loopback.
-  in_addr a4;
-  in6_addr a6;
-  if (inet_pton(AF_INET, addr.host.c_str(), &a4) == 1 && a4.s_addr == htonl(INADDR_ANY)) addr.host = "127.0.0.1";
-  else if (inet_pton(AF_INET6, addr.host.c_str(), &a6) == 1 && IN6_IS_ADDR_UNSPECIFIED(&a6)) addr.host = "::1";
+  baton::config::HostPort addr;
+  if (int rc = admin_address("status", cfg_path, admin_arg, addr)) return rc;
   const std::string where = addr.to_string();
 
   httplib::Client cli(addr.host, addr.port);
@@ -944,6 +1010,7 @@ int main(int argc, char** argv) {
   if (cmd == "check") return cmd_check(a);
   if (cmd == "certs") return cmd_certs(a);
   if (cmd == "status") return cmd_status(a);
+  if (cmd == "drain") return cmd_drain(a);
   if (cmd == "hash-token") return cmd_hash_token();
   if (cmd == "version" || cmd == "--version") {
     std::printf("baton %s (mbedTLS 2.28, libuv %s)\n", BATON_VERSION, uv_version_string());

@@ -328,6 +328,10 @@ std::string Admin::start(const config::HostPort& listen) {
   pthread_sigmask(SIG_BLOCK, &block, &old);
   thread_ = std::thread([this] { http_->listen_after_bind(); });
   pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  // httplib's stop() does nothing before its accept loop runs, and the loop
+  // would then run forever: wait (bounded) until it does. httplib offers no
+  // event for this in 0.11.
+  for (int i = 0; i < 2000 && !http_->is_running(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   return "";
 }
 

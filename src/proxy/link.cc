@@ -261,7 +261,9 @@ void Link::rearm_timer() {
     case LinkPhase::flushing: deadline = flush_deadline_ms_; break;
     case LinkPhase::closed: return;
   }
-  uint64_t role = role_deadline();
+  // A closing link only waits for its last bytes: role deadlines (drain
+  // grace, heartbeats) are over, and a past one would re-fire at once forever.
+  uint64_t role = phase_ < LinkPhase::flushing ? role_deadline() : 0;
   if (role && role < deadline) deadline = role;
   uint64_t now = uv_now(loop_);
   uv_timer_start(timer_, timer_cb, deadline > now ? deadline - now : 0, 0);
@@ -296,7 +298,7 @@ void Link::timer_cb(uv_timer_t* t) {
       break;
     case LinkPhase::closed: return;
   }
-  uint64_t role = l->role_deadline();
+  uint64_t role = l->phase_ < LinkPhase::flushing ? l->role_deadline() : 0;
   if (role && now >= role) l->on_role_deadline();
   l->rearm_timer();
 }
