@@ -129,6 +129,9 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   // closed with nothing attached; the caller deletes it.
   [[nodiscard]] bool export_link(TunnelState& out);
   const std::map<uint32_t, std::unique_ptr<Bridge>>& bridges() const { return bridges_; }
+  // Ends every bridge now. A role's destructor calls it, so that bridge
+  // hooks into the role run while the role still exists.
+  void end_bridges() { close_bridges(); }
 
   // Role hooks.
   virtual void on_secure() = 0;                              // handshake done (RecordLayer ready)

@@ -21,6 +21,7 @@ Tunnel::Tunnel(Server& server, net::Tcp* tcp)
 }
 
 Tunnel::~Tunnel() {
+  end_bridges();  // their on_finished hooks count bytes into this tunnel's server
   release_handshake_slot();
   set_counted(false);
   server_.forget(this);
