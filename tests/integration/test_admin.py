@@ -752,9 +752,12 @@ def _low_nofile():
     resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
 
 
-@pytest.mark.skipif(SANITIZED, reason="KNOWN BUG (open): under ASan+UBSan a Tunnel is destroyed twice in this "
-                    "scenario (UBSan: invalid vptr in ~Link from EntryGuard after on_read_end); the release build "
-                    "passes. To be fixed next session; see the issue 4 note.")
+# Not under sanitizers: UBSan's vptr check probes memory through a pipe
+# (sanitizer_common IsAccessibleMemoryRange); with every descriptor in use the
+# pipe cannot be made and UBSan reports valid objects as "invalid vptr,
+# memory cannot be printed" (seen in ~Link during this test, with no ASan
+# report). The release build runs the test.
+@pytest.mark.skipif(SANITIZED, reason="UBSan cannot check vptrs without a free descriptor (false positives)")
 def test_emfile_pauses_accepting_and_recovers(server_factory, tunnel_factory, client_ctx):
     """With RLIMIT_NOFILE 40, tunnels are opened until the server runs out of
     descriptors: the next connection is not refused but waits in the backlog,
