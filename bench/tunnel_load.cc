@@ -74,6 +74,7 @@
 #include <vector>
 
 #include "baton/client.h"
+#include "util/json.h"
 
 namespace {
 
@@ -100,27 +101,7 @@ struct Options {
   uint64_t timeout_ms = 10000;
 };
 
-std::string json_string(const std::string& s) {
-  std::string o = "\"";
-  for (unsigned char c : s) {
-    switch (c) {
-      case '"': o += "\\\""; break;
-      case '\\': o += "\\\\"; break;
-      case '\n': o += "\\n"; break;
-      case '\r': o += "\\r"; break;
-      case '\t': o += "\\t"; break;
-      default:
-        if (c < 0x20) {
-          char b[8];
-          std::snprintf(b, sizeof b, "\\u%04x", c);
-          o += b;
-        } else {
-          o += char(c);
-        }
-    }
-  }
-  return o + "\"";
-}
+std::string json_string(const std::string& s) { return baton::util::json_quote(s); }
 
 std::string json_array(const std::vector<std::string>& v) {
   std::string o = "[";

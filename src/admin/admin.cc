@@ -14,31 +14,13 @@
 #include <map>
 #include <set>
 
+#include "util/json.h"
+
 namespace baton::admin {
 
 namespace {
 
-std::string json_str(const std::string& s) {
-  std::string o = "\"";
-  for (unsigned char c : s) {
-    switch (c) {
-      case '"': o += "\\\""; break;
-      case '\\': o += "\\\\"; break;
-      case '\n': o += "\\n"; break;
-      case '\r': o += "\\r"; break;
-      case '\t': o += "\\t"; break;
-      default:
-        if (c < 0x20) {
-          char b[8];
-          std::snprintf(b, sizeof b, "\\u%04x", c);
-          o += b;
-        } else {
-          o += char(c);
-        }
-    }
-  }
-  return o + "\"";
-}
+std::string json_str(const std::string& s) { return baton::util::json_quote(s); }
 
 std::string num(double v) {
   char b[64];

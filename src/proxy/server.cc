@@ -372,7 +372,8 @@ std::vector<Gauge> Server::gauges() const {
   g.emplace_back("baton_ready", state_ == ServeState::serving ? 1.0 : 0.0);
   g.emplace_back("baton_restart_epoch", double(epoch_));
   g.emplace_back("baton_process_resident_bytes", double(resident_bytes()));
-  g.emplace_back("baton_process_open_fds", double(open_fds()));
+  const size_t fds = open_fds();  // one scan of /proc/self/fd for both gauges
+  g.emplace_back("baton_process_open_fds", double(fds));
   g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "max_tunnels"}}), double(serving_) / l.max_tunnels);
   g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "max_concurrent_handshakes"}}),
                  double(handshaking_) / l.max_concurrent_handshakes);
@@ -380,7 +381,7 @@ std::vector<Gauge> Server::gauges() const {
                  l.max_queued_handshakes ? double(handshake_queue_.size()) / l.max_queued_handshakes : 0.0);
   g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "max_streams_per_tunnel"}}),
                  double(max_streams) / l.max_streams_per_tunnel);
-  g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "open_files"}}), double(open_fds()) / fd_limit);
+  g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "open_files"}}), double(fds) / fd_limit);
   return g;
 }
 
