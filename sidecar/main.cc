@@ -444,7 +444,8 @@ int cmd_connect(Args& a) {
                baton::util::to_hex(si.session_id) + "\",\"resumed\":" + (si.resumed ? "true" : "false") +
                ",\"reconnects\":" + std::to_string(si.counters.reconnects) +
                ",\"resumed_handshakes\":" + std::to_string(si.counters.resumed_handshakes) +
-               ",\"drains_followed\":" + std::to_string(si.counters.drains_followed) + "}");
+               ",\"drains_followed\":" + std::to_string(si.counters.drains_followed) +
+               ",\"streams_replayed\":" + std::to_string(si.counters.streams_replayed) + "}");
   };
   ev.on_session_lost = [&](uint64_t n, const std::string& why) {
     spdlog::warn("session {} lost: {}; reconnecting", n, why);

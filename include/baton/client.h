@@ -12,7 +12,11 @@
 // it opens the replacement session at once (make before break): new streams
 // go to the new session as soon as it is ready, old streams finish on the old
 // one. Local connections that arrive while no session is ready wait (at most
-// connect_timeout_ms) instead of failing. Every reconnect offers the last TLS
+// connect_timeout_ms) instead of failing. A stream opened while the server's
+// DRAIN was still on the way is reset by the server unprocessed; the client
+// keeps a copy of what it sent on a stream until the server ACKs it (at most
+// 256 KiB, the initial window), so such a stream is sent again, bytes and
+// all, on the next session: the local application never sees it. Every reconnect offers the last TLS
 // session ticket. Only REJECT 1 (version) and 2 (unauthorized), or giving up
 // (max_reconnects; or no server reachable at all before the first session),
 // stop the client: on_closed.
@@ -61,6 +65,9 @@ struct ClientCounters {
   uint64_t resumed_handshakes = 0;  // TLS resumed with a session ticket
   uint64_t drains_followed = 0;     // DRAIN messages acted upon
   uint64_t failed_tries = 0;        // dials that ended before WELCOME (incl. REJECT)
+  // Streams the server refused unprocessed (opened while its DRAIN / Go Away
+  // was on the way) and that were sent again on another session.
+  uint64_t streams_replayed = 0;
 };
 
 // One session that became ready (the first one too).

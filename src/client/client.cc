@@ -31,6 +31,8 @@ namespace {
 constexpr uint32_t kBackoffInitialMs = 100;
 constexpr double kBackoffFactor = 1.5;
 constexpr uint32_t kBackoffCapMs = 5000;
+// REJECT 4 (draining) answers retried at once before backing off.
+constexpr size_t kImmediateDrainRetries = 3;
 
 // Where one dial goes.
 struct Target {
@@ -101,6 +103,8 @@ struct Client::Impl {
     net::Tcp* tcp;
     std::string route;
     uint64_t deadline;
+    util::ByteQueue sent;  // a replayed stream: bytes to send first
+    bool eof = false;      // ... and the local side had half-closed
   };
   std::deque<Waiting> waiting;
 
@@ -389,9 +393,11 @@ struct Client::Impl {
           if (r.retry_after_ms) d = *r.retry_after_ms;
           attempt_failed("REJECT 3 (overloaded) from " + l->target.str() + ": " + r.reason, false, d);
         } else if (r.code == 4) {
-          // At once to the next server; with one server (or all draining), back off.
+          // At once to the next server. Behind a load balancer (one address)
+          // the next try most likely lands on another replica, so the first
+          // few go at once too; past that (everything draining) back off.
           std::optional<uint32_t> d;
-          if (servers.size() > 1 && failures < servers.size()) d = 0u;
+          if (failures <= std::max<size_t>(servers.size(), kImmediateDrainRetries)) d = 0u;
           attempt_failed("REJECT 4 (draining) from " + l->target.str() + ": " + r.reason, false, d);
         } else {
           fail("rejected by server: code " + std::to_string(r.code) + ": " + r.reason);
@@ -432,28 +438,38 @@ struct Client::Impl {
     submit(tcp, route);
   }
 
-  void submit(net::Tcp* tcp, const std::string& route) {
+  // A local connection to relay: now if a session takes streams, else it
+  // waits. `replay`: a stream the server refused unprocessed, whose bytes go
+  // first; it goes ahead of connections that arrived later.
+  void submit(net::Tcp* tcp, const std::string& route, util::ByteQueue sent = {}, bool eof = false,
+              bool replay = false) {
     if (stopped) {
       tcp->close(true);
       return;
     }
-    if (waiting.empty() && active && active->usable()) {
-      if (relay(tcp, route)) return;
+    if ((waiting.empty() || replay) && active && active->usable()) {
+      if (relay(tcp, route, sent, eof)) return;
     }
     if (active && !active->usable() && !dial_in_progress()) {
       // The server said Go Away without DRAIN: replace the session as for a drain.
       if (retry_waiting) uv_timer_stop(retry_timer);
       dial(active->target);
     }
-    waiting.push_back({tcp, route, uv_now(loop) + opts.connect_timeout_ms});
-    if (waiting.size() == 1) uv_timer_start(wait_timer, wait_cb, opts.connect_timeout_ms, 0);
+    Waiting w{tcp, route, uv_now(loop) + opts.connect_timeout_ms, std::move(sent), eof};
+    if (replay) {
+      counters.streams_replayed++;
+      waiting.push_front(std::move(w));
+    } else {
+      waiting.push_back(std::move(w));
+    }
+    rearm_wait_timer();
   }
 
   void flush_waiting() {
     while (!waiting.empty() && active && active->usable()) {
-      Waiting w = waiting.front();
+      Waiting w = std::move(waiting.front());
       waiting.pop_front();
-      if (!relay(w.tcp, w.route)) w.tcp->close(true);
+      if (!relay(w.tcp, w.route, w.sent, w.eof)) w.tcp->close(true);
     }
     rearm_wait_timer();
   }
@@ -465,23 +481,31 @@ struct Client::Impl {
       return;
     }
     uint64_t now = uv_now(loop);
-    uint64_t d = waiting.front().deadline > now ? waiting.front().deadline - now : 0;
+    uint64_t first = waiting.front().deadline;
+    for (const Waiting& w : waiting) first = std::min(first, w.deadline);  // replays sit in front
+    uint64_t d = first > now ? first - now : 0;
     uv_timer_start(wait_timer, wait_cb, d, 0);
   }
 
   void expire_waiting() {
     uint64_t now = uv_now(loop);
     size_t n = 0;
-    while (!waiting.empty() && waiting.front().deadline <= now) {
-      waiting.front().tcp->close(true);
-      waiting.pop_front();
+    for (auto it = waiting.begin(); it != waiting.end();) {
+      if (it->deadline > now) {
+        ++it;
+        continue;
+      }
+      it->tcp->close(true);
+      it = waiting.erase(it);
       ++n;
     }
     if (n) spdlog::warn("{} local connection(s) reset: no session within {} ms", n, opts.connect_timeout_ms);
     rearm_wait_timer();
   }
 
-  bool relay(net::Tcp* tcp, const std::string& route) {
+  // Opens a stream on the active session for `tcp`; `sent` (a replay) goes
+  // right after the preamble. False (nothing taken) if no session takes it.
+  bool relay(net::Tcp* tcp, const std::string& route, util::ByteQueue& sent, bool eof) {
     ClientLink* link = active;
     if (!link || !link->usable()) return false;
     Link::EntryGuard g(link);
@@ -491,7 +515,11 @@ struct Client::Impl {
     mux::encode_preamble(route, pre);
     (void)link->session().write(id, pre);  // fits: a new stream has a 256 KiB window
     uv_tcp_nodelay(tcp->handle(), 1);
-    link->add_bridge(id, std::make_unique<proxy::Bridge>(*link, id, tcp));
+    auto b = std::make_unique<proxy::Bridge>(*link, id, tcp, route, std::move(sent), eof);
+    b->on_replay = [this](net::Tcp* local, const std::string& r, util::ByteQueue bytes, bool local_eof) {
+      submit(local, r, std::move(bytes), local_eof, true);
+    };
+    link->add_bridge(id, std::move(b));
     link->flush();
     return true;
   }

@@ -178,6 +178,11 @@ class Session {
   void go_away(GoAwayCode code);
 
   bool has_stream(uint32_t id) const { return st_.streams.count(id) != 0; }
+  // True while a stream we opened has not been ACKed by the peer.
+  bool awaiting_ack(uint32_t id) const {
+    auto it = st_.streams.find(id);
+    return it != st_.streams.end() && it->second.phase == StreamPhase::awaiting_ack;
+  }
   uint32_t send_window(uint32_t id) const;
   size_t stream_count() const { return st_.streams.size(); }
   bool failed() const { return st_.failed; }

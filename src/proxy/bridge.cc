@@ -23,10 +23,44 @@ const char* to_str(BridgePhase p) {
 
 Bridge::Bridge(Link& link, uint32_t id) : link_(link), id_(id), phase_(BridgePhase::awaiting_preamble) {}
 
-Bridge::Bridge(Link& link, uint32_t id, net::Tcp* local)
-    : link_(link), id_(id), phase_(BridgePhase::relaying), tcp_(local) {
+Bridge::Bridge(Link& link, uint32_t id, net::Tcp* local, const std::string& route, util::ByteQueue sent_before,
+               bool local_eof)
+    : link_(link), id_(id), phase_(BridgePhase::relaying), tcp_(local), route_(route),
+      pending_(std::move(sent_before)), tcp_eof_(local_eof), replayable_(true) {
   tcp_->set_handler(this);
-  tcp_->start_read();
+  if (pending_.empty() && !tcp_eof_) tcp_->start_read();
+  else pump_to_stream();
+}
+
+size_t Bridge::write_stream(std::span<const uint8_t> data) {
+  size_t n = link_.session().write(id_, data);
+  if (replayable_ && n) {
+    if (!link_.session().awaiting_ack(id_) || sent_.size() + n > kMaxReplayBytes) {
+      replayable_ = false;
+      sent_.clear();
+    } else {
+      sent_.append(data.first(n));
+    }
+  }
+  return n;
+}
+
+void Bridge::stream_refused() {
+  if (phase_ != BridgePhase::relaying || !replayable_ || !on_replay || !tcp_) {
+    stream_gone(true);
+    return;
+  }
+  net::Tcp* local = tcp_;
+  tcp_ = nullptr;
+  local->stop_read();
+  local->set_handler(nullptr);
+  util::ByteQueue bytes = std::move(sent_);
+  bytes.append(pending_);
+  bool eof = tcp_eof_;
+  stream_gone(false);
+  spdlog::debug("stream {} ({}): refused unprocessed by the server; {} bytes to send again on another session", id_,
+                route_, bytes.size());
+  on_replay(local, route_, std::move(bytes), eof);
 }
 
 Bridge::~Bridge() { stream_gone(true); }
@@ -236,7 +270,7 @@ void Bridge::on_read(std::span<const uint8_t> data) {
   size_t n = 0;
   if (pending_.empty()) {
     size_t budget = std::min(data.size(), link_.output_budget());
-    n = budget ? link_.session().write(id_, data.first(budget)) : 0;
+    n = budget ? write_stream(data.first(budget)) : 0;
   }
   if (n < data.size()) {
     // What the window or the link cannot take now waits here (at most one
@@ -265,7 +299,7 @@ void Bridge::pump_to_stream() {
   while (!pending_.empty()) {
     auto f = pending_.front();
     size_t budget = std::min(f.size(), link_.output_budget());
-    size_t n = budget ? link_.session().write(id_, f.first(budget)) : 0;
+    size_t n = budget ? write_stream(f.first(budget)) : 0;
     pending_.pop(n);
     if (n < f.size()) break;
   }
@@ -282,6 +316,10 @@ void Bridge::pump_to_stream() {
 
 void Bridge::stream_writable() {
   if (phase_ != BridgePhase::relaying) return;
+  if (replayable_ && !link_.session().awaiting_ack(id_)) {  // ACKed: the server has the stream
+    replayable_ = false;
+    sent_.clear();
+  }
   pump_to_stream();
   link_.flush();
 }

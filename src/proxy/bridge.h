@@ -41,7 +41,11 @@ class Bridge : public net::TcpHandler {
   // Server side: waits for the preamble on stream `id`.
   Bridge(Link& link, uint32_t id);
   // Client side: relays stream `id` to an accepted local connection.
-  Bridge(Link& link, uint32_t id, net::Tcp* local);
+  // `sent_before`: bytes read from `local` for an earlier stream that the
+  // server refused unprocessed (see stream_refused); they go first, and
+  // `local_eof` says the local side had already half-closed.
+  Bridge(Link& link, uint32_t id, net::Tcp* local, const std::string& route = {}, util::ByteQueue sent_before = {},
+         bool local_eof = false);
   // Handoff, adopting process: rebuilds a bridge from `st` (taking its fd;
   // -1 in `st` afterwards). No I/O until start_adopted(). On failure `error`
   // is set, the fd is closed and the bridge must be dropped.
@@ -71,6 +75,20 @@ class Bridge : public net::TcpHandler {
   void link_decongested(); // the link's output fell below its low-water mark
   // The stream is gone (reset by peer, closed, or the link is ending): close TCP.
   void stream_gone(bool reset_tcp);
+  // Client side: the server provably never processed this stream (it reset
+  // it after Go Away, or closed the session cleanly after Go Away). If the
+  // server had not ACKed it yet and on_replay is set, the local connection
+  // and every byte already sent on the stream go to on_replay, to be sent
+  // again on another session; otherwise the same as stream_gone(true).
+  void stream_refused();
+
+  // Client hook for stream_refused(): takes the local connection (reading
+  // stopped, no handler) with the bytes to send first and whether the local
+  // side had half-closed.
+  std::function<void(net::Tcp* local, const std::string& route, util::ByteQueue sent, bool local_eof)> on_replay;
+  // Most bytes kept for a replay: a stream cannot carry more before the
+  // server's first window update, which only follows its ACK.
+  static constexpr size_t kMaxReplayBytes = 256 * 1024;
 
   // Server hook: the preamble named `route`; the owner looks it up and calls
   // connect() or resets. Set by the server tunnel.
@@ -94,6 +112,8 @@ class Bridge : public net::TcpHandler {
   void pump_to_stream();
   void fail(const char* why);  // RST the stream and close TCP
   void stop_connect_timer();
+  // Writes into the stream, keeping a copy while the server has not ACKed.
+  size_t write_stream(std::span<const uint8_t> data);
 
   Link& link_;
   uint32_t id_;
@@ -110,6 +130,10 @@ class Bridge : public net::TcpHandler {
   uint64_t adopted_written_ = 0;  // see BridgeState::upstream_written
   uint64_t connect_started_ns_ = 0;
   bool exported_ = false;
+  // Client side: a copy of every byte written into the stream until the ACK
+  // (replayable_ false once ACKed, or when the copy would exceed kMaxReplayBytes).
+  bool replayable_ = false;
+  util::ByteQueue sent_;
   void report_connect(int status);
 };
 

@@ -203,6 +203,7 @@ void Link::record_input(std::span<const uint8_t> data) {
     }
     if (o.status == tls::OpenStatus::need_more) break;
     if (o.status == tls::OpenStatus::closed) {
+      peer_closed_cleanly_ = true;
       close("peer sent close_notify", false);
       return;
     }
@@ -217,7 +218,14 @@ void Link::record_input(std::span<const uint8_t> data) {
 void Link::close_bridges() {
   auto bridges = std::move(bridges_);
   bridges_.clear();
-  for (auto& [id, b] : bridges) b->stream_gone(true);
+  // PROTOCOL.md 6: after Go Away the peer processes no new stream, and a
+  // clean close (close_notify) comes after everything it did send: streams
+  // it has not ACKed by then were never processed.
+  bool refused = peer_closed_cleanly_ && session_ && session_->go_away_received();
+  for (auto& [id, b] : bridges) {
+    if (refused) b->stream_refused();
+    else b->stream_gone(true);
+  }
   for (auto& [id, b] : bridges) graveyard_.push_back(std::move(b));
   if (depth_ == 0) graveyard_.clear();
 }
@@ -345,7 +353,9 @@ void Link::on_stream_reset(uint32_t id) {
     return;
   }
   if (Bridge* b = bridge(id)) {
-    b->stream_gone(true);
+    // After Go Away the peer resets new streams unprocessed (PROTOCOL.md 6).
+    if (session_ && session_->go_away_received()) b->stream_refused();
+    else b->stream_gone(true);
     remove_bridge(id);
   }
 }

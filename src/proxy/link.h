@@ -178,6 +178,7 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   void become_secure();
   void finish_close();
   void close_bridges();
+  bool peer_closed_cleanly_ = false;  // close_notify received
   void pump_write();
   util::ByteQueue& out_queue();
   static void timer_cb(uv_timer_t* t);
