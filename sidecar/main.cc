@@ -30,7 +30,9 @@
 #include "proxy/server.h"
 #include "tls/context.h"
 #include "tls/dev_certs.h"
+#include "client/status_http.h"
 #include "util/bytes.h"
+#include "util/json.h"
 
 namespace {
 
@@ -45,6 +47,7 @@ usage:
   baton connect --server HOST:PORT [--server ...] --forward LISTEN=ROUTE [--forward ...]
                 [--token T | --token-file F] [--ca FILE] [--cert FILE --key FILE]
                 [--server-name NAME] [--client-id ID] [--max-reconnects N]
+                [--connect-timeout-ms MS] [--dead-after-ms MS] [--status-listen HOST:PORT]
                 [--log-level L] [--log-format F]
       Open a tunnel and forward each local connection on LISTEN to ROUTE.
       The token may also come from the BATON_TOKEN environment variable.
@@ -52,6 +55,10 @@ usage:
       session ends and follows DRAIN; --max-reconnects N gives up after N
       failed tries in a row (default 0: never). Prints {"event":"ready",...},
       then {"event":"session",...} for every session that comes up.
+      --connect-timeout-ms (default 10000): dial + TLS + WELCOME, and how long
+      a local connection waits for a session before it is reset.
+      --dead-after-ms (default 10000): TCP keepalive/TCP_USER_TIMEOUT bound.
+      --status-listen: GET /status there answers the client's state as JSON.
   baton check -c FILE        Validate a configuration (and load its TLS files).
   baton certs --out DIR [--name DNS]... [--ip ADDR]...
       Write a development CA, server and client certificates and a ticket key.
@@ -147,14 +154,24 @@ int usage_error(const std::string& msg) {
   return kExitUsage;
 }
 
-std::string json_string(const std::string& s) {
-  std::string o = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') o += '\\';
-    if (static_cast<unsigned char>(c) < 0x20) continue;
-    o += c;
-  }
-  return o + "\"";
+std::string json_string(const std::string& s) { return baton::util::json_quote(s); }
+
+std::string client_counters_json(const baton::ClientCounters& c) {
+  return "{\"sessions_opened\":" + std::to_string(c.sessions_opened) + ",\"reconnects\":" + std::to_string(c.reconnects) +
+         ",\"full_handshakes\":" + std::to_string(c.full_handshakes) +
+         ",\"resumed_handshakes\":" + std::to_string(c.resumed_handshakes) +
+         ",\"drains_followed\":" + std::to_string(c.drains_followed) +
+         ",\"failed_tries\":" + std::to_string(c.failed_tries) +
+         ",\"streams_replayed\":" + std::to_string(c.streams_replayed) + "}";
+}
+
+std::string client_status_json(const baton::ClientStatus& s) {
+  return "{\"state\":" + json_string(s.state) + ",\"session\":" + std::to_string(s.session) +
+         ",\"server\":" + json_string(s.server) + ",\"server_id\":" + json_string(s.server_id) +
+         ",\"resumed\":" + (s.resumed ? "true" : "false") + ",\"session_age_ms\":" + std::to_string(s.session_age_ms) +
+         ",\"dialing\":" + json_string(s.dialing) + ",\"old_sessions\":" + std::to_string(s.old_sessions) +
+         ",\"streams\":" + std::to_string(s.streams) + ",\"waiting\":" + std::to_string(s.waiting) +
+         ",\"counters\":" + client_counters_json(s.counters) + "}\n";
 }
 
 void print_line(const std::string& s) {
@@ -371,7 +388,7 @@ int cmd_serve(Args& a) {
 
 int cmd_connect(Args& a) {
   baton::ClientOptions o;
-  std::string level = "info", format = "text", token_file, fwd;
+  std::string level = "info", format = "text", token_file, fwd, status_listen;
   bool err = false;
   while (a.more() && !err) {
     if (a.take("--forward", fwd, err) || a.take("-L", fwd, err)) {
@@ -386,13 +403,22 @@ int cmd_connect(Args& a) {
       else o.servers.push_back(srv);
       continue;
     }
-    if (a.take("--max-reconnects", num, err)) {
+    const char* num_flag = nullptr;
+    uint32_t* num_dst = nullptr;
+    uint32_t num_min = 0;
+    if (a.take("--max-reconnects", num, err)) num_flag = "--max-reconnects", num_dst = &o.max_reconnects;
+    else if (a.take("--connect-timeout-ms", num, err)) num_flag = "--connect-timeout-ms", num_dst = &o.connect_timeout_ms, num_min = 100;
+    else if (a.take("--dead-after-ms", num, err)) num_flag = "--dead-after-ms", num_dst = &o.dead_after_ms;
+    if (num_flag) {
       char* end = nullptr;
       unsigned long v = std::strtoul(num.c_str(), &end, 10);
-      if (num.empty() || *end || v > UINT32_MAX) return usage_error("--max-reconnects expects a number, got \"" + num + "\"");
-      o.max_reconnects = uint32_t(v);
+      if (num.empty() || *end || v > UINT32_MAX || v < num_min)
+        return usage_error(std::string(num_flag) + " expects a number" + (num_min ? " >= " + std::to_string(num_min) : "") +
+                           ", got \"" + num + "\"");
+      *num_dst = uint32_t(v);
       continue;
     }
+    if (a.take("--status-listen", status_listen, err)) continue;
     if (a.take("--token", o.token, err) ||
         a.take("--token-file", token_file, err) || a.take("--ca", o.ca_file, err) ||
         a.take("--cert", o.cert_file, err) || a.take("--key", o.key_file, err) ||
@@ -423,6 +449,7 @@ int cmd_connect(Args& a) {
   int exit_code = kExitOk;
   Signals sig;
   baton::Client* client_ptr = nullptr;
+  std::unique_ptr<baton::client::StatusHttp> status_http;
   baton::ClientEvents ev;
   ev.on_ready = [&](const baton::ClientReady& r) {
     std::string fw;
@@ -433,7 +460,8 @@ int cmd_connect(Args& a) {
     }
     spdlog::info("tunnel up (server \"{}\", heartbeat {} ms)", r.server_id, r.heartbeat_ms);
     print_line("{\"event\":\"ready\",\"forwards\":[" + fw + "],\"session_id\":\"" +
-               baton::util::to_hex(r.session_id) + "\",\"server_id\":" + json_string(r.server_id) + "}");
+               baton::util::to_hex(r.session_id) + "\",\"server_id\":" + json_string(r.server_id) +
+               (status_http ? ",\"status\":" + json_string(status_http->address()) : std::string()) + "}");
   };
   ev.on_session = [&](const baton::ClientSessionInfo& si) {
     if (si.n > 1)
@@ -460,10 +488,23 @@ int cmd_connect(Args& a) {
       spdlog::error("tunnel closed: {}", why);
       exit_code = kExitFailure;
     }
+    if (status_http) status_http->stop();
     sig.stop();
   };
   baton::Client client(loop, o, ev);
   client_ptr = &client;
+  if (!status_listen.empty()) {
+    auto hp = baton::config::parse_host_port(status_listen, true);
+    if (!hp) return usage_error("--status-listen expects HOST:PORT, got \"" + status_listen + "\"");
+    status_http = std::make_unique<baton::client::StatusHttp>(
+        loop, baton::client::StatusHttp::Routes{{"/status", [&]() { return client_status_json(client.status()); }}});
+    std::string serr = status_http->start(hp->host, hp->port);
+    if (!serr.empty()) {
+      spdlog::error("--status-listen: {}", serr);
+      return kExitUsage;
+    }
+    spdlog::info("status at http://{}/status", status_http->address());
+  }
   std::string e = client.start();
   if (!e.empty()) {
     spdlog::error("{}", e);
@@ -472,6 +513,7 @@ int cmd_connect(Args& a) {
   sig.start(loop, [&](int) {
     spdlog::info("stopping");
     client_ptr->stop();
+    if (status_http) status_http->stop();
     sig.stop();
   });
   uv_run(loop, UV_RUN_DEFAULT);

@@ -81,6 +81,24 @@ struct ClientSessionInfo {
   ClientCounters counters;  // after this session was counted
 };
 
+// What the client is doing now (for status displays).
+struct ClientStatus {
+  // "connected": a session takes new streams; "moving": the session is
+  // draining and its replacement is being set up; "connecting": no session
+  // takes streams (local connections wait).
+  std::string state;
+  uint64_t session = 0;     // number of the session new streams go to (0: none)
+  std::string server;       // its "host:port"
+  std::string server_id;
+  bool resumed = false;
+  uint64_t session_age_ms = 0;
+  std::string dialing;      // "host:port" being dialed ("" when none)
+  size_t old_sessions = 0;  // replaced or draining sessions still finishing streams
+  size_t streams = 0;       // open on all sessions
+  size_t waiting = 0;       // local connections waiting for a session
+  ClientCounters counters;
+};
+
 struct ClientReady {
   std::array<uint8_t, 16> session_id{};
   std::string server_id;
@@ -125,6 +143,7 @@ class Client {
   // Local connections waiting for a session.
   size_t waiting_count() const;
   const ClientCounters& counters() const;
+  ClientStatus status() const;
   // Local "host:port" of the tunnel's TCP connection ("" when none). A hot
   // restart of the sidecar leaves it unchanged: the connection is the same.
   std::string local_address() const;

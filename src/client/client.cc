@@ -54,6 +54,8 @@ class ClientLink : public Link {
   uint32_t heartbeat_ms = 0;
   Target target;
   uint64_t n = 0;                // session number once ready
+  std::string server_id;         // from WELCOME
+  uint64_t ready_ms = 0;         // uv_now() at WELCOME
   bool draining = false;         // DRAIN received: takes no new streams
   std::optional<mux::Reject> reject;  // REJECT received before WELCOME
   bool resumed() const { return peer_info().resumed; }
@@ -308,6 +310,8 @@ struct Client::Impl {
     if (l->resumed()) counters.resumed_handshakes++;
     else counters.full_handshakes++;
     l->n = counters.sessions_opened;
+    l->server_id = w.server_id;
+    l->ready_ms = uv_now(loop);
     if (active) {
       ClientLink* prev = active;
       old.push_back(prev);
@@ -447,6 +451,7 @@ struct Client::Impl {
       tcp->close(true);
       return;
     }
+    if (replay) counters.streams_replayed++;
     if ((waiting.empty() || replay) && active && active->usable()) {
       if (relay(tcp, route, sent, eof)) return;
     }
@@ -456,12 +461,8 @@ struct Client::Impl {
       dial(active->target);
     }
     Waiting w{tcp, route, uv_now(loop) + opts.connect_timeout_ms, std::move(sent), eof};
-    if (replay) {
-      counters.streams_replayed++;
-      waiting.push_front(std::move(w));
-    } else {
-      waiting.push_back(std::move(w));
-    }
+    if (replay) waiting.push_front(std::move(w));
+    else waiting.push_back(std::move(w));
     rearm_wait_timer();
   }
 
@@ -664,5 +665,28 @@ size_t Client::stream_count() const {
 size_t Client::waiting_count() const { return impl_->waiting.size(); }
 
 const ClientCounters& Client::counters() const { return impl_->counters; }
+
+ClientStatus Client::status() const {
+  const Impl& i = *impl_;
+  ClientStatus s;
+  ClientLink* a = i.active;
+  if (a) {
+    s.session = a->n;
+    s.server = a->target.str();
+    s.server_id = a->server_id;
+    s.resumed = a->resumed();
+    s.session_age_ms = uv_now(i.loop) - a->ready_ms;
+  }
+  if (a && a->usable()) s.state = "connected";
+  else if (a) s.state = "moving";
+  else s.state = "connecting";
+  if (i.pending) s.dialing = i.pending->target.str();
+  else if (i.resolve || i.dialing) s.dialing = i.dial_target.str();
+  s.old_sessions = i.old.size();
+  s.streams = stream_count();
+  s.waiting = i.waiting.size();
+  s.counters = i.counters;
+  return s;
+}
 
 }  // namespace baton
