@@ -336,10 +336,12 @@ int cmd_serve(Args& a) {
   }
   admin = std::make_unique<baton::admin::Admin>(loop, *server);
   error = admin->start(cfg.admin);
+  if (error.empty()) error = admin->start_lifecycle(cfg.lifecycle, cfg.drain.grace_ms);
   if (!error.empty()) {
     spdlog::error("{}", error);
     return kExitFailure;
   }
+  if (cfg.lifecycle.listen) spdlog::info("lifecycle hook: GET http://{}/drain (X-Baton-Token)", admin->lifecycle_address());
   server->set_state(baton::proxy::ServeState::serving);
   spdlog::info("baton {} serving tunnels on {} as \"{}\" ({} routes, epoch {})", BATON_VERSION, server->listen_address(),
                server->server_id(), cfg.routes.size(), server->epoch());
@@ -375,7 +377,8 @@ int cmd_serve(Args& a) {
   print_line("{\"event\":\"ready\",\"listen\":" + json_string(server->listen_address()) +
              ",\"pid\":" + std::to_string(getpid()) + ",\"epoch\":" + std::to_string(server->epoch()) +
              ",\"takeover\":" + (hfd >= 0 ? "true" : "false") + ",\"tunnels\":" + std::to_string(takeover.tunnels) +
-             ",\"admin\":" + json_string(admin->address()) + "}");
+             ",\"admin\":" + json_string(admin->address()) +
+             (cfg.lifecycle.listen ? ",\"lifecycle\":" + json_string(admin->lifecycle_address()) : std::string()) + "}");
   uv_run(loop, UV_RUN_DEFAULT);
   parent.reset();
   admin.reset();

@@ -1,6 +1,7 @@
 #include "admin/admin.h"
 
 #include <httplib.h>
+#include <mbedtls/sha256.h>
 #include <spdlog/spdlog.h>
 #include <pthread.h>
 #include <sys/socket.h>
@@ -74,6 +75,7 @@ const Family kFamilies[] = {
     {"baton_overload_rejections_total", "counter",
      "Refusals by limit: max_tunnels, max_streams_per_tunnel, stream_open_rate, handshake_queue, fd_exhausted."},
     {"baton_drain_state", "gauge", "0 serving, 1 notifying clients, 2 waiting for streams to end, 3 done."},
+    {"baton_lifecycle_requests_total", "counter", "GET /drain on the lifecycle listener by result: drain, unauthorized."},
     {"baton_ready", "gauge", "1 while /readyz answers 200."},
     {"baton_restart_epoch", "gauge", "Hot restarts since the first process of this lineage (0 = first)."},
     {"baton_handoff_tunnels_total", "counter",
@@ -275,32 +277,38 @@ bool Admin::on_loop(std::function<void()> fn, uint32_t timeout_ms) {
   return job->cv.wait_for(lk, std::chrono::milliseconds(timeout_ms), [&] { return job->done; });
 }
 
-std::string Admin::start(const config::HostPort& listen) {
-  http_ = std::make_unique<httplib::Server>();
-  // Probes must answer within 1 s even while idle or slow connections hold
-  // workers: several workers, and every wait on a client bounded by 1 s.
-  http_->new_task_queue = [] { return new httplib::ThreadPool(8); };
-  http_->set_payload_max_length(4096);
-  http_->set_read_timeout(1, 0);
-  http_->set_write_timeout(1, 0);
-  http_->set_keep_alive_timeout(1);
-  http_->set_keep_alive_max_count(100);
-  http_->set_socket_options([](socket_t sock) {
+namespace {
+
+// Settings both listeners share: several workers, every wait on a client
+// bounded, small bodies only.
+void configure(httplib::Server& srv, size_t workers) {
+  srv.new_task_queue = [workers] { return new httplib::ThreadPool(workers); };
+  srv.set_payload_max_length(4096);
+  srv.set_read_timeout(1, 0);
+  srv.set_write_timeout(1, 0);
+  srv.set_keep_alive_timeout(1);
+  srv.set_keep_alive_max_count(100);
+  srv.set_socket_options([](socket_t sock) {
     int one = 1;
     setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     setsockopt(sock, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
   });
-  routes();
+}
+
+}  // namespace
+
+std::string Admin::serve(httplib::Server& srv, std::thread& th, const config::HostPort& listen, const char* what,
+                         std::string& address) {
   std::string host = listen.host;
   if (host.size() > 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
   int port = listen.port;
   if (port == 0) {
-    port = http_->bind_to_any_port(host);
-    if (port <= 0) return "admin: cannot listen on " + listen.to_string();
-  } else if (!http_->bind_to_port(host, port)) {
-    return "admin: cannot listen on " + listen.to_string() + ": " + std::strerror(errno);
+    port = srv.bind_to_any_port(host);
+    if (port <= 0) return std::string(what) + ": cannot listen on " + listen.to_string();
+  } else if (!srv.bind_to_port(host, port)) {
+    return std::string(what) + ": cannot listen on " + listen.to_string() + ": " + std::strerror(errno);
   }
-  address_ = (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + std::to_string(port);
+  address = (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + std::to_string(port);
   // The HTTP threads never take a process signal: they go to the loop
   // thread, whose libuv handlers turn them into events. (The threads inherit
   // the mask; the loop thread gets its own back at once.)
@@ -308,13 +316,30 @@ std::string Admin::start(const config::HostPort& listen) {
   sigemptyset(&block);
   for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGCHLD, SIGPIPE}) sigaddset(&block, sig);
   pthread_sigmask(SIG_BLOCK, &block, &old);
-  thread_ = std::thread([this] { http_->listen_after_bind(); });
+  th = std::thread([&srv] { srv.listen_after_bind(); });
   pthread_sigmask(SIG_SETMASK, &old, nullptr);
   // httplib's stop() does nothing before its accept loop runs, and the loop
   // would then run forever: wait (bounded) until it does. httplib offers no
   // event for this in 0.11.
-  for (int i = 0; i < 2000 && !http_->is_running(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  for (int i = 0; i < 2000 && !srv.is_running(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   return "";
+}
+
+std::string Admin::start(const config::HostPort& listen) {
+  http_ = std::make_unique<httplib::Server>();
+  // Probes must answer within 1 s even while idle or slow connections hold
+  // workers: several workers, and every wait on a client bounded by 1 s.
+  configure(*http_, 8);
+  routes();
+  return serve(*http_, thread_, listen, "admin", address_);
+}
+
+std::string Admin::start_lifecycle(const config::Lifecycle& lc, uint32_t grace_ms) {
+  if (!lc.listen) return "";
+  lifecycle_ = std::make_unique<httplib::Server>();
+  configure(*lifecycle_, 4);
+  lifecycle_routes(lc, grace_ms);
+  return serve(*lifecycle_, lifecycle_thread_, *lc.listen, "lifecycle", lifecycle_address_);
 }
 
 void Admin::stop() {
@@ -323,6 +348,9 @@ void Admin::stop() {
     if (stopping_) return;
     stopping_ = true;
   }
+  stop_cv_.notify_all();
+  if (lifecycle_) lifecycle_->stop();
+  if (lifecycle_thread_.joinable()) lifecycle_thread_.join();
   if (http_) http_->stop();
   if (thread_.joinable()) thread_.join();
   // Requests still waiting time out on their own (they hold the job alive).
@@ -412,6 +440,73 @@ void Admin::routes() {
                        : res.status == 413 ? "request too large"
                                            : "bad request";
     json(res, res.status, "{\"error\":" + json_str(what) + ",\"path\":" + json_str(req.path.substr(0, 200)) + "}");
+    return httplib::Server::HandlerResponse::Handled;
+  }));
+}
+
+void Admin::lifecycle_routes(const config::Lifecycle& lc, uint32_t grace_ms) {
+  auto json = [](httplib::Response& res, int status, const std::string& body) {
+    res.status = status;
+    res.set_content(body + "\n", "application/json");
+  };
+  auto count = [this](const char* result) {
+    std::string s = proxy::series("baton_lifecycle_requests_total", {{"result", result}});
+    (void)on_loop([this, s] { server_.metrics().inc(s); });
+  };
+  std::array<uint8_t, 32> want = lc.token_sha256;
+  lifecycle_->Get("/drain", [this, json, count, want, grace_ms](const httplib::Request& req, httplib::Response& res) {
+    std::string token = req.get_header_value("X-Baton-Token");
+    std::array<uint8_t, 32> got{};
+    mbedtls_sha256_ret(reinterpret_cast<const unsigned char*>(token.data()), token.size(), got.data(), 0);
+    uint8_t diff = 0;
+    for (size_t i = 0; i < got.size(); ++i) diff |= uint8_t(got[i] ^ want[i]);
+    if (token.empty() || diff != 0) {
+      count("unauthorized");
+      spdlog::warn("lifecycle: GET /drain from {} refused: {} X-Baton-Token", req.remote_addr,
+                   token.empty() ? "no" : "wrong");
+      return json(res, 401, "{\"error\":\"missing or wrong X-Baton-Token\"}");
+    }
+    count("drain");
+    spdlog::info("lifecycle: GET /drain from {}: draining, answering when done", req.remote_addr);
+    auto box = std::make_shared<Snapshot>();
+    if (!on_loop([this, box] {
+          server_.start_drain();
+          *box = take_snapshot(server_);
+        }))
+      return json(res, 200, "{\"drained\":true,\"phase\":\"exiting\"}");
+    // Blocks this worker until the drain is over: the kubelet holds the
+    // application container's TERM until the hook returns.
+    auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(uint64_t(grace_ms) + 5000);
+    Snapshot s = *box;
+    while (s.drain_phase != "done") {
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        stop_cv_.wait_for(lk, std::chrono::milliseconds(100), [this] { return stopping_; });
+        if (stopping_) return json(res, 200, "{\"drained\":true,\"phase\":\"exiting\"}");
+      }
+      if (std::chrono::steady_clock::now() >= until)
+        return json(res, 504, "{\"drained\":false,\"error\":\"drain not over after grace + 5 s\",\"drain\":" +
+                                  render_drain_json(s) + "}");
+      auto next = std::make_shared<Snapshot>();
+      if (!on_loop([this, next] { *next = take_snapshot(server_); })) continue;  // busy or exiting: look again
+      s = std::move(*next);
+    }
+    json(res, 200, "{\"drained\":true,\"phase\":\"done\"}");
+  });
+  lifecycle_->set_pre_routing_handler(httplib::Server::HandlerWithResponse(
+      [json](const httplib::Request& req, httplib::Response& res) {
+        if (req.has_header("Transfer-Encoding")) {
+          res.set_header("Connection", "close");
+          json(res, 413, "{\"error\":\"request bodies are not accepted here\"}");
+          return httplib::Server::HandlerResponse::Handled;
+        }
+        return httplib::Server::HandlerResponse::Unhandled;
+      }));
+  lifecycle_->set_error_handler(httplib::Server::HandlerWithResponse([json](const httplib::Request& req,
+                                                                            httplib::Response& res) {
+    if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+    if (res.status == 404 && req.path == "/drain") res.status = 405;
+    json(res, res.status, res.status == 405 ? "{\"error\":\"only GET /drain\"}" : "{\"error\":\"only GET /drain here\"}");
     return httplib::Server::HandlerResponse::Handled;
   }));
 }

@@ -7,6 +7,12 @@
 //   GET  /metrics   Prometheus text format 0.0.4
 //   POST /drain     starts the drain (idempotent); GET /drain: its state
 //
+// The lifecycle listener (optional, lifecycle.listen; may face the pod
+// network): GET /drain with the header X-Baton-Token whose sha256 is
+// lifecycle.token_sha256 starts the drain and answers only when the drain is
+// over (or the process exits, or grace + 5 s): a kubelet preStop httpGet hook
+// of the application container. Anything else there: 401 / 404 / 405.
+//
 // Threading (ARCHITECTURE principle 7): the HTTP threads never touch loop
 // state. A request posts a job through a uv_async_t and waits (at most 1 s)
 // for the loop to run it; the job copies what the answer needs (a Snapshot)
@@ -79,8 +85,11 @@ class Admin {
   // hot restart can bind while the old one still answers, then starts the
   // HTTP thread. Returns "" or an error.
   [[nodiscard]] std::string start(const config::HostPort& listen);
+  // Starts the lifecycle listener (see above). Returns "" or an error.
+  [[nodiscard]] std::string start_lifecycle(const config::Lifecycle& lc, uint32_t grace_ms);
   // "host:port" actually bound.
   const std::string& address() const { return address_; }
+  const std::string& lifecycle_address() const { return lifecycle_address_; }
   // Loop thread: stops the HTTP thread and answers pending requests 503.
   void stop();
 
@@ -95,6 +104,11 @@ class Admin {
   bool on_loop(std::function<void()> fn, uint32_t timeout_ms = 1000);
   static void async_cb(uv_async_t* a);
   void routes();
+  void lifecycle_routes(const config::Lifecycle& lc, uint32_t grace_ms);
+  // Binds `srv` (SO_REUSEPORT), starts its accept loop on `th` with process
+  // signals blocked; "" or an error naming `what` and the address.
+  std::string serve(httplib::Server& srv, std::thread& th, const config::HostPort& listen, const char* what,
+                    std::string& address);
 
   uv_loop_t* loop_;
   proxy::Server& server_;
@@ -102,6 +116,10 @@ class Admin {
   std::unique_ptr<httplib::Server> http_;
   std::thread thread_;
   std::string address_;
+  std::unique_ptr<httplib::Server> lifecycle_;
+  std::thread lifecycle_thread_;
+  std::string lifecycle_address_;
+  std::condition_variable stop_cv_;  // wakes lifecycle requests waiting for the drain (with mu_)
   std::mutex mu_;
   std::deque<std::shared_ptr<Job>> jobs_;
   bool stopping_ = false;

@@ -226,6 +226,8 @@ class Loader {
   bool load_single(const Entry& e, const char* section, const char* key, const char* what,
                    const std::function<bool(const Entry&, const std::string&)>& read);
   bool load_drain(const Entry& e, Config& cfg);
+  bool load_lifecycle(const Entry& e, Config& cfg);
+  bool get_sha256(const Entry& e, const std::string& path, std::array<uint8_t, 32>& out);
   bool load_log(const Entry& e, Config& cfg);
   bool check(Config& cfg);
 
@@ -385,7 +387,9 @@ bool Loader::load(Config& cfg) {
     if (root->type != YAML_MAPPING_NODE)
       return fail(root, "expected a mapping at the top level (server_id:, listen:, tls:, ...), got " + describe(root));
     if (!entries(root, "the top level",
-                 {"server_id", "listen", "tls", "auth", "routes", "limits", "admin", "handoff", "drain", "log"}, top))
+                 {"server_id", "listen", "tls", "auth", "routes", "limits", "admin", "handoff", "drain", "lifecycle",
+                  "log"},
+                 top))
       return false;
   }
   bool have_tls = false, have_routes = false;
@@ -419,6 +423,8 @@ bool Loader::load(Config& cfg) {
       ok = load_handoff(e, cfg);
     } else if (e.key == "drain") {
       ok = load_drain(e, cfg);
+    } else if (e.key == "lifecycle") {
+      ok = load_lifecycle(e, cfg);
     } else if (e.key == "log") {
       ok = load_log(e, cfg);
     }
@@ -511,12 +517,7 @@ bool Loader::load_token(const yaml_node_t* n, const std::string& path, Config& c
                            ":" + std::to_string(it->second.column) + ")");
     } else if (f.key == "sha256") {
       have_digest = true;
-      std::string hex;
-      const char* what = "64 hex digits (printf %s \"$TOKEN\" | sha256sum)";
-      if (!get_string(f, p, what, hex)) return false;
-      if (hex.size() != 64 || !util::from_hex(hex, t.sha256))
-        return fail(f, p + ": expected " + what + ", got " + quote(hex) + " (" + std::to_string(hex.size()) +
-                           " characters)");
+      if (!get_sha256(f, p, t.sha256)) return false;
       digest_entry = f;
     }
   }
@@ -641,6 +642,42 @@ bool Loader::load_drain(const Entry& e, Config& cfg) {
       cfg.drain.reconnect_hint = hp.to_string();
     }
   }
+  return true;
+}
+
+bool Loader::get_sha256(const Entry& f, const std::string& p, std::array<uint8_t, 32>& out) {
+  std::string hex;
+  const char* what = "64 hex digits (printf %s \"$TOKEN\" | sha256sum, or baton hash-token)";
+  if (!get_string(f, p, what, hex)) return false;
+  if (hex.size() != 64 || !util::from_hex(hex, out))
+    return fail(f, p + ": expected " + what + ", got " + quote(hex) + " (" + std::to_string(hex.size()) +
+                       " characters)");
+  return true;
+}
+
+bool Loader::load_lifecycle(const Entry& e, Config& cfg) {
+  if (is_null(e.value)) return true;
+  if (!expect_mapping(e, "lifecycle", "a mapping")) return false;
+  Entries es;
+  if (!entries(e.value, "lifecycle", {"listen", "token_sha256"}, es)) return false;
+  bool have_token = false;
+  for (const Entry& f : es) {
+    std::string p = "lifecycle." + f.key;
+    remember(p, f);
+    if (f.key == "listen") {
+      if (is_null(f.value)) continue;
+      HostPort hp;
+      if (!get_host_port(f, p, true, hp)) return false;
+      cfg.lifecycle.listen = hp;
+    } else if (f.key == "token_sha256") {
+      if (!get_sha256(f, p, cfg.lifecycle.token_sha256)) return false;
+      have_token = true;
+    }
+  }
+  if (cfg.lifecycle.listen && !have_token)
+    return fail(where("lifecycle.listen", Mark{}),
+                "lifecycle.listen needs lifecycle.token_sha256 (the sha256 of the X-Baton-Token header's value): "
+                "the listener may face the pod network");
   return true;
 }
 

@@ -66,6 +66,13 @@ struct Drain {
   std::string reconnect_hint;  // optional host:port sent in DRAIN
 };
 
+// The lifecycle listener: GET /drain for a kubelet preStop httpGet hook
+// (docs/operations.md "Lifecycle hook"). Off unless listen is set.
+struct Lifecycle {
+  std::optional<HostPort> listen;       // may be the pod IP or 0.0.0.0 (it is token-guarded)
+  std::array<uint8_t, 32> token_sha256{};  // digest of the X-Baton-Token header's value (required with listen)
+};
+
 struct Config {
   std::string source;  // file the config was read from
   std::string server_id;  // empty: the host name
@@ -79,6 +86,7 @@ struct Config {
   std::string handoff_socket = "/run/baton/handoff.sock";
   uint32_t handoff_timeout_ms = 5000;  // longest wait for the other process at each handoff step
   Drain drain;
+  Lifecycle lifecycle;
   std::string log_level = "info";   // trace, debug, info, warn, error
   std::string log_format = "text";  // text, json
 
