@@ -4,8 +4,6 @@
 #include <cstring>
 #include <set>
 
-#include "proxy/bridge.h"
-#include "proxy/link.h"
 #include "util/bytes.h"
 
 namespace baton::handoff {

@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "proxy/server.h"
+#include "proxy/metrics.h"
 #include "proxy/state.h"
 #include "tls/ticket.h"
 

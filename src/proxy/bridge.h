@@ -28,13 +28,6 @@ namespace baton::proxy {
 
 class Link;
 
-enum class BridgePhase : uint8_t {
-  awaiting_preamble = 0,  // server: the route name has not fully arrived
-  awaiting_upstream = 1,  // server: resolving / connecting to the route's upstream
-  relaying = 2,           // bytes flow
-  done = 3,               // TCP closed; the link drops the bridge
-};
-const char* to_str(BridgePhase p);
 
 class Bridge : public net::TcpHandler {
  public:

@@ -32,14 +32,6 @@ namespace baton::proxy {
 class Bridge;
 
 // What the link is waiting for (ARCHITECTURE principle 3).
-enum class LinkPhase : uint8_t {
-  awaiting_handshake = 0,  // TLS handshake in progress
-  awaiting_hello = 1,      // server: TLS done, HELLO not yet accepted; client: WELCOME not yet received
-  serving = 2,             // streams flow
-  flushing = 3,            // closing: writing the last bytes (alerts, Go Away) before TCP close
-  closed = 4,              // TCP closed; the object is deleted when the current callback returns
-};
-const char* to_str(LinkPhase p);
 
 struct LinkLimits {
   uint32_t max_streams = 1024;

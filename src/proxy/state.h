@@ -20,8 +20,24 @@
 
 namespace baton::proxy {
 
-enum class LinkPhase : uint8_t;
-enum class BridgePhase : uint8_t;
+// What a link is waiting for (ARCHITECTURE principle 3).
+enum class LinkPhase : uint8_t {
+  awaiting_handshake = 0,  // TLS handshake in progress
+  awaiting_hello = 1,      // server: TLS done, HELLO not yet accepted; client: WELCOME not yet received
+  serving = 2,             // streams flow
+  flushing = 3,            // closing: writing the last bytes (alerts, Go Away) before TCP close
+  closed = 4,              // TCP closed; the object is deleted when the current callback returns
+};
+const char* to_str(LinkPhase p);
+
+// What a bridge is waiting for.
+enum class BridgePhase : uint8_t {
+  awaiting_preamble = 0,  // server: the route name has not fully arrived
+  awaiting_upstream = 1,  // server: resolving / connecting to the route's upstream
+  relaying = 2,           // bytes flow
+  done = 3,               // TCP closed; the link drops the bridge
+};
+const char* to_str(BridgePhase p);
 
 struct BridgeState {
   uint32_t id = 0;
