@@ -220,6 +220,7 @@ class Loader {
   bool load_tls(const Entry& e, Config& cfg);
   bool load_auth(const Entry& e, Config& cfg);
   bool load_token(const yaml_node_t* n, const std::string& path, Config& cfg);
+  bool load_tokens_file(const Entry& f, const std::string& p, Config& cfg);
   bool load_routes(const Entry& e, Config& cfg);
   bool load_limits(const Entry& e, Config& cfg);
   bool load_handoff(const Entry& e, Config& cfg);
@@ -474,14 +475,22 @@ bool Loader::load_auth(const Entry& e, Config& cfg) {
   if (!expect_mapping(e, "auth", "a mapping with require_token: and tokens:")) return false;
   marks_["auth"] = mark_of(e.value->start_mark);
   Entries es;
-  if (!entries(e.value, "auth", {"require_token", "tokens"}, es)) return false;
+  if (!entries(e.value, "auth", {"require_token", "tokens", "tokens_file"}, es)) return false;
+  bool inline_tokens = false, file_tokens = false;
   for (const Entry& f : es) {
     std::string p = "auth." + f.key;
     remember(p, f);
     if (f.key == "require_token") {
       if (!get_bool(f, p, cfg.require_token)) return false;
+    } else if (f.key == "tokens_file") {
+      if (is_null(f.value)) continue;
+      if (inline_tokens) return fail(f, p + ": give either auth.tokens or auth.tokens_file, not both");
+      file_tokens = true;
+      if (!load_tokens_file(f, p, cfg)) return false;
     } else if (f.key == "tokens") {
       if (is_null(f.value)) continue;
+      if (file_tokens) return fail(f, p + ": give either auth.tokens or auth.tokens_file, not both");
+      inline_tokens = true;
       if (f.value->type != YAML_SEQUENCE_NODE)
         return fail(f, p + ": expected a sequence of {name, sha256} mappings, got " + describe(f.value));
       size_t i = 0;
@@ -709,7 +718,7 @@ bool Loader::check(Config& cfg) {
   if (cfg.require_token && cfg.tokens.empty())
     return fail(where("auth.tokens", where("auth", top)),
                 "auth.tokens: at least one token is needed while auth.require_token is true "
-                "(add - name: ... sha256: ..., or require client certificates)");
+                "(add - name: ... sha256: ..., or auth.tokens_file, or require client certificates)");
   if (cfg.limits.heartbeat_ms >= cfg.limits.idle_timeout_ms)
     return fail(where("limits.heartbeat_ms", where("limits.idle_timeout_ms", top)),
                 "limits.heartbeat_ms (" + std::to_string(cfg.limits.heartbeat_ms) +
@@ -785,29 +794,102 @@ struct ParserGuard {
   }
 };
 
-LoadResult parse_impl(std::string_view yaml, const std::string& name, const std::string& base_dir) {
+using DocPtr = std::unique_ptr<yaml_document_t, DocumentDeleter>;
+
+// Parses exactly one YAML document; `name` names the file in errors.
+std::variant<DocPtr, ConfigError> load_document(std::string_view yaml, const std::string& name) {
   ParserGuard g;
   if (!yaml_parser_initialize(&g.p)) return ConfigError{name, 0, 0, "out of memory while reading YAML"};
   g.live = true;
   yaml_parser_set_input_string(&g.p, reinterpret_cast<const unsigned char*>(yaml.data()), yaml.size());
 
-  std::unique_ptr<yaml_document_t, DocumentDeleter> doc(new yaml_document_t);
+  DocPtr doc(new yaml_document_t);
   if (!yaml_parser_load(&g.p, doc.get())) {
     delete doc.release();  // nothing to yaml_document_delete after a failed load
     return syntax_error(g.p, yaml, name);
   }
   // A second document would be silently ignored by most readers; say so instead.
-  {
-    std::unique_ptr<yaml_document_t, DocumentDeleter> next(new yaml_document_t);
-    if (!yaml_parser_load(&g.p, next.get())) {
-      delete next.release();
-      return syntax_error(g.p, yaml, name);
-    }
-    if (const yaml_node_t* r = yaml_document_get_root_node(next.get())) {
-      Mark m = mark_of(r->start_mark);
-      return ConfigError{name, m.line, m.column, "expected a single YAML document, found a second one here"};
+  DocPtr next(new yaml_document_t);
+  if (!yaml_parser_load(&g.p, next.get())) {
+    delete next.release();
+    return syntax_error(g.p, yaml, name);
+  }
+  if (const yaml_node_t* r = yaml_document_get_root_node(next.get())) {
+    Mark m = mark_of(r->start_mark);
+    return ConfigError{name, m.line, m.column, "expected a single YAML document, found a second one here"};
+  }
+  return doc;
+}
+
+// Reads a whole (small) text file; "" or what went wrong.
+std::string read_text_file(const std::string& path, std::string& text) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::string("cannot open the file: ") + std::strerror(errno);
+  struct stat st;
+  std::string problem;
+  if (::fstat(fd, &st) != 0) {
+    problem = std::string("cannot read the file: ") + std::strerror(errno);
+  } else if (S_ISDIR(st.st_mode)) {
+    problem = "is a directory, expected a YAML file";
+  } else {
+    char buf[65536];
+    for (;;) {
+      ssize_t n = ::read(fd, buf, sizeof buf);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) {
+        problem = std::string("cannot read the file: ") + std::strerror(errno);
+        break;
+      }
+      if (n == 0) break;
+      text.append(buf, size_t(n));
+      if (text.size() > kMaxConfigFile) {
+        problem = "the file is larger than 16 MiB; is this the right file?";
+        break;
+      }
     }
   }
+  ::close(fd);
+  return problem;
+}
+
+bool Loader::load_tokens_file(const Entry& f, const std::string& p, Config& cfg) {
+  std::string path, text;
+  if (!get_path(f, p, path)) return false;
+  std::string problem = read_text_file(path, text);
+  if (!problem.empty()) return fail(f, p + ": " + path + ": " + problem);
+  auto doc = load_document(text, path);
+  if (auto* e = std::get_if<ConfigError>(&doc)) {
+    error_ = *e;
+    return false;
+  }
+  yaml_document_t* d = std::get<DocPtr>(doc).get();
+  const yaml_node_t* root = yaml_document_get_root_node(d);
+  if (!root || is_null(root)) return true;  // no tokens
+  // The file's own positions in its errors; duplicates across the file are
+  // caught by the same maps (tokens and tokens_file are exclusive).
+  Loader nested(d, path, base_dir_);
+  nested.token_names_ = std::move(token_names_);
+  nested.token_digests_ = std::move(token_digests_);
+  if (root->type != YAML_SEQUENCE_NODE) {
+    nested.fail(root, "expected a sequence of {name, sha256} mappings (the form of auth.tokens), got " +
+                          describe(root));
+    error_ = nested.error();
+    return false;
+  }
+  size_t i = 0;
+  for (auto* it = root->data.sequence.items.start; it < root->data.sequence.items.top; ++it, ++i) {
+    if (!nested.load_token(nested.node(*it), "tokens[" + std::to_string(i) + "]", cfg)) {
+      error_ = nested.error();
+      return false;
+    }
+  }
+  return true;
+}
+
+LoadResult parse_impl(std::string_view yaml, const std::string& name, const std::string& base_dir) {
+  auto loaded = load_document(yaml, name);
+  if (auto* e = std::get_if<ConfigError>(&loaded)) return *e;
+  DocPtr doc = std::move(std::get<DocPtr>(loaded));
 
   Config cfg;
   cfg.source = name;
@@ -851,33 +933,8 @@ LoadResult parse(std::string_view yaml, const std::string& name, const std::stri
 
 LoadResult load_file(const std::string& path) {
   try {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return ConfigError{path, 0, 0, std::string("cannot open the file: ") + std::strerror(errno)};
     std::string text;
-    struct stat st;
-    std::string problem;
-    if (::fstat(fd, &st) != 0) {
-      problem = std::string("cannot read the file: ") + std::strerror(errno);
-    } else if (S_ISDIR(st.st_mode)) {
-      problem = "is a directory, expected a YAML file";
-    } else {
-      char buf[65536];
-      for (;;) {
-        ssize_t n = ::read(fd, buf, sizeof buf);
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) {
-          problem = std::string("cannot read the file: ") + std::strerror(errno);
-          break;
-        }
-        if (n == 0) break;
-        text.append(buf, size_t(n));
-        if (text.size() > kMaxConfigFile) {
-          problem = "the file is larger than 16 MiB; is this the right file?";
-          break;
-        }
-      }
-    }
-    ::close(fd);
+    std::string problem = read_text_file(path, text);
     if (!problem.empty()) return ConfigError{path, 0, 0, problem};
     return parse(text, path, std::filesystem::path(path).parent_path().string());
   } catch (const std::bad_alloc&) {

@@ -252,6 +252,52 @@ TEST(Config, LoadFileUnreadable) {
   EXPECT_EQ(std::get<ConfigError>(r).to_string(), "/: is a directory, expected a YAML file");
 }
 
+// auth.tokens_file: the token digests in a file of their own (a Kubernetes
+// Secret), in the form of auth.tokens; its errors name that file's positions.
+TEST(Config, TokensFile) {
+  fs::path dir = fs::temp_directory_path() / ("baton-tokens-" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  auto write = [&](const char* name, const std::string& text) {
+    FILE* f = std::fopen((dir / name).c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    std::fputs(text.c_str(), f);
+    std::fclose(f);
+  };
+  std::string head = lines({"tls: {cert: a, key: b}", "routes: {echo: 127.0.0.1:1}", "auth:"});
+  write("tokens.yaml", lines({"- name: fleet", std::string("  sha256: ").append(kDigest).c_str(), "- name: ci",
+                              "  sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}));
+  Config c = ok(head + "  tokens_file: tokens.yaml\n", dir.string());
+  ASSERT_EQ(c.tokens.size(), 2u);
+  EXPECT_EQ(c.tokens[0].name, "fleet");
+  EXPECT_EQ(c.tokens[1].name, "ci");
+
+  auto error_of = [&](const std::string& yaml) {
+    LoadResult r = parse(yaml, "baton.yaml", dir.string());
+    auto* e = std::get_if<ConfigError>(&r);
+    return e ? e->to_string() : std::string("OK");
+  };
+  std::string tf = (dir / "bad.yaml").string();
+  write("bad.yaml", lines({"- name: fleet", "  sha256: nothex"}));
+  EXPECT_EQ(error_of(head + "  tokens_file: bad.yaml\n"),
+            tf + ":2:11: tokens[0].sha256: expected 64 hex digits (printf %s \"$TOKEN\" | sha256sum, or baton "
+                 "hash-token), got \"nothex\" (6 characters)");
+  write("bad.yaml", lines({"- name: a", std::string("  sha256: ").append(kDigest).c_str(), "- name: b",
+                           std::string("  sha256: ").append(kDigest).c_str()}));
+  EXPECT_EQ(error_of(head + "  tokens_file: bad.yaml\n").rfind(tf + ":4:11: tokens[1].sha256: the same digest as token", 0),
+            0u);
+  write("bad.yaml", "name: a\n");
+  EXPECT_EQ(error_of(head + "  tokens_file: bad.yaml\n"),
+            tf + ":1:1: expected a sequence of {name, sha256} mappings (the form of auth.tokens), got a mapping");
+  write("bad.yaml", "- [a\n");
+  EXPECT_EQ(error_of(head + "  tokens_file: bad.yaml\n").rfind(tf + ":2:1: YAML syntax error", 0), 0u);
+  EXPECT_EQ(error_of(head + "  tokens_file: missing.yaml\n"),
+            "baton.yaml:4:16: auth.tokens_file: " + (dir / "missing.yaml").string() +
+                ": cannot open the file: No such file or directory");
+  EXPECT_EQ(error_of(head + "  tokens_file: tokens.yaml\n  tokens: []\n"),
+            "baton.yaml:5:11: auth.tokens: give either auth.tokens or auth.tokens_file, not both");
+  fs::remove_all(dir);
+}
+
 TEST(HostPort, Parse) {
   auto hp = parse_host_port("example.com:443", false);
   ASSERT_TRUE(hp);
@@ -291,7 +337,7 @@ TEST(ConfigError, ToString) {
 TEST(ConfigErrors, UnknownKeyTopLevel) {
   EXPECT_ERR(lines({"# comment", "server_id: a", "listne: 0.0.0.0:1"}),
              "baton.yaml:3:1: unknown key \"listne\" in the top level (expected one of: server_id, listen, tls, "
-             "auth, routes, limits, admin, handoff, drain, log)");
+             "auth, routes, limits, admin, handoff, drain, lifecycle, log)");
 }
 
 TEST(ConfigErrors, UnknownKeyNested) {
@@ -453,8 +499,8 @@ TEST(ConfigErrors, HostPort) {
 TEST(ConfigErrors, Tokens) {
   std::string head = lines({"tls: {cert: a, key: b}", "routes: {echo: 127.0.0.1:1}", "auth:", "  tokens:"});
   EXPECT_ERR(head + lines({"    - name: a", "      sha256: abc"}),
-             "baton.yaml:6:15: auth.tokens[0].sha256: expected 64 hex digits (printf %s \"$TOKEN\" | sha256sum), got "
-             "\"abc\" (3 characters)");
+             "baton.yaml:6:15: auth.tokens[0].sha256: expected 64 hex digits (printf %s \"$TOKEN\" | sha256sum, or baton "
+             "hash-token), got \"abc\" (3 characters)");
   std::string bad(64, 'g');
   EXPECT_ERR_PREFIX(head + "    - name: a\n      sha256: " + bad + "\n",
                     "baton.yaml:6:15: auth.tokens[0].sha256: expected 64 hex digits");
@@ -473,10 +519,10 @@ TEST(ConfigErrors, Tokens) {
 TEST(ConfigErrors, AuthRules) {
   EXPECT_ERR(lines({"tls: {cert: a, key: b}", "routes: {echo: 127.0.0.1:1}"}),
              "baton.yaml:1:1: auth.tokens: at least one token is needed while auth.require_token is true (add - name: "
-             "... sha256: ..., or require client certificates)");
+             "... sha256: ..., or auth.tokens_file, or require client certificates)");
   EXPECT_ERR(lines({"tls: {cert: a, key: b}", "routes: {echo: 127.0.0.1:1}", "auth:", "  tokens: []"}),
              "baton.yaml:4:11: auth.tokens: at least one token is needed while auth.require_token is true (add - "
-             "name: ... sha256: ..., or require client certificates)");
+             "name: ... sha256: ..., or auth.tokens_file, or require client certificates)");
   EXPECT_ERR(lines({"tls: {cert: a, key: b}", "routes: {echo: 127.0.0.1:1}", "auth:", "  require_token: false"}),
              "baton.yaml:4:18: auth.require_token: false is allowed only with tls.require_client_cert: true "
              "(otherwise anyone could open a tunnel)");
