@@ -47,6 +47,7 @@ fuzz: deps
 bench: build
 	@bench/run.sh $(BUILD)
 	@bench/restart.py $(BUILD)
+	@bench/storm.py $(BUILD)
 
 clean:
 	rm -rf $(BUILD) $(ASAN) $(TSAN) $(FUZZ)

@@ -455,9 +455,10 @@ struct Client::Impl {
     if ((waiting.empty() || replay) && active && active->usable()) {
       if (relay(tcp, route, sent, eof)) return;
     }
-    if (active && !active->usable() && !dial_in_progress()) {
-      // The server said Go Away without DRAIN: replace the session as for a drain.
-      if (retry_waiting) uv_timer_stop(retry_timer);
+    if (active && !active->usable() && !active->draining && !dial_in_progress() && !retry_waiting) {
+      // The server said Go Away without DRAIN: replace the session as for a
+      // drain. (After DRAIN a replacement is already under way, or a retry
+      // to the next server is scheduled: leave that alone.)
       dial(active->target);
     }
     Waiting w{tcp, route, uv_now(loop) + opts.connect_timeout_ms, std::move(sent), eof};
