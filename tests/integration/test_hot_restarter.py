@@ -120,3 +120,77 @@ def test_sighup_restarts_failed_start_keeps_serving_sigterm_forwards(server_fact
         if w.proc.poll() is None:
             w.proc.kill()
             w.proc.wait()
+
+
+def test_two_wrappers_share_the_socket_hot_upgrade(server_factory, tunnel_factory, tmp_path):
+    """The two-container hot upgrade (docs/kubernetes.md): two wrappers (two
+    containers) share the handoff socket. Starting the second one moves the
+    tunnels to it; the first stays up on standby with no baton (its container
+    is not restarted, which would take the tunnels back); SIGHUP on the
+    standby one moves them back; SIGTERM on a standby wrapper exits 0."""
+    proto = server_factory(extra="drain:\n  delay_ms: 0\n  grace_ms: 3000\n")
+    cfg = proto.config_path
+    proto.stop()
+    argv = [str(WRAPPER), "--ready-timeout", str(scaled(20)), "--", BATON_BIN, "serve", "-c", str(cfg)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = Wrapper(argv, dict(os.environ), tmp_path / "a")
+    b = None
+    try:
+        first = a.next_event("ready")
+
+        class Addr:
+            addr = tuple([first["listen"].rsplit(":", 1)[0], int(first["listen"].rsplit(":", 1)[1])])
+
+        t = tunnel_factory(Addr)
+        s = t.open_stream("echo")
+        assert s.wait_acked(scaled(10))
+        s.send(b"on a")
+        assert s.recv_exactly(4, scaled(10)) == b"on a"
+
+        b = Wrapper(argv, dict(os.environ), tmp_path / "b")
+        second = b.next_event("ready")
+        assert second["takeover"] is True and second["tunnels"] == 1, second
+        s.send(b"on b")
+        assert s.recv_exactly(4, scaled(10)) == b"on b"
+        # a's baton is gone, a itself stands by
+        for _ in range(int(scaled(200))):
+            if "standing by" in a.stderr():
+                break
+            try:
+                a.events.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        assert "standing by" in a.stderr(), a.stderr()
+        assert a.proc.poll() is None, "the standby wrapper exited (its container would restart)"
+        assert not pid_alive(first["pid"])
+
+        # SIGHUP on the standby wrapper: its new baton takes the tunnel back
+        a.proc.send_signal(signal.SIGHUP)
+        third = a.next_event("ready")
+        assert third["takeover"] is True and third["tunnels"] == 1 and third["epoch"] == 2, third
+        s.send(b"on a again")
+        assert s.recv_exactly(10, scaled(10)) == b"on a again"
+        for _ in range(int(scaled(200))):
+            if "standing by" in b.stderr():
+                break
+            try:
+                b.events.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        assert "standing by" in b.stderr(), b.stderr()
+        assert b.proc.poll() is None
+
+        # SIGTERM on the standby wrapper: exits 0 and the tunnel is untouched
+        b.proc.send_signal(signal.SIGTERM)
+        assert b.proc.wait(scaled(10)) == 0
+        s.send(b"still")
+        assert s.recv_exactly(5, scaled(10)) == b"still"
+        s.close_write()
+        a.proc.send_signal(signal.SIGTERM)
+        assert a.proc.wait(scaled(20)) == 0
+    finally:
+        for w in (a, b):
+            if w is not None and w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait()
