@@ -100,7 +100,7 @@ def test_runtime_stage_runs_the_hot_restarter_as_non_root():
     user = instr["USER"].split(":")
     assert user[0].isdigit() and int(user[0]) != 0, "USER must be a numeric non-root uid for runAsNonRoot"
     # the example Deployment runs as that user and passes the same arguments
-    dep = yaml.safe_load((ROOT / "k8s" / "deployment.yaml").read_text())
+    dep = yaml.safe_load((ROOT / "k8s" / "base" / "deployment.yaml").read_text())
     pod = dep["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsUser"] == int(user[0])
     baton = [c for c in pod.get("initContainers", []) if c["name"] == "baton"]
@@ -110,5 +110,5 @@ def test_runtime_stage_runs_the_hot_restarter_as_non_root():
 
 def test_dockerignore_keeps_build_outputs_and_secrets_out():
     ign = (ROOT / ".dockerignore").read_text().split()
-    for p in ("build*/", "k8s/secrets/", ".git/"):
+    for p in ("build*/", "k8s/base/secrets/", ".git/"):
         assert p in ign, p
