@@ -69,8 +69,15 @@ class ClientLink : public Link {
   void on_control_data() override;
   void on_peer_stream(uint32_t id) override { session().reset(id); }
   void on_closed(const char* reason) override;
-  // No pings once closing: a deadline in the past would spin the timer.
-  uint64_t role_deadline() const override { return phase() == LinkPhase::serving ? next_ping_ms_ : 0; }
+  // The next ping, or the moment the session counts as dead (2 heartbeats
+  // of silence). No deadline once closing: a past one would spin the timer.
+  uint64_t role_deadline() const override {
+    if (phase() != LinkPhase::serving || !heartbeat_ms) return 0;
+    // Only with 2 pings out can the silence deadline act (else it could be
+    // in the past and re-fire until the next ping).
+    if (session().pending_pings().size() < 2) return next_ping_ms_;
+    return std::min(next_ping_ms_, last_rx_ms() + 2 * uint64_t(heartbeat_ms));
+  }
   void on_role_deadline() override;
   void on_last_bridge_gone() override;
 
@@ -574,16 +581,21 @@ void ClientLink::on_control_data() {
   }
 }
 
+// PROTOCOL.md 5: a ping every heartbeat_ms; dead after 2 unanswered pings.
+// Counted from the last bytes received, so a peer that went silent right
+// after answering is found 2 heartbeats later, not 3.
 void ClientLink::on_role_deadline() {
-  if (phase() != LinkPhase::serving) return;
+  if (phase() != LinkPhase::serving || !heartbeat_ms) return;
   uint64_t now = uv_now(loop());
-  if (session().pending_pings().size() >= 2) {
+  if (now >= next_ping_ms_) {
+    (void)session().ping(++ping_seq_, now);
+    flush();
+    next_ping_ms_ = now + heartbeat_ms;
+  }
+  if (now >= last_rx_ms() + 2 * uint64_t(heartbeat_ms) && session().pending_pings().size() >= 2) {
     close("heartbeat lost: 2 pings unanswered", true);
     return;
   }
-  (void)session().ping(++ping_seq_, now);
-  flush();
-  next_ping_ms_ = now + heartbeat_ms;
 }
 
 void ClientLink::on_last_bridge_gone() { owner_.link_idle(this); }

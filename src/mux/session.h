@@ -169,6 +169,12 @@ class Session {
   // Drops n inbound bytes (n <= inbound size) and returns window credit to the
   // peer once enough has accumulated. May fire on_stream_closed.
   void consumed(uint32_t id, size_t n);
+  // Moves a stream's queued inbound bytes out (the session is going away and
+  // the owner delivers them on its own). The chunks keep their addresses.
+  util::ByteQueue take_inbound(uint32_t id) {
+    auto it = st_.streams.find(id);
+    return it == st_.streams.end() ? util::ByteQueue{} : std::move(it->second.inbound);
+  }
   // Grants the peer a bigger receive window for this stream (sends the difference).
   void set_recv_window(uint32_t id, uint32_t window);
 

@@ -26,7 +26,7 @@ Bridge::Bridge(Link& link, uint32_t id) : link_(link), id_(id), phase_(BridgePha
 Bridge::Bridge(Link& link, uint32_t id, net::Tcp* local, const std::string& route, util::ByteQueue sent_before,
                bool local_eof)
     : link_(link), id_(id), phase_(BridgePhase::relaying), tcp_(local), route_(route),
-      pending_(std::move(sent_before)), tcp_eof_(local_eof), replayable_(true) {
+      pending_(std::move(sent_before)), tcp_eof_(local_eof), local_side_(true), replayable_(true) {
   tcp_->set_handler(this);
   if (pending_.empty() && !tcp_eof_) tcp_->start_read();
   else pump_to_stream();
@@ -45,11 +45,90 @@ size_t Bridge::write_stream(std::span<const uint8_t> data) {
   return n;
 }
 
-void Bridge::stream_refused() {
-  if (phase_ != BridgePhase::relaying || !replayable_ || !on_replay || !tcp_) {
+namespace {
+
+// Finishes a TCP connection whose stream ended while its session is going
+// away: writes what the peer sent, shuts the sending side down, discards
+// what the local side still sends, and closes once it has closed too, or
+// after kLingerTimeoutMs (then with a reset). Frees itself.
+class Linger : public net::TcpHandler {
+ public:
+  static constexpr uint64_t kLingerTimeoutMs = 10000;
+
+  static void start(uv_loop_t* loop, net::Tcp* tcp, util::ByteQueue rest, bool write_in_flight) {
+    auto* l = new Linger(loop, tcp, std::move(rest));
+    l->tcp_->set_handler(l);
+    l->tcp_->start_read();
+    if (!write_in_flight) l->pump();
+  }
+
+ private:
+  Linger(uv_loop_t* loop, net::Tcp* tcp, util::ByteQueue rest) : tcp_(tcp), out_(std::move(rest)) {
+    timer_ = new uv_timer_t;
+    uv_timer_init(loop, timer_);
+    timer_->data = this;
+    uv_timer_start(timer_, [](uv_timer_t* t) { static_cast<Linger*>(t->data)->finish(true); }, kLingerTimeoutMs, 0);
+  }
+  void pump() {
+    if (tcp_->writing()) return;
+    if (!out_.empty()) {
+      tcp_->write_from(out_);
+      return;
+    }
+    if (!shut_) {
+      shut_ = true;
+      tcp_->shutdown();
+    }
+    if (peer_done_) finish(false);
+  }
+  void on_read(std::span<const uint8_t>) override {}  // the stream is over: nowhere to send it
+  void on_read_end(int err) override {
+    peer_done_ = true;
+    if (err) finish(true);
+    else if (shut_ && !tcp_->writing()) finish(false);
+  }
+  void on_written(size_t n, int err) override {
+    if (err) {
+      finish(true);
+      return;
+    }
+    out_.pop(n);
+    pump();
+  }
+  void finish(bool reset) {
+    tcp_->close(reset);
+    uv_timer_stop(timer_);
+    uv_close(reinterpret_cast<uv_handle_t*>(timer_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+    delete this;
+  }
+
+  net::Tcp* tcp_;
+  uv_timer_t* timer_;
+  util::ByteQueue out_;
+  bool shut_ = false;
+  bool peer_done_ = false;
+};
+
+}  // namespace
+
+void Bridge::link_closing() {
+  // Server side: the upstream's answer could not reach the client any more,
+  // so the upstream is reset (the stream is cut).
+  if (!local_side_ || phase_ != BridgePhase::relaying || !tcp_ || !peer_fin_ || exported_) {
     stream_gone(true);
     return;
   }
+  // The write in flight (if any) points into the stream's inbound queue;
+  // moving the queue keeps its chunks where they are.
+  util::ByteQueue rest = link_.session().take_inbound(id_);
+  net::Tcp* local = tcp_;
+  tcp_ = nullptr;
+  Linger::start(link_.loop(), local, std::move(rest), local->writing());
+  stream_gone(false);
+}
+
+bool Bridge::try_replay() {
+  if (phase_ != BridgePhase::relaying || !replayable_ || !on_replay || !tcp_) return false;
   net::Tcp* local = tcp_;
   tcp_ = nullptr;
   local->stop_read();
@@ -61,6 +140,7 @@ void Bridge::stream_refused() {
   spdlog::debug("stream {} ({}): refused unprocessed by the server; {} bytes to send again on another session", id_,
                 route_, bytes.size());
   on_replay(local, route_, std::move(bytes), eof);
+  return true;
 }
 
 Bridge::~Bridge() { stream_gone(true); }

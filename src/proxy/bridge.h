@@ -35,7 +35,7 @@ class Bridge : public net::TcpHandler {
   Bridge(Link& link, uint32_t id);
   // Client side: relays stream `id` to an accepted local connection.
   // `sent_before`: bytes read from `local` for an earlier stream that the
-  // server refused unprocessed (see stream_refused); they go first, and
+  // server refused unprocessed (see try_replay); they go first, and
   // `local_eof` says the local side had already half-closed.
   Bridge(Link& link, uint32_t id, net::Tcp* local, const std::string& route = {}, util::ByteQueue sent_before = {},
          bool local_eof = false);
@@ -72,10 +72,16 @@ class Bridge : public net::TcpHandler {
   // it after Go Away, or closed the session cleanly after Go Away). If the
   // server had not ACKed it yet and on_replay is set, the local connection
   // and every byte already sent on the stream go to on_replay, to be sent
-  // again on another session; otherwise the same as stream_gone(true).
-  void stream_refused();
+  // again on another session, and true is returned (the bridge is done).
+  // False: nothing happened; the caller ends the bridge as usual.
+  [[nodiscard]] bool try_replay();
+  // The link is closing. If the peer had finished the stream (FIN received),
+  // everything it sent is here: the TCP connection is handed to a Linger that
+  // writes the rest and then sends FIN, instead of being reset with the
+  // bytes still queued. Otherwise the same as stream_gone(true).
+  void link_closing();
 
-  // Client hook for stream_refused(): takes the local connection (reading
+  // Client hook for try_replay(): takes the local connection (reading
   // stopped, no handler) with the bytes to send first and whether the local
   // side had half-closed.
   std::function<void(net::Tcp* local, const std::string& route, util::ByteQueue sent, bool local_eof)> on_replay;
@@ -123,6 +129,7 @@ class Bridge : public net::TcpHandler {
   uint64_t adopted_written_ = 0;  // see BridgeState::upstream_written
   uint64_t connect_started_ns_ = 0;
   bool exported_ = false;
+  bool local_side_ = false;  // client side: tcp_ is the local application's connection
   // Client side: a copy of every byte written into the stream until the ACK
   // (replayable_ false once ACKed, or when the copy would exceed kMaxReplayBytes).
   bool replayable_ = false;

@@ -222,10 +222,8 @@ void Link::close_bridges() {
   // clean close (close_notify) comes after everything it did send: streams
   // it has not ACKed by then were never processed.
   bool refused = peer_closed_cleanly_ && session_ && session_->go_away_received();
-  for (auto& [id, b] : bridges) {
-    if (refused) b->stream_refused();
-    else b->stream_gone(true);
-  }
+  for (auto& [id, b] : bridges)
+    if (!(refused && b->try_replay())) b->link_closing();
   for (auto& [id, b] : bridges) graveyard_.push_back(std::move(b));
   if (depth_ == 0) graveyard_.clear();
 }
@@ -354,8 +352,7 @@ void Link::on_stream_reset(uint32_t id) {
   }
   if (Bridge* b = bridge(id)) {
     // After Go Away the peer resets new streams unprocessed (PROTOCOL.md 6).
-    if (session_ && session_->go_away_received()) b->stream_refused();
-    else b->stream_gone(true);
+    if (!(session_ && session_->go_away_received() && b->try_replay())) b->stream_gone(true);
     remove_bridge(id);
   }
 }

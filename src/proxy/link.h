@@ -68,12 +68,15 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
 
   LinkPhase phase() const { return phase_; }
   mux::Session& session() { return *session_; }
+  const mux::Session& session() const { return *session_; }
   uv_loop_t* loop() const { return loop_; }
   const std::string& peer() const { return peer_; }
   // This end's address of the TCP connection ("" once closed).
   std::string local_address() const { return tcp_ ? tcp_->local_address() : ""; }
   const LinkCounters& counters() const { return counters_; }
   const LinkLimits& limits() const { return limits_; }
+  // uv_now() of the last bytes received from the peer.
+  uint64_t last_rx_ms() const { return last_rx_ms_; }
   bool congested() const;  // TLS output above the high-water mark
   // Bytes bridges may still write into the session before the link is congested.
   size_t output_budget() const;

@@ -492,6 +492,32 @@ def echo_roundtrip(tunnel: bw.Tunnel, data: bytes = b"hello baton", route: str =
     return s.recv_all(scaled(timeout))
 
 
+def socket_echo(s: socket.socket, data: bytes, timeout: float = 10.0) -> None:
+    """Sends data on a plain socket to an echo peer and asserts the same bytes come back."""
+    s.settimeout(scaled(timeout))
+    s.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        b = s.recv(65536)
+        assert b, "connection closed after %d of %d bytes" % (len(got), len(data))
+        got += b
+    assert got == data
+
+
+def http_request(hostport: str, method: str, path: str, headers: Optional[dict] = None):
+    """One HTTP request to "host:port"; returns (status, body bytes)."""
+    import http.client
+    host, port = hostport.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=scaled(10))
+    try:
+        conn.request(method, path, headers=headers or {})
+        r = conn.getresponse()
+        body = r.read()
+    finally:
+        conn.close()
+    return r.status, body
+
+
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = "condition"):
     """Polls pred until true (bounded); raises AssertionError on timeout."""
     deadline = time.monotonic() + scaled(timeout)

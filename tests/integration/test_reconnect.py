@@ -2,7 +2,6 @@
 list, make before break on DRAIN (PROTOCOL.md 6), REJECT 3 retry_after_ms,
 TLS ticket resumption, local connections waiting while no session is up."""
 
-import http.client
 import json
 import os
 import signal
@@ -10,9 +9,7 @@ import socket
 import threading
 import time
 
-import pytest
-
-from conftest import scaled, wait_until
+from conftest import http_request, scaled, socket_echo, wait_until
 
 DRAIN_FAST = "drain:\n  grace_ms: 20000\n  spread_ms: 0\n  delay_ms: 5000\n"
 
@@ -55,13 +52,8 @@ def addr_str(srv):
 
 
 def post_drain(srv):
-    host, port = srv.ready["admin"].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=scaled(10))
-    conn.request("POST", "/drain")
-    r = conn.getresponse()
-    r.read()
-    conn.close()
-    assert r.status in (200, 202), r.status
+    status, _ = http_request(srv.ready["admin"], "POST", "/drain")
+    assert status in (200, 202), status
 
 
 def roundtrip(addr, data=b"ping", timeout=10.0):
@@ -79,22 +71,9 @@ def roundtrip(addr, data=b"ping", timeout=10.0):
         s.close()
 
 
-def echo(s, data, timeout=10.0):
-    s.settimeout(scaled(timeout))
-    s.sendall(data)
-    got = b""
-    while len(got) < len(data):
-        b = s.recv(65536)
-        assert b, "connection closed after %d of %d bytes" % (len(got), len(data))
-        got += b
-    assert got == data
-
-
-# KNOWN GAP (issue 5, open): a stream the client opens while the server's
-# DRAIN + Go Away are in flight is refused (PROTOCOL.md 6) and its local
-# connection reset; the client does not yet replay such a refused stream on the
-# new session. Seen under ThreadSanitizer's timing; not strict so that the
-# release run, which passes, still checks everything else here.
+# A stream the client opens while the server's DRAIN + Go Away are in flight
+# is refused (PROTOCOL.md 6); the client replays it on the new session
+# (test_replay.py checks that path on its own).
 def test_drain_make_before_break(server_factory, connect_factory):
     a = server_factory(extra=DRAIN_FAST, server_id="srv-a")
     b = server_factory(extra=DRAIN_FAST, server_id="srv-b")
@@ -105,7 +84,7 @@ def test_drain_make_before_break(server_factory, connect_factory):
 
     # an in-flight connection on session 1
     live = socket.create_connection(addr, timeout=scaled(10))
-    echo(live, b"before drain")
+    socket_echo(live, b"before drain")
 
     # steady request/response load across the drain: zero failures allowed
     failures, done, stop = [], [0], threading.Event()
@@ -134,14 +113,14 @@ def test_drain_make_before_break(server_factory, connect_factory):
 
     # the in-flight connection keeps working on the draining session
     for i in range(5):
-        echo(live, b"still alive %d" % i)
+        socket_echo(live, b"still alive %d" % i)
         time.sleep(0.05)
     time.sleep(0.3)
     stop.set()
     th.join(scaled(10))
     assert not failures, failures[:5]
     assert done[0] > 10, done[0]
-    echo(live, b"last words")
+    socket_echo(live, b"last words")
     live.close()
     # new connections go through the new session
     assert roundtrip(addr, b"after drain") == b"after drain"
