@@ -7,12 +7,17 @@ FUZZ    ?= build-fuzz
 FUZZ_SECONDS ?= 60
 MESON_OPTS ?= --buildtype=debugoptimized
 
-.PHONY: all deps build asan tsan run test test-unit test-integration fuzz bench clean
+.PHONY: all deps test-deps build asan tsan run test test-unit test-integration fuzz bench clean
 
 all: build
 
 deps:
 	@scripts/deps.sh
+
+# make test also checks the manifests in k8s/: kubectl, Node.js, and the
+# validator's npm packages in tests/k8s (not needed to build).
+test-deps:
+	@scripts/deps.sh --k8s
 
 $(BUILD)/build.ninja:
 	meson setup $(BUILD) $(MESON_OPTS)
@@ -37,7 +42,7 @@ tsan: deps $(TSAN)/build.ninja
 run: build
 	@scripts/demo.sh $(BUILD)
 
-test: build
+test: build test-deps
 	@scripts/test.sh $(BUILD)
 
 # libFuzzer targets (clang, ASan + UBSan) over their seed corpora: tests/fuzz/run.sh.
