@@ -174,6 +174,13 @@ std::string client_status_json(const baton::ClientStatus& s) {
          ",\"counters\":" + client_counters_json(s.counters) + "}\n";
 }
 
+// Milliseconds since the Unix epoch, for event lines read by other programs.
+uint64_t unix_time_ms() {
+  return uint64_t(std::chrono::duration_cast<std::chrono::milliseconds>(
+                      std::chrono::system_clock::now().time_since_epoch())
+                      .count());
+}
+
 void print_line(const std::string& s) {
   std::fputs((s + "\n").c_str(), stdout);
   std::fflush(stdout);
@@ -476,10 +483,18 @@ int cmd_connect(Args& a) {
                ",\"reconnects\":" + std::to_string(si.counters.reconnects) +
                ",\"resumed_handshakes\":" + std::to_string(si.counters.resumed_handshakes) +
                ",\"drains_followed\":" + std::to_string(si.counters.drains_followed) +
-               ",\"streams_replayed\":" + std::to_string(si.counters.streams_replayed) + "}");
+               ",\"streams_replayed\":" + std::to_string(si.counters.streams_replayed) +
+               ",\"time_ms\":" + std::to_string(unix_time_ms()) + "}");
   };
   ev.on_session_lost = [&](uint64_t n, const std::string& why) {
     spdlog::warn("session {} lost: {}; reconnecting", n, why);
+    print_line("{\"event\":\"session_lost\",\"n\":" + std::to_string(n) + ",\"reason\":" + json_string(why) +
+               ",\"time_ms\":" + std::to_string(unix_time_ms()) + "}");
+  };
+  ev.on_drain = [&](uint64_t n, const std::string& reason, uint32_t grace_ms, const std::string& target) {
+    print_line("{\"event\":\"drain\",\"n\":" + std::to_string(n) + ",\"reason\":" + json_string(reason) +
+               ",\"grace_ms\":" + std::to_string(grace_ms) + ",\"target\":" + json_string(target) +
+               ",\"time_ms\":" + std::to_string(unix_time_ms()) + "}");
   };
   ev.on_reject = [&](uint16_t code, const std::string& reason) {
     static const char* names[] = {"?", "unsupported version", "unauthorized", "overloaded", "draining"};

@@ -117,6 +117,9 @@ struct ClientEvents {
   std::function<void(const ClientSessionInfo&)> on_session;
   // A ready session ended; the client reconnects unless told to stop.
   std::function<void(uint64_t n, const std::string& reason)> on_session_lost;
+  // DRAIN received on session n (the one taking new streams): the client is
+  // dialing `target` (the reconnect hint or the same address) and moves there.
+  std::function<void(uint64_t n, const std::string& reason, uint32_t grace_ms, const std::string& target)> on_drain;
 };
 
 class Client {

@@ -386,6 +386,7 @@ struct Client::Impl {
     }
     spdlog::info("DRAIN from {} ({}, grace {} ms): moving to {}{}", l->target.str(), d.reason, d.grace_ms,
                  t.str(), dial_in_progress() ? " (a dial is already under way)" : "");
+    if (events.on_drain) events.on_drain(l->n, d.reason, d.grace_ms, t.str());
     if (!dial_in_progress()) dial(t);
   }
 
