@@ -24,27 +24,18 @@ which connection.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import os
-import random
-import selectors
-import shutil
-import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import pytest
 
 from conftest import SANITIZED, http_request, scaled, wait_until
-
-HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+from lbtools import HAPROXY, HAProxy, Load, cpu_seconds, pct, port_of
 
 REPLICAS = 3
 # 100 clients as the acceptance criterion says; under ASan/TSan (every process
@@ -52,7 +43,7 @@ REPLICAS = 3
 CLIENTS = int(os.environ.get("BATON_TEST_LB_CLIENTS", "50" if SANITIZED else "100"))
 LONG_GAP_S = 0.05  # pause between round trips on a long-lived connection
 SHORT_EVERY_S = 0.5  # a new short connection per client this often
-REQUEST_TIMEOUT_S = scaled(5.0)  # a round trip slower than this counts as failed
+REQUEST_TIMEOUT_S = 5.0  # a round trip slower than this (scaled) counts as failed
 GRACE_MS = 60000  # far beyond the test: an exit at grace would show
 DRAIN = "drain:\n  grace_ms: %d\n  spread_ms: 200\n  delay_ms: 1000\n" % GRACE_MS
 
@@ -60,132 +51,6 @@ DRAIN = "drain:\n  grace_ms: %d\n  spread_ms: 200\n  delay_ms: 1000\n" % GRACE_M
 # ---------------------------------------------------------------------------
 # HAProxy
 # ---------------------------------------------------------------------------
-
-def free_port() -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
-
-
-def port_of(addr: str) -> int:
-    return int(addr.rsplit(":", 1)[1])
-
-
-class HAProxy:
-    """haproxy -db (foreground) with a generated config; shows in the failure
-    report like a baton process (conftest.pytest_runtest_makereport)."""
-
-    kind = "haproxy"
-
-    def __init__(self, workdir: Path, sock_dir: Path, backends: List[tuple]):
-        """backends: (name, tunnel port, admin port)."""
-        self.workdir = workdir
-        self.stats_sock = str(sock_dir / "haproxy.sock")
-        self.stderr_path = workdir / "haproxy.stderr"
-        self.proc: Optional[subprocess.Popen] = None
-        self.backends = backends
-        self.config_text = ""
-        self.addr = None
-
-    def config(self, port: int) -> str:
-        lines = [
-            "global",
-            "    maxconn 4096",
-            "    nbthread 1",
-            "    stats socket %s mode 600 level admin" % self.stats_sock,
-            "defaults",
-            "    mode tcp",
-            "    timeout connect 2s",
-            "    timeout client 1h",
-            "    timeout server 1h",
-            "    timeout check 1s",
-            "    retries 3",
-            "    option redispatch",
-            "frontend tunnels",
-            "    bind 127.0.0.1:%d" % port,
-            "    default_backend replicas",
-            "backend replicas",
-            "    balance roundrobin",
-            "    option httpchk GET /readyz",
-            "    http-check expect status 200",
-        ]
-        for name, tun, admin in self.backends:
-            lines.append("    server %s 127.0.0.1:%d check port %d inter 100ms fall 1 rise 2" % (name, tun, admin))
-        return "\n".join(lines) + "\n"
-
-    def start(self) -> None:
-        for attempt in range(5):
-            port = free_port()
-            self.config_text = self.config(port)
-            cfg = self.workdir / "haproxy.cfg"
-            cfg.write_text(self.config_text)
-            with open(self.stderr_path, "ab") as err:
-                self.proc = subprocess.Popen([HAPROXY, "-f", str(cfg), "-db"], stdin=subprocess.DEVNULL,
-                                             stdout=err, stderr=err)
-            # The stats socket answers once every listener is bound; haproxy
-            # exits at once if it cannot bind the frontend (port taken since).
-            try:
-                wait_until(lambda: self.proc.poll() is not None or self._stats_answers(), 10,
-                           interval=0.02, what="haproxy's stats socket")
-            except AssertionError:
-                self.stop()
-                raise
-            if self.proc.poll() is None:
-                self.addr = ("127.0.0.1", port)
-                return
-            self.proc = None
-        raise AssertionError("haproxy did not start:\n" + self.stderr_text())
-
-    def _stats_answers(self) -> bool:
-        try:
-            return "Name: HAProxy" in self.command("show info")
-        except OSError:
-            return False
-
-    def command(self, cmd: str) -> str:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(scaled(5))
-        try:
-            s.connect(self.stats_sock)
-            s.sendall(cmd.encode() + b"\n")
-            out = b""
-            while True:
-                b = s.recv(65536)
-                if not b:
-                    break
-                out += b
-            return out.decode()
-        finally:
-            s.close()
-
-    def servers(self) -> Dict[str, dict]:
-        """`show stat` rows of the backend's servers, by name."""
-        text = self.command("show stat").lstrip("# ")
-        return {r["svname"]: r for r in csv.DictReader(io.StringIO(text))
-                if r["pxname"] == "replicas" and r["svname"] not in ("BACKEND", "FRONTEND")}
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def stderr_text(self, tail: int = 20000) -> str:
-        try:
-            return self.stderr_path.read_bytes()[-tail:].decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def describe(self) -> str:
-        st = self.proc.poll() if self.proc else None
-        return "returncode: %s\nconfig:\n%s" % (st, self.config_text)
-
 
 @pytest.fixture
 def haproxy_factory(request, tmp_path, short_tmp):
@@ -195,7 +60,9 @@ def haproxy_factory(request, tmp_path, short_tmp):
     def start(backends) -> HAProxy:
         if not os.access(HAPROXY, os.X_OK):
             pytest.fail("haproxy not found (%s); scripts/deps.sh installs it" % HAPROXY)
-        h = HAProxy(tmp_path, short_tmp, backends)
+        servers = ["server %s 127.0.0.1:%d check port %d inter 100ms fall 1 rise 2" % b for b in backends]
+        h = HAProxy(tmp_path, short_tmp, servers,
+                    backend_options=["option httpchk GET /readyz", "http-check expect status 200"])
         made.append(h)
         request.node._baton_procs.append(h)
         h.start()
@@ -223,219 +90,6 @@ def admin_json(srv, path: str) -> dict:
 # ---------------------------------------------------------------------------
 # load: one thread, non-blocking sockets
 # ---------------------------------------------------------------------------
-
-class _Conn:
-    __slots__ = ("client", "long", "sock", "payload", "got", "deadline", "state", "next_at", "t0")
-
-    def __init__(self, client: int, long: bool, sock: socket.socket):
-        self.client = client
-        self.long = long
-        self.sock = sock
-        self.payload = b""
-        self.got = bytearray()
-        self.deadline = 0.0
-        self.state = "idle"  # idle (long, between round trips) | busy | closing (long, retiring)
-        self.next_at = 0.0
-        self.t0 = 0.0
-
-
-class Load:
-    """Per client: one long-lived connection doing round trips (request,
-    then its exact echo) every LONG_GAP_S, and a new short connection every
-    SHORT_EVERY_S (request, half-close, the exact echo, then EOF). Every
-    error, short or wrong echo, or round trip over REQUEST_TIMEOUT_S is
-    recorded in `failures`."""
-
-    def __init__(self, addrs: List[tuple]):
-        self.addrs = addrs
-        n = len(addrs)
-        self.sel = selectors.DefaultSelector()
-        self.rnd = random.Random(7)
-        self.lock = threading.Lock()
-        self.failures: List[str] = []
-        self.long_ok = [0] * n
-        self.short_ok = [0] * n
-        self.long_conn: List[Optional[_Conn]] = [None] * n
-        self.next_short = [0.0] * n
-        self.retire_wanted: set = set()
-        self.retired_at: Dict[int, float] = {}  # client -> when its old long connection got EOF
-        self.latencies: List[float] = []
-        self.seq = 0
-        self.t_start = 0.0
-        self.stop_ev = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="lb-load")
-
-    # -- public --
-
-    def start(self):
-        now = time.monotonic()
-        self.t_start = now
-        for i in range(len(self.addrs)):
-            self._open_long(i, now)
-            self.next_short[i] = now + self.rnd.uniform(0, SHORT_EVERY_S)
-        self.thread.start()
-
-    def stop(self):
-        self.stop_ev.set()
-        self.thread.join(scaled(30))
-        assert not self.thread.is_alive(), "load thread did not stop"
-        for key in list(self.sel.get_map().values()):
-            key.fileobj.close()
-        self.sel.close()
-
-    def retire(self, clients):
-        """Close these clients' long-lived connections (each after its round
-        trip in flight: half-close, then the echo side's EOF) and open new ones."""
-        with self.lock:
-            self.retire_wanted |= set(clients)
-
-    def counts(self):
-        with self.lock:
-            return list(self.long_ok), list(self.short_ok)
-
-    def failed(self) -> List[str]:
-        with self.lock:
-            return list(self.failures)
-
-    # -- loop --
-
-    def _fail(self, c: _Conn, what: str):
-        msg = "t=%.3fs client %d %s: %s (sent %d bytes, got %d)" % (
-            time.monotonic() - self.t_start, c.client, "long" if c.long else "short", what, len(c.payload), len(c.got))
-        with self.lock:
-            self.failures.append(msg)
-        self._close(c)
-
-    def _close(self, c: _Conn):
-        try:
-            self.sel.unregister(c.sock)
-        except (KeyError, ValueError):
-            pass
-        c.sock.close()
-        if c.long and self.long_conn[c.client] is c:
-            self.long_conn[c.client] = None
-
-    def _connect(self, i: int, long: bool) -> Optional[_Conn]:
-        try:
-            s = socket.create_connection(self.addrs[i], timeout=REQUEST_TIMEOUT_S)
-        except OSError as e:
-            with self.lock:
-                self.failures.append("client %d: connect to %s: %r" % (i, self.addrs[i], e))
-            return None
-        s.setblocking(False)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        c = _Conn(i, long, s)
-        self.sel.register(s, selectors.EVENT_READ, c)
-        return c
-
-    def _payload(self, c: _Conn) -> bytes:
-        self.seq += 1
-        head = b"c%d-%s-%d|" % (c.client, b"L" if c.long else b"S", self.seq)
-        return head + self.rnd.randbytes(64 + self.rnd.randrange(64))
-
-    def _send(self, c: _Conn, now: float) -> bool:
-        c.payload = self._payload(c)
-        c.got = bytearray()
-        c.t0 = now
-        c.deadline = now + REQUEST_TIMEOUT_S
-        c.state = "busy"
-        try:
-            n = c.sock.send(c.payload)
-            if n != len(c.payload):
-                self._fail(c, "sent only %d bytes" % n)
-                return False
-            if not c.long:
-                c.sock.shutdown(socket.SHUT_WR)
-        except OSError as e:
-            self._fail(c, "send: %r" % e)
-            return False
-        return True
-
-    def _open_long(self, i: int, now: float):
-        c = self._connect(i, True)
-        if c is not None:
-            self.long_conn[i] = c
-            self._send(c, now)
-
-    def _readable(self, c: _Conn, now: float):
-        try:
-            b = c.sock.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            self._fail(c, "recv: %r" % e)
-            return
-        if c.state == "closing":
-            if b:
-                self._fail(c, "bytes after half-close: %r" % b[:40])
-                return
-            with self.lock:
-                self.retired_at[c.client] = now
-            self._close(c)
-            self._open_long(c.client, now)
-            return
-        if not b:
-            if not c.long and bytes(c.got) == c.payload:
-                self._ok(c, now)
-                self._close(c)
-            else:
-                self._fail(c, "EOF before the whole echo" if len(c.got) < len(c.payload) else "wrong echo")
-            return
-        c.got += b
-        if len(c.got) > len(c.payload) or bytes(c.got) != c.payload[:len(c.got)]:
-            at = next((k for k in range(min(len(c.got), len(c.payload))) if c.got[k] != c.payload[k]),
-                      len(c.payload))
-            self._fail(c, "wrong echo from byte %d of %r" % (at, c.payload[:24]))
-            return
-        if c.long and len(c.got) == len(c.payload):
-            self._ok(c, now)
-            c.state = "idle"
-            c.next_at = now + LONG_GAP_S
-
-    def _ok(self, c: _Conn, now: float):
-        with self.lock:
-            if c.long:
-                self.long_ok[c.client] += 1
-            else:
-                self.short_ok[c.client] += 1
-            self.latencies.append(now - c.t0)
-
-    def _run(self):
-        while not self.stop_ev.is_set():
-            for key, _ in self.sel.select(0.005):
-                self._readable(key.data, time.monotonic())
-            now = time.monotonic()
-            with self.lock:
-                retire = self.retire_wanted
-                self.retire_wanted = set()
-            for i in range(len(self.addrs)):
-                c = self.long_conn[i]
-                if c is None:
-                    continue
-                if i in retire:
-                    if c.state == "idle":
-                        c.state = "closing"
-                        c.deadline = now + REQUEST_TIMEOUT_S
-                        try:
-                            c.sock.shutdown(socket.SHUT_WR)
-                        except OSError as e:
-                            self._fail(c, "shutdown: %r" % e)
-                    else:
-                        with self.lock:
-                            self.retire_wanted.add(i)  # after the round trip in flight
-                elif c.state == "idle" and now >= c.next_at:
-                    self._send(c, now)
-            for i in range(len(self.addrs)):
-                if now >= self.next_short[i]:
-                    self.next_short[i] = now + SHORT_EVERY_S
-                    c = self._connect(i, False)
-                    if c is not None:
-                        self._send(c, now)
-            for key in list(self.sel.get_map().values()):
-                c = key.data
-                if c.state != "idle" and now > c.deadline:
-                    self._fail(c, "no answer within %.1f s" % REQUEST_TIMEOUT_S)
-
 
 # ---------------------------------------------------------------------------
 # session lines
@@ -498,25 +152,6 @@ def new_sessions(c) -> List[dict]:
     return out
 
 
-def pct(values: List[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    v = sorted(values)
-    return v[min(len(v) - 1, max(0, math.ceil(p / 100.0 * len(v)) - 1))]
-
-
-def cpu_seconds(pids: List[int]) -> float:
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            with open("/proc/%d/stat" % pid) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
-
 # ---------------------------------------------------------------------------
 # the test
 # ---------------------------------------------------------------------------
@@ -553,7 +188,8 @@ def test_drain_one_replica_behind_haproxy(server_factory, connect_factory, upstr
     t_setup = time.monotonic() - t_test
 
     pids = [s.pid for s in srvs] + [c.pid for c in clients] + [lb.proc.pid]
-    load = Load([c.forward_addr("echo") for c in clients])
+    load = Load([c.forward_addr("echo") for c in clients], long_gap_s=LONG_GAP_S, short_every_s=SHORT_EVERY_S,
+                request_timeout_s=REQUEST_TIMEOUT_S)
     cpu0, wall0 = cpu_seconds(pids) + time.process_time(), time.monotonic()
 
     def more(long_from, short_from, n_long, n_short):
