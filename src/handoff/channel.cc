@@ -41,16 +41,20 @@ void Channel::update_events() {
 }
 
 void Channel::send(std::vector<uint8_t> bytes, std::vector<int> fds) {
-  if (closed_) return;
+  if (closed_ || !deferred_error_.empty()) return;
   out_bytes_ += bytes.size();
   out_.push_back(Out{std::move(bytes), std::move(fds), 0});
-  do_write();
+  do_write(true);
   update_events();
 }
 
 void Channel::poll_cb(uv_poll_t* p, int status, int events) {
   auto* c = static_cast<Channel*>(p->data);
   if (c->closed_) return;
+  if (!c->deferred_error_.empty()) {
+    c->fail(c->deferred_error_);
+    return;
+  }
   if (status < 0) {
     c->fail(std::string("handoff socket error: ") + uv_strerror(status));
     return;
@@ -60,7 +64,7 @@ void Channel::poll_cb(uv_poll_t* p, int status, int events) {
   c->update_events();
 }
 
-void Channel::do_write() {
+void Channel::do_write(bool from_send) {
   while (!closed_ && !out_.empty()) {
     Out& o = out_.front();
     iovec iov{o.bytes.data() + o.offset, o.bytes.size() - o.offset};
@@ -81,6 +85,13 @@ void Channel::do_write() {
     ssize_t w = sendmsg(fd_, &mh, MSG_NOSIGNAL);
     if (w < 0) {
       if (errno == EAGAIN || errno == EINTR) return;
+      if (from_send) {
+        // Reported on the next loop iteration: a broken socket polls as
+        // writable (or with an error) at once.
+        deferred_error_ = std::string("handoff socket write: ") + std::strerror(errno);
+        events_ = 0;  // make update_events() re-arm the poll
+        return;
+      }
       fail(std::string("handoff socket write: ") + std::strerror(errno));
       return;
     }

@@ -56,7 +56,7 @@ class Channel {
   Channel(int fd, OnMessage m, OnClosed c) : fd_(fd), on_message_(std::move(m)), on_closed_(std::move(c)) {}
   static void poll_cb(uv_poll_t* p, int status, int events);
   void update_events();
-  void do_write();
+  void do_write(bool from_send = false);
   void do_read();
   void fail(const std::string& why);
   void deliver();
@@ -82,6 +82,10 @@ class Channel {
   std::deque<InFd> in_fds_;
   int events_ = 0;
   bool closed_ = false;
+  // A write error seen inside send(): reported from the next poll callback,
+  // never from send() itself (its caller may be in the middle of a loop
+  // over state the error handler tears down).
+  std::string deferred_error_;
   bool delivering_ = false;
   bool close_when_sent_ = false;
 };

@@ -7,21 +7,13 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "handoff/test_hook.h"
 #include "proxy/tunnel.h"
 
 namespace baton::handoff {
 
 namespace {
-// Fault injection for the integration tests: BATON_TEST_HANDOFF_STOP_AT=STEP
-// makes this process stop itself (SIGSTOP) at that step, so a test can
-// kill -9 it exactly there. Steps: hello, listening, batch, ack.
-void test_stop_at(const char* step) {
-  static const char* at = std::getenv("BATON_TEST_HANDOFF_STOP_AT");
-  if (at && std::strcmp(at, step) == 0) {
-    spdlog::warn("handoff: stopping at step {} (BATON_TEST_HANDOFF_STOP_AT)", step);
-    raise(SIGSTOP);
-  }
-}
+void test_stop_at(const char* step) { handoff::test_stop_at("BATON_TEST_HANDOFF_STOP_AT", step); }
 }  // namespace
 
 const char* to_str(ChildPhase p) {

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "handoff/test_hook.h"
 #include "proxy/tunnel.h"
 
 namespace baton::handoff {
@@ -195,7 +196,10 @@ void Parent::on_message(Message& m) {
       if (phase_ == ParentPhase::awaiting_hello) return handle_hello(m);
       break;
     case MsgType::listening:
-      if (phase_ == ParentPhase::awaiting_listening) return handle_listening();
+      if (phase_ == ParentPhase::awaiting_listening) {
+        test_stop_at("BATON_TEST_HANDOFF_PARENT_STOP_AT", "listening");
+        return handle_listening();
+      }
       break;
     case MsgType::batch_ack:
       if (phase_ == ParentPhase::transferring) return handle_batch_ack(m);
@@ -310,9 +314,12 @@ void Parent::send_batch(std::vector<proxy::TunnelState> tunnels) {
   std::vector<uint8_t> msg;
   std::vector<int> fds;
   encode_batch(b, msg, fds, opts_.state_version_override);
-  channel_->send(std::move(msg), std::move(fds));
+  // In flight before the send: if the handoff fails, abort() resumes every
+  // tunnel in in_flight_ (the Tunnel objects are gone; only the states remain).
+  uint32_t seq = b.seq;
+  in_flight_[seq] = std::move(b.tunnels);
   stats_.batches++;
-  in_flight_[b.seq] = std::move(b.tunnels);
+  channel_->send(std::move(msg), std::move(fds));
 }
 
 void Parent::handle_batch_ack(Message& m) {

@@ -233,6 +233,41 @@ def test_new_process_killed_at_each_step(server_factory, tunnel_factory, client_
         echo_on(s, b"and after the successful one")
 
 
+def test_new_process_dies_before_the_old_one_reads_listening(server_factory, tunnel_factory, client_ctx):
+    """The new process dies right after announcing "listening", before the old
+    one has handled that message: the old one's first batch write then fails
+    (EPIPE) while it is exporting tunnels. It must resume every tunnel it had
+    exported and keep serving. (This once crashed the old process: the write
+    error tore the handoff down inside the send, and the export loop went on
+    with it gone. Found by the test above under ThreadSanitizer's timing.)"""
+    import signal
+    srv = server_factory(env={"BATON_TEST_HANDOFF_PARENT_STOP_AT": "listening"}, limits={"max_tunnels": 1000})
+    tunnels, streams = [], []
+    for _ in range(130):  # two batches (fd limit per message), as in the test above
+        t = tunnel_factory(srv, timeout=30)
+        s = t.open_stream("echo")
+        tunnels.append(t)
+        streams.append(s)
+    for s in streams:
+        assert s.wait_acked(scaled(10))
+        echo_on(s, b"before")
+    new = server_factory(successor_of=srv, env={"BATON_TEST_HANDOFF_STOP_AT": "listening"}, wait=False)
+    wait_until(lambda: proc_state(srv.pid) == "T", 20, what="the old process to stop on receiving listening")
+    new.kill()
+    os.kill(srv.pid, signal.SIGCONT)
+    wait_until(lambda: "resuming everything here" in srv.stderr_text(), 20, what="the old process to resume")
+    wait_until(lambda: "handoff: resumed" in srv.stderr_text(), 10, what="the resumed line")
+    assert srv.alive(), srv.stderr_text()[-3000:]
+    assert "handoff: resumed 130 tunnels" in srv.stderr_text(), srv.stderr_text()[-3000:]
+    for s in streams:
+        echo_on(s, b"after the new process died mid-handoff")
+    late = bw.Tunnel.connect(srv.addr, token=TOKEN.encode(), ctx=client_ctx, timeout=scaled(10))
+    tunnels.append(late)
+    s = late.open_stream("echo")
+    assert s.wait_acked(scaled(10))
+    echo_on(s, b"new tunnel after the failed handoff")
+
+
 def test_newer_state_version_is_drained_not_dropped(server_factory, tunnel_factory):
     """The old process writes a tunnel state version the new one does not
     read (as after a downgrade): the new one refuses the batch, the old one
