@@ -115,7 +115,10 @@ struct ClientEvents {
   std::function<void(const std::string& error)> on_closed;
   // A session became ready (after on_ready for the first one).
   std::function<void(const ClientSessionInfo&)> on_session;
-  // A ready session ended; the client reconnects unless told to stop.
+  // A ready session ended without DRAIN (reset, heartbeat lost, closed); the
+  // client reconnects unless told to stop. Not called for a drained session
+  // that closes before its replacement is ready (it had no streams left):
+  // that is the move (on_drain) going as planned.
   std::function<void(uint64_t n, const std::string& reason)> on_session_lost;
   // DRAIN received on session n (the one taking new streams): the client is
   // dialing `target` (the reconnect hint or the same address) and moves there.

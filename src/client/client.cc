@@ -422,9 +422,18 @@ struct Client::Impl {
     if (l == active) {
       active = nullptr;
       if (stopped) return;
-      spdlog::info("session {} to {} ended: {}", l->n, l->target.str(), reason);
-      if (events.on_session_lost) events.on_session_lost(l->n, reason);
-      if (stopped) return;
+      if (l->draining) {
+        // PROTOCOL.md 6: a drained session closes when its last stream ends,
+        // at once if it had none, possibly before the replacement is ready.
+        // That is the move going as planned, not a lost session: new local
+        // connections wait for the replacement already being dialed.
+        spdlog::info("session {} to {} closed after DRAIN ({}) before its replacement was ready; "
+                     "new connections wait for it", l->n, l->target.str(), reason);
+      } else {
+        spdlog::info("session {} to {} ended: {}", l->n, l->target.str(), reason);
+        if (events.on_session_lost) events.on_session_lost(l->n, reason);
+        if (stopped) return;
+      }
       if (!dial_in_progress() && !retry_waiting) {
         if (!l->draining) cur = (cur + 1) % servers.size();
         schedule_retry(backoff_ms(0));
@@ -554,9 +563,8 @@ void ClientLink::on_secure() {
 void ClientLink::on_control_data() {
   const util::ByteQueue* in = session().inbound(1);
   while (in && !in->empty() && phase() < LinkPhase::flushing) {
-    std::vector<uint8_t> buf = in->to_vector();
     mux::ControlMessage m;
-    mux::DecodeResult r = mux::decode(buf, m);
+    mux::DecodeResult r = mux::decode(*in, m);
     if (r.status == mux::DecodeStatus::need_more) return;
     if (r.status == mux::DecodeStatus::malformed) {
       close("malformed control message from server", true, mux::GoAwayCode::protocol_error);

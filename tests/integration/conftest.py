@@ -237,6 +237,20 @@ class ConnectProcess(BatonProcess):
             self.forwards.append(((host, int(port)), f["route"]))
         return obj
 
+    def events(self) -> List[dict]:
+        """The JSON event lines printed after the ready line so far
+        (session, drain, session_lost; docs/client.md)."""
+        out = []
+        try:
+            text = self.stdout_extra_path.read_text()
+        except OSError:
+            return out
+        for line in text.splitlines():
+            line = line.strip()
+            if line:
+                out.append(json.loads(line))
+        return out
+
     def forward_addr(self, route: str = "echo"):
         for addr, r in self.forwards:
             if r == route:

@@ -99,7 +99,7 @@ class HAProxy:
                 self.stop()
                 raise
             if self.proc.poll() is None:
-                self.addr = ("127.0.0.1", port)
+                self.addr = (self.bind_host, port)
                 return
             self.proc = None
         raise AssertionError("haproxy did not start:\n" + self.stderr_text())

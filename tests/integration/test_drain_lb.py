@@ -138,18 +138,7 @@ class MoveWatcher:
 
 
 def new_sessions(c) -> List[dict]:
-    out = []
-    try:
-        text = c.stdout_extra_path.read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        line = line.strip()
-        if line:
-            obj = json.loads(line)
-            if obj.get("event") == "session" and obj.get("n", 0) >= 2:
-                out.append(obj)
-    return out
+    return [e for e in c.events() if e.get("event") == "session" and e.get("n", 0) >= 2]
 
 
 # ---------------------------------------------------------------------------
@@ -263,7 +252,9 @@ def test_drain_one_replica_behind_haproxy(server_factory, connect_factory, upstr
                    what="the draining replica to close its listener (drain.delay_ms)")
         assert len(ups[0].conns) == conns_drained, "%d new connections reached the draining replica's upstream" % (
             len(ups[0].conns) - conns_drained)
-        assert sum(len(u.conns) for u in ups[1:]) >= conns_others + 2 * CLIENTS
+        # at least one short connection per client opened after the snapshot (the
+        # first of the 2 finished may have been opened just before it)
+        assert sum(len(u.conns) for u in ups[1:]) >= conns_others + CLIENTS
         assert not load.failed(), load.failed()[:10]
 
         # The draining replica keeps only the long-lived streams of its clients.
