@@ -24,6 +24,9 @@ connection every half second.
   client reconnects or sees DRAIN, no pod leaves the Service, each old baton
   process is gone within 1 s, each new one runs the new binary.
 
+- test_without_the_app_prestop_requests_fail: the control; without the
+  app's preStop hook, requests do fail.
+
 Needs root (network namespaces, mounts), kubectl, haproxy. Runs once per
 `make test`, in the release pass (BATON_TEST_SANITIZED=1 skips it: 100
 clients and 3-4 pods under ASan would not fit the CI budget; the code paths
@@ -352,3 +355,36 @@ def test_in_pod_hot_restart(sim: Env, capsys):
     with capsys.disabled():
         print("\n[rollout] in-pod hot restart of %d replicas (new binary) with %d clients: %s, 0 failed, "
               "0 reconnects; %s" % (dep.replicas, len(clients), request_totals(load), "; ".join(report)))
+
+
+def test_without_the_app_prestop_requests_fail(sim: Env, capsys):
+    """The control: the same pod termination with the app's preStop hook
+    removed from the rendered Deployment. The app gets TERM at once and exits
+    while tunnels still carry its streams, and baton (a native sidecar) gets
+    TERM only after that: requests fail. This is why the drain starts from
+    the app's preStop (docs/kubernetes.md), and it shows the simulation's
+    termination order is what decides the outcome above."""
+    cluster = sim.cluster
+    for c in cluster.deployment["spec"]["template"]["spec"]["containers"]:
+        c.pop("lifecycle", None)
+    dep = Deployment(cluster)
+    dep.create()
+    wait_until(lambda: len(cluster.service.serving()) == dep.replicas, 10, what="every pod in the Service")
+    clients = sim.start_clients(min(CLIENTS, 30))
+    load = start_load(sim, clients)
+    victim = dep.current[0]
+    cluster.terminate(victim).join(scaled(120))
+    assert victim.terminated.is_set()
+    app = victim.apps[0]
+    lo, sh = load.counts()
+    try:
+        wait_until(lambda: load.counts()[1] != sh, 10, what="more requests after the termination")
+    finally:
+        load.stop()
+    failures = load.failed()
+    term = [e for e in app.lines() if e.get("event") == "term"]
+    with capsys.disabled():
+        print("\n[rollout] control without the app's preStop: %d failed requests of %s; the app had %s "
+              "connections open at TERM" % (len(failures), request_totals(load), term[0]["open"] if term else "?"))
+    assert "prestop_start" not in app.events
+    assert failures, "no request failed although the app stopped before baton drained"
