@@ -226,6 +226,18 @@ void raise_fd_limit() {
   }
 }
 
+// No core files: a core of this process holds TLS keys, ticket keys and
+// tokens, and secrets must not reach the disk (docs/security.md). Only the
+// soft limit: an operator debugging a crash can raise it on the running
+// process (prlimit --pid PID --core=unlimited).
+void disable_core_dumps() {
+  rlimit rl;
+  if (getrlimit(RLIMIT_CORE, &rl) == 0 && rl.rlim_cur != 0) {
+    rl.rlim_cur = 0;
+    setrlimit(RLIMIT_CORE, &rl);
+  }
+}
+
 int cmd_serve(Args& a) {
   std::string cfg_path, level, format;
   bool err = false, no_takeover = false;
@@ -248,6 +260,7 @@ int cmd_serve(Args& a) {
     return kExitUsage;
   signal(SIGPIPE, SIG_IGN);
   raise_fd_limit();
+  disable_core_dumps();
 
   uv_loop_t* loop = uv_default_loop();
   std::string error;
@@ -454,6 +467,7 @@ int cmd_connect(Args& a) {
     if (const char* t = std::getenv("BATON_TOKEN")) o.token = t;
   if (!setup_logging(level, format)) return kExitUsage;
   signal(SIGPIPE, SIG_IGN);
+  disable_core_dumps();
 
   uv_loop_t* loop = uv_default_loop();
   int exit_code = kExitOk;
