@@ -286,17 +286,34 @@ int cmd_serve(Args& a) {
         });
     while (!done && uv_run(loop, UV_RUN_ONCE)) {
     }
-    if (!takeover.ok) {
+    if (takeover.foreign) {
+      spdlog::error("{} (handoff.socket {}; use another path, or --no-takeover if the listen address is free)",
+                    takeover.error, cfg.handoff_socket);
+      child.reset();
+      uv_run(loop, UV_RUN_NOWAIT);
+      return kExitFailure;
+    }
+    if (!takeover.ok && !takeover.old_gone) {
       spdlog::error("takeover failed: {}; the old process keeps serving", takeover.error);
       child.reset();
       uv_run(loop, UV_RUN_NOWAIT);
       return kExitFailure;
     }
-    server = child->take_server();
-    child.reset();
-    spdlog::info("took over {} tunnels from pid {} in {} ms (epoch {})", takeover.tunnels, takeover.old_pid,
-                 takeover.elapsed_ms, server->epoch());
-  } else {
+    if (takeover.ok) {
+      server = child->take_server();
+      child.reset();
+      spdlog::info("took over {} tunnels from pid {} in {} ms (epoch {})", takeover.tunnels, takeover.old_pid,
+                   takeover.elapsed_ms, server->epoch());
+    } else {
+      // The old process died before handing anything over (its tunnels died
+      // with it): serve instead of leaving the port with nobody behind it.
+      spdlog::warn("takeover failed: {}; the old process is gone, starting fresh", takeover.error);
+      child.reset();
+      uv_run(loop, UV_RUN_NOWAIT);
+      hfd = -1;
+    }
+  }
+  if (!server) {
     server = baton::proxy::Server::create(loop, cfg, error);
     if (!server) {
       spdlog::error("{}", error);

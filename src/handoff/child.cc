@@ -36,8 +36,16 @@ Child::Child(uv_loop_t* loop, int fd, uint32_t timeout_ms, MakeServer make_serve
   uv_timer_start(timer_, timer_cb, timeout_ms_, 0);
   channel_ = Channel::create(loop_, fd, [this](Message& m) { on_message(m); },
                              [this](const std::string& why) { on_closed(why); });
-  uint32_t uid;
-  (void)channel_->peer_uid(uid, result_.old_pid);
+  // Take over only from this user's (or root's) process: anything else on
+  // the socket path could hand this process descriptors and keys of its own.
+  uint32_t uid = 0;
+  if (!channel_->peer_uid(uid, result_.old_pid) || (uid != getuid() && uid != 0)) {
+    result_.foreign = true;
+    give_up("the process on the handoff socket (uid " + std::to_string(uid) + ", pid " +
+                std::to_string(result_.old_pid) + ") is not this user's: refusing to take over from it",
+            false);
+    return;
+  }
   Hello h;
   h.pid = uint32_t(getpid());
   std::vector<uint8_t> msg;
@@ -101,6 +109,7 @@ void Child::on_closed(const std::string& why) {
     finish(true, "");
     return;
   }
+  result_.old_gone = adopted_.empty();
   give_up(why, false);
 }
 

@@ -39,6 +39,12 @@ struct ChildResult {
   uint64_t tunnels = 0;   // adopted and started
   uint64_t batches = 0;
   uint64_t elapsed_ms = 0;
+  // Not ok because the old process went away (its end of the socket closed,
+  // no abort) before handing anything over: nobody serves any more, so the
+  // caller may start fresh instead of failing.
+  bool old_gone = false;
+  // Not ok because the process on the socket belongs to another user.
+  bool foreign = false;
 };
 
 class Child {

@@ -223,6 +223,7 @@ void Parent::on_channel_closed(const std::string& why) {
 }
 
 void Parent::handle_hello(Message& m) {
+  test_stop_at("BATON_TEST_HANDOFF_PARENT_STOP_AT", "hello");
   Hello h;
   std::string err = decode_hello(m.body, h);
   if (!err.empty()) {
@@ -320,6 +321,7 @@ void Parent::send_batch(std::vector<proxy::TunnelState> tunnels) {
   in_flight_[seq] = std::move(b.tunnels);
   stats_.batches++;
   channel_->send(std::move(msg), std::move(fds));
+  if (b.seq == 1) test_stop_at("BATON_TEST_HANDOFF_PARENT_STOP_AT", "batch");
 }
 
 void Parent::handle_batch_ack(Message& m) {
@@ -374,6 +376,7 @@ void Parent::drain_local(const std::string& why) {
 }
 
 void Parent::commit() {
+  test_stop_at("BATON_TEST_HANDOFF_PARENT_STOP_AT", "commit");
   Commit c;
   c.metrics = server_.metrics();
   std::vector<uint8_t> msg;

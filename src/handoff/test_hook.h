@@ -4,8 +4,10 @@
 // (SIGSTOP) there, so a test can act (kill -9 the other process, ...) at exactly
 // that point and then SIGCONT or kill it. No effect otherwise.
 //   BATON_TEST_HANDOFF_STOP_AT        the new process: hello, listening, batch, ack
-//   BATON_TEST_HANDOFF_PARENT_STOP_AT the old process: listening (the message
-//                                     received, before it is handled)
+//   BATON_TEST_HANDOFF_PARENT_STOP_AT the old process: hello (received, not
+//                                     handled), listening (likewise), batch
+//                                     (the first batch sent), commit (every
+//                                     batch acknowledged, commit not sent)
 
 #include <spdlog/spdlog.h>
 

@@ -12,6 +12,7 @@ Environment:
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import select
@@ -25,9 +26,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -506,6 +508,40 @@ def echo_roundtrip(tunnel: bw.Tunnel, data: bytes = b"hello baton", route: str =
     return s.recv_all(scaled(timeout))
 
 
+GO_AWAY_PROTOCOL_ERROR = bytes.fromhex("00 03 00 00 00 00 00 00 00 00 00 01")
+
+
+def expect_go_away_protocol_error(t: bw.Tunnel, timeout: float = 10.0):
+    """The next Go Away is exactly 00 03 00 00 | 00 00 00 00 | 00 00 00 01, then the connection closes."""
+    fr, _ = t.read_until(lambda f: f.type == bw.TYPE_GO_AWAY, scaled(timeout))
+    assert fr.raw == GO_AWAY_PROTOCOL_ERROR, "Go Away bytes %s" % fr.raw.hex(" ")
+    assert t.wait_closed(scaled(timeout)), "connection still open after Go Away"
+
+
+def try_send(fn, *a, **kw):
+    """Sends while the server may already be closing the connection."""
+    try:
+        fn(*a, **kw)
+    except (OSError, ConnectionError):
+        pass
+
+
+def proc_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (R, S, T for stopped, Z...), or "gone"."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def stream_echo(stream: bw.Stream, data: bytes, timeout: float = 10.0) -> None:
+    """Sends data on a protocol stream to an echo route; asserts the same bytes come back."""
+    stream.send(data)
+    got = stream.recv_exactly(len(data), timeout=scaled(timeout))
+    assert got == data
+
+
 def socket_echo(s: socket.socket, data: bytes, timeout: float = 10.0) -> None:
     """Sends data on a plain socket to an echo peer and asserts the same bytes come back."""
     s.settimeout(scaled(timeout))
@@ -530,6 +566,107 @@ def http_request(hostport: str, method: str, path: str, headers: Optional[dict] 
     finally:
         conn.close()
     return r.status, body
+
+
+# ---------------------------------------------------------------------------
+# the admin API (/metrics parsed by prometheus_client's parser)
+# ---------------------------------------------------------------------------
+
+class Response:
+    def __init__(self, status: int, headers: Dict[str, str], body: bytes):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self):
+        ct = self.headers.get("content-type", "")
+        assert ct.startswith("application/json"), "content-type %r, body %r" % (ct, self.body[:200])
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return "Response(%d, %r)" % (self.status, self.body[:300])
+
+
+class Metrics:
+    """One /metrics answer, parsed: samples keyed by (sample name, labels)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.families = {f.name: f for f in text_string_to_metric_families(text)}
+        self.samples: Dict[Tuple[str, frozenset], float] = {}
+        for f in self.families.values():
+            for s in f.samples:
+                key = (s.name, frozenset(s.labels.items()))
+                assert key not in self.samples, "series %s appears twice" % (key,)
+                self.samples[key] = s.value
+
+    def get(self, name: str, default=None, **labels):
+        return self.samples.get((name, frozenset(labels.items())), default)
+
+    def counter(self, name: str, **labels) -> float:
+        """A counter series; 0 if it has no sample yet (baton announces
+        counter families before their first increment)."""
+        return self.get(name, 0, **labels)
+
+    def hist_count(self, family: str) -> float:
+        return self.get(family + "_count")
+
+    def monotonic_samples(self) -> Dict[Tuple[str, frozenset], float]:
+        """Every sample that must never go down: counters and histogram parts."""
+        out = {}
+        for f in self.families.values():
+            if f.type in ("counter", "histogram"):
+                for s in f.samples:
+                    out[(s.name, frozenset(s.labels.items()))] = s.value
+        return out
+
+
+class Admin:
+    """A client of one server's admin API. persistent=True reuses one HTTP/1.1
+    keep-alive connection (needed while the server has no descriptor left to
+    accept a new one)."""
+
+    def __init__(self, srv, persistent: bool = False):
+        host, port = srv.ready["admin"].rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0, srv.ready
+        self.addr = (host, int(port))
+        self.persistent = persistent
+        self.conn: Optional[http.client.HTTPConnection] = None
+
+    def request(self, method: str, path: str, body=None, headers=None, **kw) -> Response:
+        conn = self.conn if self.persistent and self.conn else http.client.HTTPConnection(*self.addr,
+                                                                                          timeout=scaled(10))
+        try:
+            conn.request(method, path, body=body, headers=headers or {}, **kw)
+            r = conn.getresponse()
+            data = r.read()
+        except BaseException:
+            conn.close()
+            self.conn = None
+            raise
+        if self.persistent:
+            assert not r.will_close, "the admin server closed the keep-alive connection"
+            self.conn = conn
+        else:
+            conn.close()
+        return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, data)
+
+    def get_json(self, path: str, status: int = 200):
+        r = self.request("GET", path)
+        assert r.status == status, (path, r)
+        return r.json()
+
+    def metrics(self) -> Metrics:
+        r = self.request("GET", "/metrics")
+        assert r.status == 200, r
+        ct = r.headers.get("content-type", "")
+        assert ct.startswith("text/plain; version=0.0.4"), ct
+        return Metrics(r.body.decode("utf-8"))
+
+    def close(self):
+        if self.conn:
+            self.conn.close()
+            self.conn = None
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = "condition"):

@@ -16,7 +16,7 @@ import time
 import pytest
 
 import baton_wire as bw
-from conftest import BIG_BYTES, TOKEN, scaled, wait_until
+from conftest import BIG_BYTES, TOKEN, proc_state, scaled, stream_echo, wait_until
 
 
 def hot_restart(server_factory, old, env=None, extra_args=None):
@@ -33,17 +33,6 @@ def hot_restart(server_factory, old, env=None, extra_args=None):
     return new, gone
 
 
-def proc_state(pid: int) -> str:
-    with open("/proc/%d/stat" % pid) as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
-def echo_on(stream: bw.Stream, data: bytes, timeout: float = 10.0) -> None:
-    stream.send(data)
-    got = stream.recv_exactly(len(data), timeout=scaled(timeout))
-    assert got == data
-
-
 def test_live_tunnel_and_streams_move(server_factory, tunnel_factory, echo_server):
     """One tunnel, three open streams with bytes in both directions: after the
     restart the same streams carry on, on the same TCP connection and TLS
@@ -56,18 +45,18 @@ def test_live_tunnel_and_streams_move(server_factory, tunnel_factory, echo_serve
     for _ in range(3):
         s = t.open_stream("echo")
         assert s.wait_acked(scaled(10))
-        echo_on(s, os.urandom(50_000))
+        stream_echo(s, os.urandom(50_000))
         streams.append(s)
     for epoch in (1, 2, 3):
         srv, gone = hot_restart(server_factory, srv)
         assert gone < scaled(1.0), "old process took %.2f s to exit" % gone
         assert srv.ready["tunnels"] == 1
         for s in streams:
-            echo_on(s, os.urandom(70_000))
+            stream_echo(s, os.urandom(70_000))
         assert t.ping(0x1000 + epoch).has(bw.FLAG_ACK)
         s = t.open_stream("echo")
         assert s.wait_acked(scaled(10))
-        echo_on(s, b"fresh stream after restart %d" % epoch)
+        stream_echo(s, b"fresh stream after restart %d" % epoch)
         streams.append(s)
     assert t.sock.getsockname() == local
     assert t.session_id == sid
@@ -171,16 +160,16 @@ def test_config_change_applies_by_hot_restart(server_factory, tunnel_factory, up
     t = tunnel_factory(srv)
     s = t.open_stream("echo")
     assert s.wait_acked(scaled(10))
-    echo_on(s, b"before")
+    stream_echo(s, b"before")
     text = srv.config_text.replace("routes:\n", "routes:\n  echo2: %s\n" % echo2.addr_str, 1)
     assert text != srv.config_text
     srv.config_path.write_text(text)
     srv.config_text = text
     srv, _ = hot_restart(server_factory, srv)
-    echo_on(s, b"after")
+    stream_echo(s, b"after")
     s2 = t.open_stream("echo2")
     assert s2.wait_acked(scaled(10))
-    echo_on(s2, b"new route")
+    stream_echo(s2, b"new route")
     assert len(echo2.conns) == 1
 
 
@@ -199,7 +188,7 @@ def test_new_process_killed_at_each_step(server_factory, tunnel_factory, client_
         streams.append(s)
     for s in streams:
         assert s.wait_acked(scaled(10))
-        echo_on(s, b"x" * 100)
+        stream_echo(s, b"x" * 100)
     new = server_factory(successor_of=srv, env={"BATON_TEST_HANDOFF_STOP_AT": step}, wait=False)
     wait_until(lambda: proc_state(new.pid) == "T", 20, what="the new process to stop at step " + step)
     # A client that connects now must not be refused: once the old process
@@ -222,15 +211,15 @@ def test_new_process_killed_at_each_step(server_factory, tunnel_factory, client_
     assert srv.alive(), "the old process died with the new one"
     assert "resuming everything here" in srv.stderr_text() or step == "hello"
     for s in streams:
-        echo_on(s, b"still here after the failed handoff")
+        stream_echo(s, b"still here after the failed handoff")
     echo_on_new_stream = late["tunnel"].open_stream("echo")
     assert echo_on_new_stream.wait_acked(scaled(10))
-    echo_on(echo_on_new_stream, b"late tunnel works")
+    stream_echo(echo_on_new_stream, b"late tunnel works")
     # A later restart goes through, and everything still works.
     srv, _ = hot_restart(server_factory, srv)
     assert srv.ready["tunnels"] == 131
     for s in streams:
-        echo_on(s, b"and after the successful one")
+        stream_echo(s, b"and after the successful one")
 
 
 def test_new_process_dies_before_the_old_one_reads_listening(server_factory, tunnel_factory, client_ctx):
@@ -250,7 +239,7 @@ def test_new_process_dies_before_the_old_one_reads_listening(server_factory, tun
         streams.append(s)
     for s in streams:
         assert s.wait_acked(scaled(10))
-        echo_on(s, b"before")
+        stream_echo(s, b"before")
     new = server_factory(successor_of=srv, env={"BATON_TEST_HANDOFF_STOP_AT": "listening"}, wait=False)
     wait_until(lambda: proc_state(srv.pid) == "T", 20, what="the old process to stop on receiving listening")
     new.kill()
@@ -260,12 +249,12 @@ def test_new_process_dies_before_the_old_one_reads_listening(server_factory, tun
     assert srv.alive(), srv.stderr_text()[-3000:]
     assert "handoff: resumed 130 tunnels" in srv.stderr_text(), srv.stderr_text()[-3000:]
     for s in streams:
-        echo_on(s, b"after the new process died mid-handoff")
+        stream_echo(s, b"after the new process died mid-handoff")
     late = bw.Tunnel.connect(srv.addr, token=TOKEN.encode(), ctx=client_ctx, timeout=scaled(10))
     tunnels.append(late)
     s = late.open_stream("echo")
     assert s.wait_acked(scaled(10))
-    echo_on(s, b"new tunnel after the failed handoff")
+    stream_echo(s, b"new tunnel after the failed handoff")
 
 
 def test_newer_state_version_is_drained_not_dropped(server_factory, tunnel_factory):
@@ -277,18 +266,18 @@ def test_newer_state_version_is_drained_not_dropped(server_factory, tunnel_facto
     t = tunnel_factory(srv)
     s = t.open_stream("echo")
     assert s.wait_acked(scaled(10))
-    echo_on(s, b"before")
+    stream_echo(s, b"before")
     new = server_factory(successor_of=srv)
     assert new.ready["takeover"] is True and new.ready["tunnels"] == 0
     msg = t.next_control(scaled(10))
     assert msg.type == bw.MSG_DRAIN, msg
     assert msg.u32(0x0b) is not None  # grace_ms
-    echo_on(s, b"the open stream keeps working while draining")
+    stream_echo(s, b"the open stream keeps working while draining")
     # a new tunnel lands on the new process
     t2 = tunnel_factory(new)
     s2 = t2.open_stream("echo")
     assert s2.wait_acked(scaled(10))
-    echo_on(s2, b"new process")
+    stream_echo(s2, b"new process")
     assert srv.alive()
     # the last stream ends -> the old process closes the tunnel and exits
     s.close_write()
@@ -445,4 +434,4 @@ def test_client_stuck_in_handshake_does_not_hold_the_restart(server_factory, tun
     except ConnectionResetError:
         pass
     assert "still in their TLS handshake" in srv.stderr_text()
-    echo_on(s, b"moved while the other one was stuck")
+    stream_echo(s, b"moved while the other one was stuck")
