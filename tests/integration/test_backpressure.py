@@ -3,7 +3,6 @@ grow the sidecar's memory; when it reads again everything arrives in order."""
 
 import time
 
-import pytest
 
 import baton_wire as bw
 from conftest import SANITIZED, scaled

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import BATON_BIN, SERVER_ID, TOKEN, make_config, scaled
+from conftest import SERVER_ID, TOKEN, make_config, scaled
 
 # Under ThreadSanitizer (GCC 12's libtsan) a signal sent the moment a process
 # is ready is now and then never delivered to libuv's handler: the process

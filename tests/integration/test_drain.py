@@ -2,7 +2,6 @@
 drain` -> readiness 503, DRAIN to every client, open streams finish, then the
 process exits."""
 
-import os
 import signal
 import subprocess
 import time

@@ -10,7 +10,6 @@ import subprocess
 import threading
 from pathlib import Path
 
-import pytest
 
 from conftest import BATON_BIN, scaled
 

@@ -10,7 +10,7 @@ import threading
 import time
 
 import baton_wire as bw
-from conftest import BATON_BIN, scaled, wait_until
+from conftest import scaled
 
 TOKEN = "lifecycle-secret-1f9c"
 DIGEST = hashlib.sha256(TOKEN.encode()).hexdigest()

@@ -6,7 +6,7 @@ import pytest
 import time
 
 import baton_wire as bw
-from conftest import TOKEN, echo_roundtrip, scaled
+from conftest import echo_roundtrip, scaled
 
 
 def test_max_tunnels_third_tunnel_gets_reject_overloaded(server_factory, tunnel_factory):

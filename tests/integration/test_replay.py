@@ -15,7 +15,6 @@ import socket
 import ssl
 import struct
 import threading
-import time
 import urllib.request
 
 import pytest
