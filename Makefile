@@ -53,6 +53,7 @@ bench: build
 	@bench/run.sh $(BUILD)
 	@bench/restart.py $(BUILD)
 	@bench/storm.py $(BUILD)
+	@bench/peers.py $(BUILD)
 
 clean:
 	rm -rf $(BUILD) $(ASAN) $(TSAN) $(FUZZ)

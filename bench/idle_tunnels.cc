@@ -11,6 +11,9 @@
 //                 server to its echo backend and checks the echo
 //                 (--probe-echo), to prove the path works end to end.
 //
+// --suite and --group narrow what the client offers (bench/client_context.h),
+// so that every target of bench/peers.py negotiates the same.
+//
 // Handshakes are cheap after the first: one connection is opened alone, its
 // session ticket is shared by all later connections (tls::ClientSession), and
 // at most --concurrency handshakes are in flight at once.
@@ -34,6 +37,7 @@
 #include <string>
 #include <vector>
 
+#include "client_context.h"
 #include "config/config.h"
 #include "mux/control.h"
 #include "net/listener.h"
@@ -56,6 +60,8 @@ struct Options {
   std::string server_name = "localhost";
   std::string token;
   std::string client_id = "bench-idle";
+  std::string suite;  // "": every suite PROTOCOL.md allows
+  std::string group;
   size_t count = 10000;
   size_t concurrency = 200;
   size_t max_failures = 50;
@@ -270,10 +276,8 @@ class Tool {
       std::fprintf(stderr, "idle_tunnels: --server must be IP:PORT, got \"%s\"\n", o.server.c_str());
       return 2;
     }
-    tls::ClientTlsOptions t;
-    t.ca_file = o.ca_file;
     std::string err;
-    ctx = tls::Context::make_client(t, err);
+    ctx = bench::make_client_context(o.ca_file, o.suite, o.group, err);
     if (!ctx) {
       std::fprintf(stderr, "idle_tunnels: %s\n", err.c_str());
       return 2;
@@ -467,7 +471,7 @@ void usage() {
   std::fprintf(stderr,
                "usage: idle_tunnels --server IP:PORT --ca FILE [--mode baton|tls] [--token T] [--server-name N]\n"
                "                    [--count 10000] [--concurrency 200] [--timeout-s 150] [--hold-s 600]\n"
-               "                    [--max-failures 50] [--probe-echo]\n");
+               "                    [--max-failures 50] [--probe-echo] [--suite NAME] [--group x25519|p256]\n");
 }
 
 }  // namespace
@@ -492,6 +496,8 @@ int main(int argc, char** argv) {
     else if (a == "--server-name") o.server_name = v;
     else if (a == "--token") o.token = v;
     else if (a == "--client-id") o.client_id = v;
+    else if (a == "--suite") o.suite = v;
+    else if (a == "--group") o.group = v;
     else if (a == "--count") o.count = size_t(std::atol(v.c_str()));
     else if (a == "--concurrency") o.concurrency = size_t(std::atol(v.c_str()));
     else if (a == "--max-failures") o.max_failures = size_t(std::atol(v.c_str()));

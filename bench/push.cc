@@ -4,6 +4,12 @@
 //
 //   BATON_TOKEN=... bench_push --server HOST:PORT --ca FILE --server-name NAME
 //                              --route sink --bytes N [--client-id ID] [--timeout-s 30]
+//                              [--proto baton|tls] [--suite NAME] [--group x25519|p256]
+//
+// --proto tls (bench/peers.py, for HAProxy, stunnel and nginx in front of the
+// sink): plain TLS, no yamux and no HELLO; the records carry the sink
+// protocol directly and there is no window to respect. --suite and --group
+// narrow what the client offers (bench/client_context.h).
 //
 // It does the TLS 1.2 handshake with the project's own tls::Handshake, moves
 // the keys into a tls::RecordLayer, sends HELLO on the control stream and
@@ -44,6 +50,7 @@
 #include <string>
 #include <vector>
 
+#include "client_context.h"
 #include "mux/control.h"
 #include "mux/frame.h"
 #include "tls/context.h"
@@ -110,7 +117,9 @@ void append_header(std::vector<uint8_t>& out, mux::FrameType type, uint16_t flag
 
 class Push {
  public:
-  Push(int fd, int timeout_s) : fd_(fd), timeout_s_(timeout_s) {}
+  // plain_tls: the sink protocol directly in TLS records (no yamux, no HELLO).
+  Push(int fd, int timeout_s, bool plain_tls)
+      : fd_(fd), timeout_s_(timeout_s), plain_(plain_tls), credit_(plain_tls ? UINT64_MAX : mux::kInitialWindow) {}
 
   void handshake(tls::Context& ctx, const std::string& server_name) {
     tls::Handshake hs(ctx, server_name);
@@ -144,10 +153,10 @@ class Push {
   }
 
   // Seals the whole transfer into wire_: stream 3's SYN, the preamble, u64 N
-  // and N bytes, one Data frame per record.
+  // and N bytes, one Data frame per record (plain TLS: u64 N and N bytes).
   void build(const std::string& route, uint64_t n) {
     std::vector<uint8_t> prefix;
-    mux::encode_preamble(route, prefix);
+    if (!plain_) mux::encode_preamble(route, prefix);
     uint8_t len[8];
     util::store_u64(len, n);
     prefix.insert(prefix.end(), len, len + 8);
@@ -156,8 +165,9 @@ class Push {
     std::vector<uint8_t> pattern(tls::kMaxPlaintext + 256);
     for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = uint8_t(i * 131 + 7);
 
-    const size_t per_record = tls::kMaxPlaintext - mux::kHeaderSize;
-    const uint64_t records = (prefix.size() + mux::kHeaderSize + n + per_record - 1) / per_record;
+    const size_t frame_header = plain_ ? 0 : mux::kHeaderSize;
+    const size_t per_record = tls::kMaxPlaintext - frame_header;
+    const uint64_t records = (prefix.size() + frame_header + n + per_record - 1) / per_record;
     wire_.reserve(size_t(records) * (tls::kMaxPlaintext + tls::kMaxOverhead));
     records_.reserve(size_t(records));
     std::vector<uint8_t> pt;
@@ -166,11 +176,11 @@ class Push {
     bool first = true;
     while (first || body_done < n) {
       pt.clear();
-      if (first) append_header(pt, mux::FrameType::window_update, mux::flag::syn, kDataStream, 0);
+      if (first && !plain_) append_header(pt, mux::FrameType::window_update, mux::flag::syn, kDataStream, 0);
       const size_t head = first ? prefix.size() : 0;
-      const size_t room = tls::kMaxPlaintext - pt.size() - mux::kHeaderSize - head;
+      const size_t room = tls::kMaxPlaintext - pt.size() - frame_header - head;
       const size_t body = size_t(std::min<uint64_t>(room, n - body_done));
-      append_header(pt, mux::FrameType::data, 0, kDataStream, uint32_t(head + body));
+      if (!plain_) append_header(pt, mux::FrameType::data, 0, kDataStream, uint32_t(head + body));
       pt.insert(pt.end(), prefix.begin(), prefix.begin() + long(head));
       const uint8_t* src = pattern.data() + body_done % 256;
       pt.insert(pt.end(), src, src + body);
@@ -226,10 +236,12 @@ class Push {
 
   // Half-closes the stream, sends close_notify and waits briefly for the server to close.
   void finish() {
-    std::vector<uint8_t> pt;
-    append_header(pt, mux::FrameType::window_update, mux::flag::fin, kDataStream, 0);
-    if (!pings_.empty()) answer_pings();
-    rl_->seal(pt);
+    if (!plain_) {
+      std::vector<uint8_t> pt;
+      append_header(pt, mux::FrameType::window_update, mux::flag::fin, kDataStream, 0);
+      if (!pings_.empty()) answer_pings();
+      rl_->seal(pt);
+    }
     rl_->seal_alert(tls::alert::close_notify, false);
     flush(rl_->output());
     shutdown(fd_, SHUT_WR);
@@ -288,6 +300,10 @@ class Push {
       if (op.status == tls::OpenStatus::need_more) return;
       if (op.status == tls::OpenStatus::closed) die("server sent close_notify");
       if (op.status == tls::OpenStatus::fatal) die(std::string("TLS record from server: ") + op.reason);
+      if (plain_) {
+        reply(op.plaintext.data(), op.plaintext.size());
+        continue;
+      }
       rx_.insert(rx_.end(), op.plaintext.begin(), op.plaintext.end());
       frames();  // before the next record: a REJECT says more than the close that follows it
     }
@@ -356,6 +372,7 @@ class Push {
 
   int fd_;
   int timeout_s_;
+  bool plain_;
   std::string suite_;
   std::unique_ptr<tls::RecordLayer> rl_;
   std::array<uint8_t, 64 * 1024> buf_{};
@@ -366,7 +383,7 @@ class Push {
   std::vector<uint32_t> pings_;   // Ping values to answer
   bool welcomed_ = false;
   bool acked_ = false;
-  uint64_t credit_ = mux::kInitialWindow;  // stream bytes the server allows in total so far
+  uint64_t credit_;  // stream bytes the server allows in total so far (plain TLS: no limit)
   uint64_t sink_ns_ = 0;
   Clock::time_point t_ack_;
   std::vector<uint8_t> wire_;  // the sealed transfer
@@ -376,7 +393,8 @@ class Push {
 void usage() {
   std::fprintf(stderr,
                "usage: BATON_TOKEN=... bench_push --server HOST:PORT --ca FILE [--server-name localhost]\n"
-               "                  [--route sink] [--bytes 512MiB] [--client-id bench-push] [--timeout-s 30]\n");
+               "                  [--route sink] [--bytes 512MiB] [--client-id bench-push] [--timeout-s 30]\n"
+               "                  [--proto baton|tls] [--suite NAME] [--group x25519|p256]\n");
   std::exit(2);
 }
 
@@ -384,6 +402,7 @@ void usage() {
 
 int main(int argc, char** argv) {
   std::string server, ca, server_name = "localhost", route = "sink", client_id = "bench-push";
+  std::string proto = "baton", suite, group;
   uint64_t bytes = 512ull << 20;
   int timeout_s = 30;
   for (int i = 1; i < argc; ++i) {
@@ -397,21 +416,25 @@ int main(int argc, char** argv) {
     else if (a == "--bytes") bytes = parse_size(v);
     else if (a == "--client-id") client_id = v;
     else if (a == "--timeout-s") timeout_s = std::atoi(v);
+    else if (a == "--proto") proto = v;
+    else if (a == "--suite") suite = v;
+    else if (a == "--group") group = v;
     else usage();
   }
-  if (server.empty() || bytes == 0 || timeout_s <= 0 || route.empty() || route.size() > 255) usage();
+  if (server.empty() || bytes == 0 || timeout_s <= 0 || route.empty() || route.size() > 255 ||
+      (proto != "baton" && proto != "tls"))
+    usage();
   const char* token = std::getenv("BATON_TOKEN");
   std::signal(SIGPIPE, SIG_IGN);
 
-  tls::ClientTlsOptions t;
-  t.ca_file = ca;
   std::string err;
-  std::unique_ptr<tls::Context> ctx = tls::Context::make_client(t, err);
+  std::unique_ptr<tls::Context> ctx = bench::make_client_context(ca, suite, group, err);
   if (!ctx) die(err);
 
-  Push push(dial(server, timeout_s), timeout_s);
+  const bool plain = proto == "tls";
+  Push push(dial(server, timeout_s), timeout_s, plain);
   push.handshake(*ctx, server_name);
-  push.hello(token ? token : "", client_id);
+  if (!plain) push.hello(token ? token : "", client_id);
 
   const auto s0 = Clock::now();
   const double c0 = cpu_seconds();

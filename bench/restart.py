@@ -23,7 +23,6 @@ Exit status 0 when every measurement ran, 1 when something broke.
 
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -31,133 +30,56 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BUILD = Path(sys.argv[1] if len(sys.argv) > 1 else "build")
-if not BUILD.is_absolute():
-    BUILD = ROOT / BUILD
-BATON = BUILD / "baton"
-TOOLS = BUILD / "bench"
-RUN = BUILD / "bench-run" / "restart"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import Broken, Paths, Procs, baton_config, bench_setup, rss_kib, run_main  # noqa: E402
+
+PATHS = Paths("restart")
+ROOT, BUILD, BATON, TOOLS, RUN = PATHS.root, PATHS.build, PATHS.baton, PATHS.tools, PATHS.run
 COUNTS = [int(x) for x in os.environ.get("BENCH_RESTART_TUNNELS", "1000 10000").split()]
 INTERVAL_MS = int(os.environ.get("BENCH_RESTART_INTERVAL_MS", "100"))
 WINDOW_S = float(os.environ.get("BENCH_RESTART_WINDOW_S", "2"))
 TARGET_HANDOFF_MS = 500
 TARGET_PAUSE_MS = 50
 
-procs = []
-
-
-def die(msg):
-    print("bench: FAILED: %s (logs in %s)" % (msg, RUN), file=sys.stderr)
-    sys.exit(1)
-
-
-def spawn(name, args, stdin=None, env=None):
-    p = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stdin=stdin,
-                         stderr=open(RUN / ("%s.log" % name), "ab"), env=env)
-    p.name = name
-    p.buf = b""
-    procs.append(p)
-    return p
-
-
-def read_json(p, want, timeout):
-    """JSON lines from p.stdout until want(obj); returns that object."""
-    deadline = time.monotonic() + timeout
-    fd = p.stdout.fileno()
-    while True:
-        while b"\n" in p.buf:
-            line, p.buf = p.buf.split(b"\n", 1)
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if want(obj):
-                return obj
-        rem = deadline - time.monotonic()
-        if rem <= 0:
-            die("%s: no expected line within %.0f s" % (p.name, timeout))
-        r, _, _ = select.select([fd], [], [], rem)
-        if r:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                die("%s exited (status %s)" % (p.name, p.wait()))
-            p.buf += chunk
-
-
-def rss_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def stop_all():
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+procs = Procs(RUN)
 
 
 def run(n, active, certs, token, digest, echo):
     sock = RUN / ("handoff-%d.sock" % n)
     cfg = RUN / ("serve-%d.yaml" % n)
-    cfg.write_text("""server_id: bench-restart
-listen: 127.0.0.1:0
-tls:
-  cert: {c}/server.crt
-  key: {c}/server.key
-  ticket_key: {c}/ticket.key
-auth:
-  tokens:
-    - name: bench
-      sha256: {d}
-routes:
-  echo: {e}
-limits:
-  max_tunnels: 20000
-  idle_timeout_ms: 600000
-  handshake_timeout_ms: 60000
-handoff:
-  socket: {s}
-""".format(c=certs, d=digest, e=echo, s=sock))
-    old = spawn("serve-%d-epoch0" % n, [BATON, "serve", "-c", cfg])
-    ready = read_json(old, lambda o: o.get("event") == "ready", 20)
+    baton_config(cfg, "bench-restart", certs, digest, {"echo": echo}, handoff=sock, admin=False,
+                 limits={"max_tunnels": 20000, "idle_timeout_ms": 600000, "handshake_timeout_ms": 60000})
+    old = procs.spawn("serve-%d-epoch0" % n, [BATON, "serve", "-c", cfg])
+    ready = procs.read_json(old, lambda o: o.get("event") == "ready", 20)
     env = dict(os.environ, BATON_TOKEN=token)
-    load = spawn("load-%d" % n, [TOOLS / "tunnel_load", "--server", ready["listen"], "--ca", certs / "ca.crt",
+    load = procs.spawn("load-%d" % n, [TOOLS / "tunnel_load", "--server", ready["listen"], "--ca", certs / "ca.crt",
                                  "--server-name", "localhost", "--route", "echo", "--tunnels", n, "--streams", 1,
                                  "--active", active,
                                  "--size", 1024, "--interval-ms", INTERVAL_MS, "--connect-concurrency", 200,
                                  "--timeout-ms", 300000], stdin=subprocess.PIPE, env=env)
     t0 = time.monotonic()
-    r = read_json(load, lambda o: "event" in o, 300)
+    r = procs.read_json(load, lambda o: "event" in o, 300)
     if r.get("event") != "ready":
-        die("tunnel_load: %s" % r)
+        raise Broken("tunnel_load: %s" % r)
     open_s = time.monotonic() - t0
 
     def mark(name):
         load.stdin.write(("mark %s\n" % name).encode())
         load.stdin.flush()
-        return read_json(load, lambda o: "window" in o, 60)
+        return procs.read_json(load, lambda o: "window" in o, 60)
 
     time.sleep(WINDOW_S)  # pacing: let the load settle (not synchronization)
     mark("before")
     time.sleep(WINDOW_S)
-    old_rss = rss_kib(old.pid)
+    old_rss = rss_kib([old.pid])
     before = mark("restart")
     t_spawn = time.monotonic()
-    new = spawn("serve-%d-epoch1" % n, [BATON, "serve", "-c", cfg])
-    nready = read_json(new, lambda o: o.get("event") == "ready", 60)
-    handed = read_json(old, lambda o: o.get("event") == "handed_over", 60)
+    new = procs.spawn("serve-%d-epoch1" % n, [BATON, "serve", "-c", cfg])
+    nready = procs.read_json(new, lambda o: o.get("event") == "ready", 60)
+    handed = procs.read_json(old, lambda o: o.get("event") == "handed_over", 60)
     old.wait(30)
     t_gone = time.monotonic() - t_spawn
-    new_rss = rss_kib(new.pid)
+    new_rss = rss_kib([new.pid])
     # the restart window lasts as long as the "before" window
     rest = WINDOW_S - (time.monotonic() - t_spawn)
     if rest > 0:
@@ -165,12 +87,12 @@ handoff:
     during = mark("after")
     load.stdin.write(b"quit\n")
     load.stdin.flush()
-    done = read_json(load, lambda o: o.get("event") == "done", 120)
+    done = procs.read_json(load, lambda o: o.get("event") == "done", 120)
     load.wait(60)
     new.send_signal(signal.SIGTERM)
     new.wait(30)
     if nready.get("tunnels") != n:
-        die("the new process took over %s of %d tunnels" % (nready.get("tunnels"), n))
+        raise Broken("the new process took over %s of %d tunnels" % (nready.get("tunnels"), n))
     return {
         "tunnels": n, "active": active, "open_s": open_s, "handoff_ms": handed["ms"], "spawn_to_old_gone_ms": 1000 * t_gone,
         "moved": handed["tunnels"], "old_rss": old_rss, "new_rss": new_rss,
@@ -182,7 +104,7 @@ def main():
     import resource
     for f in (BATON, TOOLS / "bench_upstream", TOOLS / "tunnel_load"):
         if not os.access(f, os.X_OK):
-            die("%s is missing: build first" % f)
+            raise Broken("%s is missing: build first" % f)
     shutil.rmtree(RUN, ignore_errors=True)
     RUN.mkdir(parents=True)
     import resource
@@ -192,13 +114,8 @@ def main():
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))  # raising the hard limit needs root
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    certs = RUN / "certs"
-    subprocess.run([BATON, "certs", "--out", certs], check=True, stdout=subprocess.DEVNULL)
-    token = os.urandom(16).hex()
-    digest = subprocess.run([BATON, "hash-token"], input=token.encode(), capture_output=True,
-                            check=True).stdout.decode().strip()
-    up = spawn("upstream", [TOOLS / "bench_upstream"])
-    echo = read_json(up, lambda o: o.get("event") == "ready", 10)["echo"]
+    setup = bench_setup(procs, PATHS)
+    certs, token, digest, echo = setup["certs"], setup["token"], setup["digest"], setup["echo"]
 
     print("baton hot-restart benchmark (%s, %d cores): one stream per tunnel, 1 KiB request/response every %d ms" %
           (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), os.cpu_count(), INTERVAL_MS))
@@ -257,8 +174,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        rc = main()
-    finally:
-        stop_all()
-    sys.exit(rc)
+    run_main(main, procs)

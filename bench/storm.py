@@ -49,13 +49,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BUILD = Path(sys.argv[1] if len(sys.argv) > 1 else "build")
-if not BUILD.is_absolute():
-    BUILD = ROOT / BUILD
-BATON = BUILD / "baton"
-TOOLS = BUILD / "bench"
-RUN = BUILD / "bench-run" / "storm"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import Paths, baton_config  # noqa: E402
+
+PATHS = Paths("storm")
+ROOT, BUILD, BATON, TOOLS, RUN = PATHS.root, PATHS.build, PATHS.baton, PATHS.tools, PATHS.run
 CLIENTS = int(os.environ.get("BENCH_STORM_CLIENTS", "1000"))
 RUNS = [(m.split(":")[0], int(m.split(":")[1]))
         for m in os.environ.get("BENCH_STORM_RUNS", "idle:0 active:0 active:1000").split()]
@@ -138,25 +136,8 @@ def cpu_s(pid):
 
 def replica_config(name, certs, digest, echo, spread_ms):
     cfg = RUN / ("%s.yaml" % name)
-    cfg.write_text("""server_id: {n}
-listen: 127.0.0.1:0
-tls:
-  cert: {c}/server.crt
-  key: {c}/server.key
-  ticket_key: {c}/ticket.key
-auth:
-  tokens:
-    - name: bench
-      sha256: {d}
-routes:
-  echo: {e}
-admin:
-  listen: 127.0.0.1:0
-handoff:
-  socket: {s}
-drain:
-  spread_ms: {sp}
-""".format(n=name, c=certs, d=digest, e=echo, s=RUN / ("%s.sock" % name), sp=spread_ms))
+    baton_config(cfg, name, certs, digest, {"echo": echo}, handoff=RUN / ("%s.sock" % name),
+                 drain={"spread_ms": spread_ms})
     return cfg
 
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages baton needs to build, test, fuzz and benchmark,
 # and only those that are missing. Safe to run again. (Fuzzing: clang, the
-# libFuzzer and sanitizer runtimes in libclang-rt-dev, llvm-symbolizer in llvm.)
+# libFuzzer and sanitizer runtimes in libclang-rt-dev, llvm-symbolizer in llvm.
+# Benchmark peers: haproxy, stunnel4, nginx with its stream module; gnuplot-nox
+# draws bench/peers.py's chart.)
 #
 # --k8s (make test): also what the manifest checks need
 # (tests/integration/test_k8s_manifests.py): kubectl for kustomize (Debian's
@@ -18,7 +20,7 @@ pkgs=(
   libuv1-dev libmbedtls-dev libyaml-dev libcpp-httplib-dev libspdlog-dev libgtest-dev
   python3 python3-pytest python3-prometheus-client
   clang libclang-rt-dev llvm
-  iproute2 procps haproxy stunnel4 nginx
+  iproute2 procps haproxy stunnel4 nginx libnginx-mod-stream gnuplot-nox
 )
 missing=()
 for p in "${pkgs[@]}"; do
