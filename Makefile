@@ -5,6 +5,7 @@ ASAN    ?= build-asan
 TSAN    ?= build-tsan
 FUZZ    ?= build-fuzz
 FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
 MESON_OPTS ?= --buildtype=debugoptimized
 
 .PHONY: all deps test-deps build asan tsan run test test-unit test-integration fuzz bench clean
@@ -45,9 +46,10 @@ run: build
 test: build test-deps
 	@scripts/test.sh $(BUILD)
 
-# libFuzzer targets (clang, ASan + UBSan) over their seed corpora: tests/fuzz/run.sh.
+# libFuzzer targets (clang, ASan + UBSan) over their seed corpora: tests/fuzz/run.sh,
+# FUZZ_SECONDS each; FUZZ_TARGETS="mux_session config" runs only those.
 fuzz: deps
-	@FUZZ_BUILD=$(FUZZ) tests/fuzz/run.sh $(FUZZ_SECONDS)
+	@FUZZ_BUILD=$(FUZZ) tests/fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 bench: build
 	@bench/run.sh $(BUILD)

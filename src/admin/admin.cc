@@ -69,6 +69,12 @@ const Family kFamilies[] = {
     {"baton_tunnels_total", "counter",
      "Connections by outcome: accepted, established, tls_failed, auth_failed, rejected_overload, rejected_draining, rejected."},
     {"baton_streams_total", "counter", "Streams by route and outcome: opened, connect_failed, unknown_route."},
+    {"baton_stream_resets_total", "counter",
+     "Admitted streams reset by route (\"(none)\" before a route was named) and reason: client, upstream_error, "
+     "malformed_preamble."},
+    {"baton_tunnels_cut_total", "counter",
+     "Connections closed because of the client, by reason: protocol_error, tls_error, not_reading, "
+     "handshake_timeout, idle_timeout."},
     {"baton_bytes_total", "counter", "Bytes relayed by route; direction up = client to upstream, down = upstream to client."},
     {"baton_upstream_connect_seconds", "histogram", "Time to connect to a route's upstream."},
     {"baton_handshake_seconds", "histogram", "TLS handshake duration, from getting a handshake slot to Finished."},

@@ -563,9 +563,8 @@ void ClientLink::on_secure() {
 void ClientLink::on_control_data() {
   const util::ByteQueue* in = session().inbound(1);
   while (in && !in->empty() && phase() < LinkPhase::flushing) {
-    std::vector<uint8_t> buf = in->to_vector();
     mux::ControlMessage m;
-    mux::DecodeResult r = mux::decode(buf, m);
+    mux::DecodeResult r = mux::decode(*in, m);
     if (r.status == mux::DecodeStatus::need_more) return;
     if (r.status == mux::DecodeStatus::malformed) {
       close("malformed control message from server", true, mux::GoAwayCode::protocol_error);

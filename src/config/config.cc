@@ -169,8 +169,8 @@ std::string describe(const yaml_node_t* n) {
 
 class Loader {
  public:
-  Loader(yaml_document_t* doc, const std::string& name, const std::string& base_dir)
-      : doc_(doc), name_(name), base_dir_(base_dir) {}
+  Loader(yaml_document_t* doc, const std::string& name, const std::string& base_dir, const ReadFile& read_file)
+      : doc_(doc), name_(name), base_dir_(base_dir), read_file_(read_file) {}
 
   // Fills cfg; returns false with error() set on the first problem.
   bool load(Config& cfg);
@@ -245,6 +245,7 @@ class Loader {
   yaml_document_t* doc_;
   const std::string& name_;
   const std::string& base_dir_;
+  const ReadFile& read_file_;
   ConfigError error_;
   std::map<std::string, Mark> marks_;
   std::map<std::string, Mark> token_names_;
@@ -727,18 +728,45 @@ bool Loader::check(Config& cfg) {
   return true;
 }
 
+// Bytes of the line break that starts at text[i], as YAML counts them (\n,
+// \r\n, a lone \r, NEL, LS, PS), or 0.
+size_t line_break_at(std::string_view text, size_t i) {
+  if (text[i] == '\n') return 1;
+  if (text[i] == '\r') return text.substr(i, 2) == "\r\n" ? 2 : 1;
+  if (text.substr(i, 2) == "\xc2\x85") return 2;
+  if (text.substr(i, 3) == "\xe2\x80\xa8" || text.substr(i, 3) == "\xe2\x80\xa9") return 3;
+  return 0;
+}
+
 // libyaml reports reader errors (bad UTF-8, control characters) by byte offset only.
 Mark mark_at_offset(std::string_view text, size_t offset) {
   Mark m;
   for (size_t i = 0; i < offset && i < text.size(); ++i) {
-    if (text[i] == '\n') {
+    if (size_t n = line_break_at(text, i)) {
       ++m.line;
       m.column = 1;
+      i += n - 1;
     } else if ((static_cast<unsigned char>(text[i]) & 0xc0) != 0x80) {
       ++m.column;
     }
   }
   return m;
+}
+
+// The byte offset of character `index` (libyaml's marks count characters).
+size_t byte_offset(std::string_view text, size_t index) {
+  size_t i = 0;
+  for (size_t chars = 0; i < text.size(); ++i) {
+    if ((static_cast<unsigned char>(text[i]) & 0xc0) == 0x80) continue;
+    if (chars++ == index) return i;
+  }
+  return i;
+}
+
+// Where a libyaml mark points. At the end of a file without a final newline
+// libyaml counts one line more than there is: that names the end of the last line.
+Mark mark_in(std::string_view text, const yaml_mark_t& m) {
+  return byte_offset(text, m.index) >= text.size() ? mark_at_offset(text, text.size()) : mark_of(m);
 }
 
 // True if the line of `m` holds something like [::1]:443 outside quotes,
@@ -767,19 +795,21 @@ ConfigError syntax_error(const yaml_parser_t& p, std::string_view text, const st
       e.message = "YAML syntax error: " + what;
       if (what.find("UTF") != std::string::npos) e.message += " (the file must be UTF-8 text)";
       break;
-    default:
-      m = mark_of(p.problem_mark);
+    default: {
+      const size_t at = byte_offset(text, p.problem_mark.index);
+      m = mark_in(text, p.problem_mark);
       e.message = "YAML syntax error: " + what;
       if (p.context) {
         Mark c = mark_of(p.context_mark);
         e.message += " " + std::string(p.context) + " that started at " + std::to_string(c.line) + ":" +
                      std::to_string(c.column);
       }
-      if (p.problem_mark.index < text.size() && text[p.problem_mark.index] == '\t')
+      if (at < text.size() && text[at] == '\t')
         e.message += " (YAML does not allow tabs for indentation; use spaces)";
       else if (unquoted_bracket_address(text, p.problem_mark))
         e.message += " (quote IPv6 addresses: \"[::1]:443\")";
       break;
+    }
   }
   e.line = m.line;
   e.column = m.column;
@@ -815,7 +845,7 @@ std::variant<DocPtr, ConfigError> load_document(std::string_view yaml, const std
     return syntax_error(g.p, yaml, name);
   }
   if (const yaml_node_t* r = yaml_document_get_root_node(next.get())) {
-    Mark m = mark_of(r->start_mark);
+    Mark m = mark_in(yaml, r->start_mark);
     return ConfigError{name, m.line, m.column, "expected a single YAML document, found a second one here"};
   }
   return doc;
@@ -855,7 +885,7 @@ std::string read_text_file(const std::string& path, std::string& text) {
 bool Loader::load_tokens_file(const Entry& f, const std::string& p, Config& cfg) {
   std::string path, text;
   if (!get_path(f, p, path)) return false;
-  std::string problem = read_text_file(path, text);
+  std::string problem = read_file_(path, text);
   if (!problem.empty()) return fail(f, p + ": " + path + ": " + problem);
   auto doc = load_document(text, path);
   if (auto* e = std::get_if<ConfigError>(&doc)) {
@@ -867,7 +897,7 @@ bool Loader::load_tokens_file(const Entry& f, const std::string& p, Config& cfg)
   if (!root || is_null(root)) return true;  // no tokens
   // The file's own positions in its errors; duplicates across the file are
   // caught by the same maps (tokens and tokens_file are exclusive).
-  Loader nested(d, path, base_dir_);
+  Loader nested(d, path, base_dir_, read_file_);
   nested.token_names_ = std::move(token_names_);
   nested.token_digests_ = std::move(token_digests_);
   if (root->type != YAML_SEQUENCE_NODE) {
@@ -886,14 +916,15 @@ bool Loader::load_tokens_file(const Entry& f, const std::string& p, Config& cfg)
   return true;
 }
 
-LoadResult parse_impl(std::string_view yaml, const std::string& name, const std::string& base_dir) {
+LoadResult parse_impl(std::string_view yaml, const std::string& name, const std::string& base_dir,
+                      const ReadFile& read_file) {
   auto loaded = load_document(yaml, name);
   if (auto* e = std::get_if<ConfigError>(&loaded)) return *e;
   DocPtr doc = std::move(std::get<DocPtr>(loaded));
 
   Config cfg;
   cfg.source = name;
-  Loader loader(doc.get(), name, base_dir);
+  Loader loader(doc.get(), name, base_dir, read_file);
   if (!loader.load(cfg)) return loader.error();
   return cfg;
 }
@@ -923,9 +954,14 @@ std::string ConfigError::to_string() const {
 }
 
 LoadResult parse(std::string_view yaml, const std::string& name, const std::string& base_dir) {
+  return parse(yaml, name, base_dir, read_text_file);
+}
+
+LoadResult parse(std::string_view yaml, const std::string& name, const std::string& base_dir,
+                 const ReadFile& read_file) {
   // The only things that can throw in here are allocations.
   try {
-    return parse_impl(yaml, name, base_dir);
+    return parse_impl(yaml, name, base_dir, read_file);
   } catch (const std::bad_alloc&) {
     return ConfigError{name, 0, 0, "out of memory while reading the configuration"};
   }

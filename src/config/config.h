@@ -7,6 +7,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -107,5 +108,13 @@ using LoadResult = std::variant<Config, ConfigError>;
 // `name` is used as the file name in errors. Relative file paths inside the
 // config (tls.cert, ...) are resolved against `base_dir` if not empty.
 [[nodiscard]] LoadResult parse(std::string_view yaml, const std::string& name, const std::string& base_dir = "");
+
+// Reads the whole file at `path` into `text`; returns "" or what went wrong,
+// for the user ("cannot open the file: ..."). parse() above reads from disk.
+using ReadFile = std::function<std::string(const std::string& path, std::string& text)>;
+// The same, reading the files the configuration names (auth.tokens_file)
+// through `read_file` only: the fuzzer and tests keep the loader off the disk.
+[[nodiscard]] LoadResult parse(std::string_view yaml, const std::string& name, const std::string& base_dir,
+                               const ReadFile& read_file);
 
 }  // namespace baton::config

@@ -13,10 +13,12 @@ constexpr size_t kMessageHeader = 3;  // type u8 | length u16
 constexpr size_t kFieldHeader = 3;    // tag u8 | length u16
 constexpr size_t kMaxLength = 0xffff;
 constexpr size_t kMaxClientId = 128;
+constexpr size_t kU32Field = kFieldHeader + 4;
 
 // Builds one message. Fields are appended in the order given; a message whose
 // fields would exceed the u16 length has its string values shortened so that
-// the output is always well formed (the header documents the bound).
+// the output is always well formed (the header documents the bound). A
+// fixed-size field is never cut: a value of the wrong size is malformed.
 class MessageWriter {
  public:
   MessageWriter(ControlType type, std::vector<uint8_t>& out) : out_(out), start_(out.size()) {
@@ -26,29 +28,39 @@ class MessageWriter {
   }
   ~MessageWriter() { util::store_u16(&out_[start_ + 1], uint16_t(out_.size() - start_ - kMessageHeader)); }
 
-  void bytes(uint8_t tag, const void* data, size_t n) {
-    const size_t used = out_.size() - start_ - kMessageHeader;
-    if (used + kFieldHeader > kMaxLength) return;
-    n = std::min(n, kMaxLength - used - kFieldHeader);
+  // A fixed-size field: written whole, or not at all when the fields before
+  // it took the room (the `keep` of str() prevents that).
+  void fixed(uint8_t tag, const void* data, size_t n) {
+    if (room() >= kFieldHeader + n) field(tag, data, n);
+  }
+  // A string field, cut if need be so that `keep` bytes remain for the
+  // fields written after it.
+  void str(uint8_t tag, const std::string& s, size_t keep = 0) {
+    if (room() < kFieldHeader) return;
+    const size_t avail = room() - kFieldHeader;
+    field(tag, s.data(), std::min(s.size(), avail > keep ? avail - keep : 0));
+  }
+  void u16(uint8_t tag, uint16_t v) {
+    uint8_t b[2];
+    util::store_u16(b, v);
+    fixed(tag, b, sizeof b);
+  }
+  void u32(uint8_t tag, uint32_t v) {
+    uint8_t b[4];
+    util::store_u32(b, v);
+    fixed(tag, b, sizeof b);
+  }
+
+ private:
+  size_t room() const { return kMaxLength - (out_.size() - start_ - kMessageHeader); }
+  void field(uint8_t tag, const void* data, size_t n) {
     out_.push_back(tag);
     out_.push_back(uint8_t(n >> 8));
     out_.push_back(uint8_t(n));
     const auto* p = static_cast<const uint8_t*>(data);
     out_.insert(out_.end(), p, p + n);
   }
-  void str(uint8_t tag, const std::string& s) { bytes(tag, s.data(), s.size()); }
-  void u16(uint8_t tag, uint16_t v) {
-    uint8_t b[2];
-    util::store_u16(b, v);
-    bytes(tag, b, sizeof b);
-  }
-  void u32(uint8_t tag, uint32_t v) {
-    uint8_t b[4];
-    util::store_u32(b, v);
-    bytes(tag, b, sizeof b);
-  }
 
- private:
   std::vector<uint8_t>& out_;
   size_t start_;
 };
@@ -152,27 +164,27 @@ const char* decode_drain(std::span<const uint8_t> body, Drain& m) {
 void encode(const Hello& m, std::vector<uint8_t>& out) {
   MessageWriter w(ControlType::hello, out);
   if (m.version) w.u16(tag::version, *m.version);
-  w.str(tag::token, m.token);
+  w.str(tag::token, m.token, kFieldHeader + std::min(m.client_id.size(), kMaxClientId));
   w.str(tag::client_id, m.client_id);
 }
 
 void encode(const Welcome& m, std::vector<uint8_t>& out) {
   MessageWriter w(ControlType::welcome, out);
-  w.bytes(tag::session_id, m.session_id.data(), m.session_id.size());
-  w.str(tag::server_id, m.server_id);
+  w.fixed(tag::session_id, m.session_id.data(), m.session_id.size());
+  w.str(tag::server_id, m.server_id, kU32Field);
   w.u32(tag::heartbeat_ms, m.heartbeat_ms);
 }
 
 void encode(const Reject& m, std::vector<uint8_t>& out) {
   MessageWriter w(ControlType::reject, out);
   w.u16(tag::code, m.code);
-  w.str(tag::reason, m.reason);
+  w.str(tag::reason, m.reason, m.retry_after_ms ? kU32Field : 0);
   if (m.retry_after_ms) w.u32(tag::retry_after_ms, *m.retry_after_ms);
 }
 
 void encode(const Drain& m, std::vector<uint8_t>& out) {
   MessageWriter w(ControlType::drain, out);
-  w.str(tag::reason, m.reason);
+  w.str(tag::reason, m.reason, kU32Field + (m.reconnect_hint.empty() ? 0 : kFieldHeader));
   w.u32(tag::grace_ms, m.grace_ms);
   if (!m.reconnect_hint.empty()) w.str(tag::reconnect_hint, m.reconnect_hint);
 }
@@ -198,6 +210,16 @@ DecodeResult decode(std::span<const uint8_t> in, ControlMessage& msg) {
     return {DecodeStatus::malformed, 0, err};
   }
   return {DecodeStatus::message, used, nullptr};
+}
+
+DecodeResult decode(const util::ByteQueue& in, ControlMessage& msg) {
+  uint8_t header[kMessageHeader];
+  if (in.peek(header) < kMessageHeader) return {};
+  const size_t total = kMessageHeader + util::load_u16(&header[1]);
+  if (in.size() < total) return {};
+  std::vector<uint8_t> message(total);
+  in.peek(message);
+  return decode(message, msg);
 }
 
 const char* to_str(DecodeStatus s) {

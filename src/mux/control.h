@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "util/byte_queue.h"
+
 namespace baton::mux {
 
 enum class ControlType : uint8_t { hello = 0x01, welcome = 0x02, reject = 0x03, drain = 0x04 };
@@ -55,7 +57,8 @@ struct Drain {
 // Drain.reconnect_hint are omitted when absent/empty, token, client_id, reason
 // and server_id are always sent (possibly empty). Precondition: all fields fit
 // the u16 message length (client_id <= 128 bytes, the strings short); if they
-// do not, string values are cut so that the output stays well formed.
+// do not, string values are cut so that the output stays well formed and
+// every integer field still goes out whole.
 void encode(const Hello& m, std::vector<uint8_t>& out);
 void encode(const Welcome& m, std::vector<uint8_t>& out);
 void encode(const Reject& m, std::vector<uint8_t>& out);
@@ -87,6 +90,10 @@ struct DecodeResult {
 
 // Decodes at most one message from the front of `in`.
 [[nodiscard]] DecodeResult decode(std::span<const uint8_t> in, ControlMessage& msg);
+// The same for the bytes queued on a stream (nothing is taken from `in`; the
+// caller pops `used`). Copies out the front message only, so working through
+// a queue of many small messages costs time linear in its size.
+[[nodiscard]] DecodeResult decode(const util::ByteQueue& in, ControlMessage& msg);
 
 // Route preamble: length u8 (1..255) | name (ASCII).
 enum class PreambleStatus : uint8_t { route = 0, need_more = 1, malformed = 2 };

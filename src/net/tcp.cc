@@ -100,6 +100,11 @@ void Tcp::write_from(const util::ByteQueue& q) {
   writing_ = true;
 }
 
+size_t Tcp::unsent() const {
+  // libuv lowers write_queue_size as the kernel takes bytes of the request.
+  return writing_ ? uv_stream_get_write_queue_size(reinterpret_cast<const uv_stream_t*>(&tcp_)) : 0;
+}
+
 void Tcp::write_cb(uv_write_t* req, int status) {
   Tcp* t = static_cast<Tcp*>(req->data);
   t->writing_ = false;

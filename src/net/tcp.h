@@ -55,6 +55,9 @@ class Tcp {
   // Writes up to the first 16 chunks of q. Precondition: !writing(), !q.empty().
   void write_from(const util::ByteQueue& q);
   bool writing() const { return writing_; }
+  // Bytes of the write in flight the kernel has not taken yet; 0 when no
+  // write is in flight. Above 0, the socket's send buffer is full.
+  size_t unsent() const;
   // Half-closes the sending side (shutdown(SHUT_WR)) now, or right after the
   // write in flight completes. Done synchronously, so shutdown_done() tells
   // exactly whether the peer was sent FIN (handoff depends on it).

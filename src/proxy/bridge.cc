@@ -244,6 +244,7 @@ void Bridge::stream_data() {
     mux::PreambleResult r = mux::decode_preamble({buf, n});
     if (r.status == mux::PreambleStatus::need_more) return;
     if (r.status == mux::PreambleStatus::malformed) {
+      if (on_reset) on_reset(*this, "malformed_preamble");
       fail("malformed route preamble");
       return;
     }
@@ -324,6 +325,7 @@ void Bridge::pump_to_tcp() {
 void Bridge::on_written(size_t n, int err) {
   Link::EntryGuard g(&link_);
   if (err) {
+    if (on_reset && phase_ != BridgePhase::done) on_reset(*this, "upstream_error");
     fail("write to upstream failed");
     return;
   }
@@ -364,6 +366,7 @@ void Bridge::on_read(std::span<const uint8_t> data) {
 void Bridge::on_read_end(int err) {
   Link::EntryGuard g(&link_);
   if (err) {
+    if (on_reset && phase_ != BridgePhase::done) on_reset(*this, "upstream_error");
     fail("upstream connection error");
     return;
   }

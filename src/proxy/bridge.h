@@ -97,6 +97,12 @@ class Bridge : public net::TcpHandler {
   // another process).
   std::function<void(Bridge&, int status, double seconds)> on_connect_result;
   std::function<void(Bridge&)> on_finished;
+  // Server hook for metrics: the stream is being reset after it was
+  // admitted. `reason` is a fixed static string (a metric label value):
+  // client (the peer reset it), upstream_error (the upstream connection
+  // failed or was reset while relaying), malformed_preamble. Failed
+  // upstream connects are reported by on_connect_result instead.
+  std::function<void(Bridge&, const char* reason)> on_reset;
 
   uint64_t bytes_up = 0;    // stream -> TCP
   uint64_t bytes_down = 0;  // TCP -> stream

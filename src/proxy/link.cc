@@ -100,14 +100,21 @@ void Link::flush() {
       }
     }
     if (congested()) was_congested_ = true;
-    if (record_->state().output.size() > 4ull * limits_.output_high_water && phase_ < LinkPhase::flushing) {
-      spdlog::warn("tunnel {}: peer is not reading ({} bytes queued for it); closing", peer_,
-                   record_->state().output.size());
-      close("peer is not reading", false);
-      return;
-    }
   }
   pump_write();
+  // Past the high-water mark, output grows only through frames that need a
+  // reply (SYNs to refuse, pings). Cut a peer that makes it grow to 4x the
+  // mark while its socket takes nothing more. One that reads is not cut for
+  // a burst that outpaces a loop iteration: every read of that burst is
+  // handled before the write in flight completes, so the queue can be long
+  // while the kernel still takes each write whole.
+  if (record_ && phase_ < LinkPhase::flushing && record_->state().output.size() > 4ull * limits_.output_high_water &&
+      tcp_ && tcp_->unsent() > 0) {
+    spdlog::warn("tunnel {}: peer is not reading ({} bytes queued for it); closing", peer_,
+                 record_->state().output.size());
+    on_cut("not_reading");
+    close("peer is not reading", false);
+  }
 }
 
 void Link::on_read(std::span<const uint8_t> data) {
@@ -196,6 +203,7 @@ void Link::record_input(std::span<const uint8_t> data) {
       mux::ConsumeResult r = session_->consume(o.plaintext);
       if (r.status != mux::ConsumeStatus::ok) {
         spdlog::info("tunnel {}: yamux protocol error: {}", peer_, r.error ? r.error : "?");
+        on_cut("protocol_error");
         close("protocol error", false);  // Go Away(1) is already queued
         return;
       }
@@ -208,6 +216,7 @@ void Link::record_input(std::span<const uint8_t> data) {
       return;
     }
     spdlog::info("tunnel {}: TLS record error: {}", peer_, o.reason);
+    on_cut("tls_error");
     if (o.send_alert) record_->seal_alert(o.alert, !o.alert_warning);
     close(o.reason, false);
     return;
@@ -235,11 +244,14 @@ void Link::close(const char* reason, bool go_away, mux::GoAwayCode code) {
   on_closed(reason);
   close_bridges();
   if (session_ && go_away && !session_->go_away_sent() && !session_->failed()) session_->go_away(code);
+  // Closing from here on: flush() must not see the link as open, or its
+  // "peer is not reading" check would close it again, recursively, as long
+  // as the peer's queue is over the mark (a stack overflow).
+  phase_ = LinkPhase::flushing;
   flush();
   if (record_) {
     record_->seal_alert(tls::alert::close_notify, false);
   }
-  phase_ = LinkPhase::flushing;
   if (tcp_) tcp_->stop_read();
   flush_deadline_ms_ = uv_now(loop_) + limits_.flush_timeout_ms;
   pump_write();
@@ -285,6 +297,7 @@ void Link::timer_cb(uv_timer_t* t) {
       if (now >= l->started_ms_ + l->limits_.handshake_timeout_ms) {
         spdlog::info("tunnel {}: handshake timeout ({} ms)", l->peer_, l->limits_.handshake_timeout_ms);
         if (l->phase_ == LinkPhase::awaiting_handshake) l->on_handshake_failed();
+        l->on_cut("handshake_timeout");
         l->close("handshake timeout", false);
         return;
       }
@@ -292,6 +305,7 @@ void Link::timer_cb(uv_timer_t* t) {
     case LinkPhase::serving:
       if (now >= l->last_rx_ms_ + l->limits_.idle_timeout_ms) {
         spdlog::info("tunnel {}: idle timeout ({} ms)", l->peer_, l->limits_.idle_timeout_ms);
+        l->on_cut("idle_timeout");
         l->close("idle timeout", true);
         return;
       }
@@ -352,7 +366,10 @@ void Link::on_stream_reset(uint32_t id) {
   }
   if (Bridge* b = bridge(id)) {
     // After Go Away the peer resets new streams unprocessed (PROTOCOL.md 6).
-    if (!(session_ && session_->go_away_received() && b->try_replay())) b->stream_gone(true);
+    if (!(session_ && session_->go_away_received() && b->try_replay())) {
+      if (b->on_reset) b->on_reset(*b, "client");
+      b->stream_gone(true);
+    }
     remove_bridge(id);
   }
 }

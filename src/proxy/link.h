@@ -143,6 +143,11 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   virtual void on_streams_limit() {}
   // The TLS handshake failed or timed out (close follows).
   virtual void on_handshake_failed() {}
+  // The link is about to be cut because of what the peer did or did not do.
+  // `reason` is one of a fixed set of static strings (metric label values,
+  // never peer data): protocol_error, tls_error, not_reading,
+  // handshake_timeout, idle_timeout. close() follows.
+  virtual void on_cut(const char* reason) { (void)reason; }
 
   void set_phase(LinkPhase p) { phase_ = p; }
   void rearm_timer();

@@ -260,6 +260,7 @@ void Server::handshake_finished(Tunnel* t) {
     handshake_queue_.pop_front();
     if (now - next->accepted_ms() >= cfg_.limits.handshake_timeout_ms) {
       metrics_.inc(series("baton_tunnels_total", {{"result", "tls_failed"}}));
+      metrics_.inc(series("baton_tunnels_cut_total", {{"reason", "handshake_timeout"}}));
       delete next;  // waited longer than a handshake may take: the client has likely given up
       continue;
     }

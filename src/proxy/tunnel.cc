@@ -49,6 +49,10 @@ void Tunnel::on_handshake_failed() {
   server_.metrics().inc(series("baton_tunnels_total", {{"result", "tls_failed"}}));
 }
 
+void Tunnel::on_cut(const char* reason) {
+  server_.metrics().inc(series("baton_tunnels_cut_total", {{"reason", reason}}));
+}
+
 void Tunnel::on_streams_limit() {
   server_.metrics().inc(series("baton_overload_rejections_total", {{"reason", "max_streams_per_tunnel"}}));
 }
@@ -80,6 +84,10 @@ void Tunnel::install_hooks(Bridge& b) {
     Metrics& m = server_.metrics();
     m.inc(series("baton_bytes_total", {{"route", br.route()}, {"direction", "up"}}), br.bytes_up);
     m.inc(series("baton_bytes_total", {{"route", br.route()}, {"direction", "down"}}), br.bytes_down);
+  };
+  b.on_reset = [this](Bridge& br, const char* reason) {
+    const std::string route = server_.config().find_route(br.route()) ? br.route() : "(none)";
+    server_.metrics().inc(series("baton_stream_resets_total", {{"route", route}, {"reason", reason}}));
   };
 }
 
@@ -118,8 +126,10 @@ void Tunnel::on_peer_stream(uint32_t id) {
     server_.metrics().inc(series("baton_overload_rejections_total", {{"reason", "stream_open_rate"}}));
     spdlog::debug("tunnel {}: stream {} refused: more than {} streams/s (limits.stream_open_rate)", peer(), id,
                   lim.stream_open_rate);
+    // No flush() here: this runs inside Session::consume(), and the link
+    // flushes once the whole read is consumed, so a flood of refused SYNs
+    // gets its RSTs in full-size records, not one record per RST.
     session().reset(id);
-    flush();
     return;
   }
   stream_tokens_ -= 1.0;
@@ -231,14 +241,16 @@ void Tunnel::reject(uint16_t code, const std::string& reason) {
 void Tunnel::on_control_data() {
   const util::ByteQueue* in = session().inbound(1);
   while (in && !in->empty() && phase() < LinkPhase::flushing) {
-    std::vector<uint8_t> buf = in->to_vector();
     mux::ControlMessage m;
-    mux::DecodeResult r = mux::decode(buf, m);
+    mux::DecodeResult r = mux::decode(*in, m);
     if (r.status == mux::DecodeStatus::need_more) return;
     if (r.status == mux::DecodeStatus::malformed) {
       spdlog::info("tunnel {}: malformed control message: {}", peer(), r.error ? r.error : "?");
       if (phase() == LinkPhase::awaiting_hello) reject(1, "malformed HELLO");
-      else close("malformed control message", true, mux::GoAwayCode::protocol_error);
+      else {
+        on_cut("protocol_error");
+        close("malformed control message", true, mux::GoAwayCode::protocol_error);
+      }
       return;
     }
     session().consumed(1, r.used);

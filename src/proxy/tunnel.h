@@ -50,6 +50,7 @@ class Tunnel : public Link {
   uint64_t role_deadline() const override { return drain_deadline_ms_; }
   void on_streams_limit() override;
   void on_handshake_failed() override;
+  void on_cut(const char* reason) override;
   void on_role_deadline() override;
   void on_last_bridge_gone() override;
 

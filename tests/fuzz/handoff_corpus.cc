@@ -14,11 +14,13 @@
 
 #include "handoff/codec.h"
 #include "mux/session.h"
+#include "null_handler.h"
 #include "proxy/bridge.h"
 #include "proxy/link.h"
 #include "tls/record.h"
 
 using namespace baton;
+using fuzz::NullHandler;
 using V = std::vector<uint8_t>;
 
 namespace {
@@ -35,15 +37,6 @@ void write(const std::string& name, const V& bytes) {
   }
   std::printf("%-28s %5zu bytes\n", (name + ".bin").c_str(), bytes.size());
 }
-
-struct NullHandler : mux::SessionHandler {
-  void on_stream_opened(uint32_t) override {}
-  void on_stream_data(uint32_t) override {}
-  void on_stream_fin(uint32_t) override {}
-  void on_stream_reset(uint32_t) override {}
-  void on_stream_writable(uint32_t) override {}
-  void on_stream_closed(uint32_t) override {}
-};
 
 V take(util::ByteQueue& q, size_t n) {
   V v(std::min(n, q.size()));

@@ -25,9 +25,11 @@
 #include "handoff/codec.h"
 #include "mux/frame.h"
 #include "mux/session.h"
+#include "null_handler.h"
 #include "tls/record.h"
 
 using namespace baton;
+using fuzz::NullHandler;
 using V = std::vector<uint8_t>;
 
 namespace {
@@ -56,15 +58,6 @@ std::span<const uint8_t> body_of(const V& msg) {
   require(size_t(h.body_length) == msg.size() - handoff::kHeaderSize, "encoded body length");
   return std::span<const uint8_t>(msg).subspan(handoff::kHeaderSize);
 }
-
-struct NullHandler : mux::SessionHandler {
-  void on_stream_opened(uint32_t) override {}
-  void on_stream_data(uint32_t) override {}
-  void on_stream_fin(uint32_t) override {}
-  void on_stream_reset(uint32_t) override {}
-  void on_stream_writable(uint32_t) override {}
-  void on_stream_closed(uint32_t) override {}
-};
 
 void put_frame(V& out, mux::FrameType type, uint16_t flags, uint32_t id, uint32_t length) {
   uint8_t b[mux::kHeaderSize];

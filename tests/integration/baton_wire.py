@@ -600,6 +600,7 @@ class Tunnel:
         self.closed = False
         self.close_reason: Optional[str] = None
         self.bytes_in_plain = 0
+        self.bytes_in_raw = 0  # TLS bytes received (records, headers and tags included)
         self.control_buf = bytearray()
         self.control_msgs: "queue.Queue[ControlMessage]" = queue.Queue()
         self.welcome: Optional[ControlMessage] = None
@@ -813,6 +814,7 @@ class Tunnel:
                 if not data:
                     reason = "eof"
                     break
+                self.bytes_in_raw += len(data)
                 plain = []
                 with self._ssl_lock:
                     self._in.write(data)
@@ -1044,3 +1046,18 @@ def tls10_client_hello() -> bytes:
     body += struct.pack(">H", len(ext)) + ext
     hs = b"\x01" + struct.pack(">I", len(body))[1:] + body
     return b"\x16\x03\x01" + struct.pack(">H", len(hs)) + hs
+
+
+def client_hello(ctx: ssl.SSLContext, server_name: str = "localhost") -> bytes:
+    """The bytes of the first flight a client with `ctx` sends (its
+    ClientHello record), for tests that deliver it slowly or in part."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_side=False, server_hostname=server_name)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    if not hello.startswith(b"\x16\x03"):
+        raise RuntimeError("not a TLS handshake record: %r" % hello[:8])
+    return hello

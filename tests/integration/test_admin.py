@@ -16,13 +16,13 @@ import resource
 import socket
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import baton_wire as bw
-from conftest import SANITIZED, SERVER_ID, TOKEN, echo_roundtrip, scaled, wait_until
+from conftest import SANITIZED, SERVER_ID, TOKEN, Admin, echo_roundtrip, scaled, wait_until
+from upstreams import closed_port
 from test_hot_restart import hot_restart
 
 # ---------------------------------------------------------------------------
@@ -46,108 +46,13 @@ DOCUMENTED_FAMILIES = {
     "baton_ready": "gauge",
     "baton_restart_epoch": "gauge",
     "baton_handoff_tunnels": "counter",  # baton_handoff_tunnels_total
+    "baton_tunnels_cut": "counter",  # baton_tunnels_cut_total
+    "baton_stream_resets": "counter",  # baton_stream_resets_total
     "baton_process_resident_bytes": "gauge",
     "baton_process_open_fds": "gauge",
     "baton_limit_usage_ratio": "gauge",
     "baton_uptime_seconds": "gauge",
 }
-
-
-class Response:
-    def __init__(self, status: int, headers: Dict[str, str], body: bytes):
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def json(self):
-        ct = self.headers.get("content-type", "")
-        assert ct.startswith("application/json"), "content-type %r, body %r" % (ct, self.body[:200])
-        return json.loads(self.body)
-
-    def __repr__(self):
-        return "Response(%d, %r)" % (self.status, self.body[:300])
-
-
-class Metrics:
-    """One /metrics answer, parsed: samples keyed by (sample name, labels)."""
-
-    def __init__(self, text: str):
-        self.text = text
-        self.families = {f.name: f for f in text_string_to_metric_families(text)}
-        self.samples: Dict[Tuple[str, frozenset], float] = {}
-        for f in self.families.values():
-            for s in f.samples:
-                key = (s.name, frozenset(s.labels.items()))
-                assert key not in self.samples, "series %s appears twice" % (key,)
-                self.samples[key] = s.value
-
-    def get(self, name: str, default=None, **labels):
-        return self.samples.get((name, frozenset(labels.items())), default)
-
-    def counter(self, name: str, **labels) -> float:
-        """A counter series; 0 if it has no sample yet (baton announces
-        counter families before their first increment)."""
-        return self.get(name, 0, **labels)
-
-    def hist_count(self, family: str) -> float:
-        return self.get(family + "_count")
-
-    def monotonic_samples(self) -> Dict[Tuple[str, frozenset], float]:
-        """Every sample that must never go down: counters and histogram parts."""
-        out = {}
-        for f in self.families.values():
-            if f.type in ("counter", "histogram"):
-                for s in f.samples:
-                    out[(s.name, frozenset(s.labels.items()))] = s.value
-        return out
-
-
-class Admin:
-    """A client of one server's admin API. persistent=True reuses one HTTP/1.1
-    keep-alive connection (needed while the server has no descriptor left to
-    accept a new one)."""
-
-    def __init__(self, srv, persistent: bool = False):
-        host, port = srv.ready["admin"].rsplit(":", 1)
-        assert host == "127.0.0.1" and int(port) > 0, srv.ready
-        self.addr = (host, int(port))
-        self.persistent = persistent
-        self.conn: Optional[http.client.HTTPConnection] = None
-
-    def request(self, method: str, path: str, body=None, headers=None, **kw) -> Response:
-        conn = self.conn if self.persistent and self.conn else http.client.HTTPConnection(*self.addr,
-                                                                                          timeout=scaled(10))
-        try:
-            conn.request(method, path, body=body, headers=headers or {}, **kw)
-            r = conn.getresponse()
-            data = r.read()
-        except BaseException:
-            conn.close()
-            self.conn = None
-            raise
-        if self.persistent:
-            assert not r.will_close, "the admin server closed the keep-alive connection"
-            self.conn = conn
-        else:
-            conn.close()
-        return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, data)
-
-    def get_json(self, path: str, status: int = 200):
-        r = self.request("GET", path)
-        assert r.status == status, (path, r)
-        return r.json()
-
-    def metrics(self) -> Metrics:
-        r = self.request("GET", "/metrics")
-        assert r.status == 200, r
-        ct = r.headers.get("content-type", "")
-        assert ct.startswith("text/plain; version=0.0.4"), ct
-        return Metrics(r.body.decode("utf-8"))
-
-    def close(self):
-        if self.conn:
-            self.conn.close()
-            self.conn = None
 
 
 def raw_http(addr, request: bytes, timeout: float = 10.0, half_close: bool = False) -> Tuple[Optional[int], bytes]:
@@ -185,14 +90,6 @@ def raw_http(addr, request: bytes, timeout: float = 10.0, half_close: bool = Fal
     m = re.match(rb"HTTP/1\.[01] (\d{3}) ", head)
     assert m, "not an HTTP answer: %r" % data[:200]
     return int(m.group(1)), body
-
-
-def closed_port() -> socket.socket:
-    """A socket bound to a loopback port and not listening: connecting to it
-    is refused. Keep it open for as long as the port must stay refused."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    return s
 
 
 def warn_lines(srv, limit: str) -> List[str]:

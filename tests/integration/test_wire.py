@@ -7,25 +7,7 @@ import struct
 import pytest
 
 import baton_wire as bw
-from conftest import SERVER_ID, TOKEN, echo_roundtrip, scaled
-
-GO_AWAY_PROTOCOL_ERROR = bytes.fromhex("00 03 00 00 00 00 00 00 00 00 00 01")
-
-
-def expect_go_away_protocol_error(t: bw.Tunnel, timeout: float = 10.0):
-    """The next Go Away is exactly 00 03 00 00 | 00 00 00 00 | 00 00 00 01, then the connection closes."""
-    fr, _ = t.read_until(lambda f: f.type == bw.TYPE_GO_AWAY, scaled(timeout))
-    assert fr.raw == GO_AWAY_PROTOCOL_ERROR, "Go Away bytes %s" % fr.raw.hex(" ")
-    assert t.wait_closed(scaled(timeout)), "connection still open after Go Away"
-
-
-def try_send(fn, *a, **kw):
-    """Sends while the server may already be closing the connection."""
-    try:
-        fn(*a, **kw)
-    except (OSError, ConnectionError):
-        pass
-
+from conftest import SERVER_ID, TOKEN, echo_roundtrip, expect_go_away_protocol_error, scaled, try_send
 
 # --- session start ---------------------------------------------------------
 

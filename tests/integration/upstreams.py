@@ -5,6 +5,9 @@ SinkServer    reads and counts/hashes everything, never writes.
 SourceServer  writes a deterministic pattern (PatternStream) up to `limit`
               bytes, counting what the kernel accepted; never reads.
 ScriptedServer  runs a function(conn, record) per connection.
+BlackHole     a listener whose accept queue is full: connects to it hang
+              (a local stand-in for an unreachable host).
+closed_port() a bound, not listening socket: connects to it are refused.
 
 Each accepted connection gets a ConnRecord (bytes in/out, sha256 of input,
 EOF seen, events) so tests can wait on what the upstream saw.
@@ -15,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import select
 import socket
+import struct
 import threading
 import time
 from typing import Callable, List, Optional
@@ -55,6 +60,7 @@ class ConnRecord:
         self.error: Optional[BaseException] = None
         self.events: List[tuple] = []  # (monotonic time, what)
         self.lock = threading.Lock()
+        self.go = threading.Event()  # set by a test to let a scripted handler go on
 
     def note(self, what: str) -> None:
         self.events.append((time.monotonic(), what))
@@ -216,3 +222,52 @@ class ScriptedServer(_Base):
     def read_all(self, rec: ConnRecord) -> None:
         while self.read_some(rec, 256 * 1024):
             pass
+
+
+def abort(sock: socket.socket) -> None:
+    """Closes with a TCP reset (SO_LINGER 0) instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def closed_port() -> socket.socket:
+    """A socket bound to a loopback port and not listening: connecting to it
+    is refused. Keep it open for as long as the port must stay refused."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+class BlackHole:
+    """A listening socket (backlog 0) whose accept queue is filled by one
+    connection of its own and never accepted from. The kernel then drops
+    every further SYN, so a connect to it neither succeeds nor fails: it
+    hangs until the connecting side gives up, like a connect to an
+    unreachable host, without sending anything off this machine."""
+
+    def __init__(self):
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(0)
+        self.addr = self.lsock.getsockname()
+        self.addr_str = "%s:%d" % self.addr
+        self.fillers: List[socket.socket] = []
+        for _ in range(8):  # connect until one hangs: then the queue is full
+            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            c.setblocking(False)
+            c.connect_ex(self.addr)
+            _, w, _ = select.select([], [c], [], 0.5)
+            if not w:
+                c.close()  # this one hangs: the queue is full
+                return
+            self.fillers.append(c)
+        self.close()
+        raise RuntimeError("BlackHole: the accept queue of %s never filled" % self.addr_str)
+
+    def start(self):
+        return self
+
+    def close(self):
+        for c in self.fillers:
+            c.close()
+        self.lsock.close()

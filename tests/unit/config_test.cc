@@ -433,6 +433,27 @@ TEST(ConfigErrors, YamlSyntax) {
              "baton.yaml:2:1: YAML syntax error: found character that cannot start any token while scanning for the "
              "next token that started at 2:1 (YAML does not allow tabs for indentation; use spaces)");
   EXPECT_ERR(lines({"server_id: *nowhere"}), "baton.yaml:1:12: YAML syntax error: found undefined alias");
+  // Found by tests/fuzz/config_fuzz.cc: at the end of a file without a final
+  // newline, libyaml names a line past the last one; the error names the end
+  // of the last line instead.
+  EXPECT_ERR("tls: {cert: a, key: b}\nauth: {tokens",
+             "baton.yaml:2:14: YAML syntax error: did not find expected ',' or '}' while parsing a flow mapping that "
+             "started at 2:7");
+  // ... lines end where YAML says (a lone \r, LS, NEL too), and libyaml's
+  // positions count characters, not bytes.
+  EXPECT_ERR("k: \"x\xe2\x80\xa8y",
+             "baton.yaml:2:2: YAML syntax error: found unexpected end of stream while scanning a quoted scalar that "
+             "started at 1:4");
+  EXPECT_ERR("0\n---", "baton.yaml:2:4: expected a single YAML document, found a second one here");
+  EXPECT_ERR("k: \"x\ry",
+             "baton.yaml:2:2: YAML syntax error: found unexpected end of stream while scanning a quoted scalar that "
+             "started at 1:4");
+  EXPECT_ERR("k: \xc3\xa9\xc3\xa9\xc3\xa9\n\tx: 1\n",
+             "baton.yaml:2:1: YAML syntax error: found a tab character that violates indentation while scanning a "
+             "plain scalar that started at 1:4 (YAML does not allow tabs for indentation; use spaces)");
+  EXPECT_ERR("routes:\n  echo: \"127.0.0.1:1",
+             "baton.yaml:2:21: YAML syntax error: found unexpected end of stream while scanning a quoted scalar that "
+             "started at 2:9");
   // libyaml's reader reports these by byte offset; the position is still line:column.
   EXPECT_ERR("server_id: ab\xff\n",
              "baton.yaml:1:14: YAML syntax error: invalid leading UTF-8 octet (the file must be UTF-8 text)");

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "../fuzz/null_handler.h"
 #include "handoff/codec.h"
 #include "mux/session.h"
 #include "proxy/bridge.h"
@@ -140,14 +141,7 @@ struct World {
   }
 };
 
-struct NullHandler : mux::SessionHandler {
-  void on_stream_opened(uint32_t) override {}
-  void on_stream_data(uint32_t) override {}
-  void on_stream_fin(uint32_t) override {}
-  void on_stream_reset(uint32_t) override {}
-  void on_stream_writable(uint32_t) override {}
-  void on_stream_closed(uint32_t) override {}
-};
+using fuzz::NullHandler;  // shared with the fuzz targets
 
 // Opens records from `in` and feeds their plaintext to `ses`.
 void receive_records(World& w, tls::RecordLayer& rec, mux::Session& ses, V& scratch, std::span<const uint8_t> in) {
