@@ -21,7 +21,8 @@ const char* to_str(BridgePhase p) {
   return "?";
 }
 
-Bridge::Bridge(Link& link, uint32_t id) : link_(link), id_(id), phase_(BridgePhase::awaiting_preamble) {}
+Bridge::Bridge(Link& link, uint32_t id)
+    : link_(link), id_(id), phase_(BridgePhase::awaiting_preamble), opened_ms_(uv_now(link.loop())) {}
 
 Bridge::Bridge(Link& link, uint32_t id, net::Tcp* local, const std::string& route, util::ByteQueue sent_before,
                bool local_eof)
@@ -148,7 +149,7 @@ Bridge::~Bridge() { stream_gone(true); }
 Bridge::Bridge(Link& link, BridgeState& st, std::string& error)
     : link_(link), id_(st.id), phase_(st.phase), route_(st.route), pending_(std::move(st.pending)),
       tcp_eof_(st.tcp_eof), fin_sent_(st.fin_sent), peer_fin_(st.peer_fin), shutdown_sent_(st.shutdown_done),
-      adopted_written_(st.upstream_written) {
+      adopted_written_(st.upstream_written), opened_ms_(uv_now(link.loop())) {
   bytes_up = st.bytes_up;
   bytes_down = st.bytes_down;
   if (phase_ == BridgePhase::done) {
@@ -425,6 +426,13 @@ void Bridge::stream_gone(bool reset_tcp) {
     tcp_ = nullptr;
   }
   pending_.clear();
+}
+
+void Bridge::preamble_timed_out(uint32_t timeout_ms) {
+  if (phase_ != BridgePhase::awaiting_preamble) return;
+  if (on_reset) on_reset(*this, "preamble_timeout");
+  std::string why = "route preamble not complete within " + std::to_string(timeout_ms) + " ms";
+  fail(why.c_str());
 }
 
 void Bridge::fail(const char* why) {

@@ -58,6 +58,11 @@ class Bridge : public net::TcpHandler {
   BridgePhase phase() const { return phase_; }
   const std::string& route() const { return route_; }
 
+  // Server side: uv_now() of the stream's opening (of its adoption, after a hot restart).
+  uint64_t opened_ms() const { return opened_ms_; }
+  // Server side: the route preamble did not fully arrive in time: counted
+  // (reason preamble_timeout) and reset. No effect past the preamble.
+  void preamble_timed_out(uint32_t timeout_ms);
   // Starts connecting to host:port (server side, after the preamble).
   void connect(const std::string& route, const std::string& host, uint16_t port, uint32_t timeout_ms);
 
@@ -134,6 +139,7 @@ class Bridge : public net::TcpHandler {
   bool shutdown_sent_ = false;
   uint64_t adopted_written_ = 0;  // see BridgeState::upstream_written
   uint64_t connect_started_ns_ = 0;
+  uint64_t opened_ms_ = 0;  // server side: uv_now() when the stream was opened (or adopted)
   bool exported_ = false;
   bool local_side_ = false;  // client side: tcp_ is the local application's connection
   // Client side: a copy of every byte written into the stream until the ACK

@@ -136,6 +136,7 @@ void Tunnel::on_peer_stream(uint32_t id) {
   auto b = std::make_unique<Bridge>(*this, id);
   install_hooks(*b);
   add_bridge(id, std::move(b));
+  rearm_timer();  // its route preamble is due within limits.handshake_timeout_ms (role_deadline)
 }
 
 void Tunnel::route_stream(Bridge& br, const std::string& route) {
@@ -188,8 +189,29 @@ void Tunnel::drain(const std::string& reason, uint32_t grace_ms, const std::stri
   rearm_timer();
 }
 
+uint64_t Tunnel::role_deadline() const {
+  uint64_t d = drain_deadline_ms_;
+  const uint64_t limit = server_.config().limits.handshake_timeout_ms;
+  for (const auto& [id, b] : bridges())
+    if (b->phase() == BridgePhase::awaiting_preamble && (!d || b->opened_ms() + limit < d)) d = b->opened_ms() + limit;
+  return d;
+}
+
 void Tunnel::on_role_deadline() {
-  if (draining()) close("drain grace period over", false);
+  uint64_t now = uv_now(loop());
+  if (draining() && now >= drain_deadline_ms_) {
+    close("drain grace period over", false);
+    return;
+  }
+  // A stream opened but never named (its route preamble incomplete) would hold
+  // a stream slot for as long as the tunnel lives: the preamble gets the same
+  // limit as the tunnel's own handshake.
+  const uint32_t limit = server_.config().limits.handshake_timeout_ms;
+  std::vector<uint32_t> late;
+  for (const auto& [id, b] : bridges())
+    if (b->phase() == BridgePhase::awaiting_preamble && now >= b->opened_ms() + limit) late.push_back(id);
+  for (uint32_t id : late)
+    if (Bridge* b = bridge(id)) b->preamble_timed_out(limit);
 }
 
 void Tunnel::on_last_bridge_gone() {

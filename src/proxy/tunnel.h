@@ -47,7 +47,9 @@ class Tunnel : public Link {
   void on_control_data() override;
   void on_peer_stream(uint32_t id) override;
   void on_closed(const char* reason) override;
-  uint64_t role_deadline() const override { return drain_deadline_ms_; }
+  // The drain's grace period, or the earliest stream whose route preamble is
+  // due (limits.handshake_timeout_ms after it was opened).
+  uint64_t role_deadline() const override;
   void on_streams_limit() override;
   void on_handshake_failed() override;
   void on_cut(const char* reason) override;

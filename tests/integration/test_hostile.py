@@ -483,8 +483,15 @@ def test_100k_stream_opens(hostile):
     # The RSTs come coalesced in full TLS records (12 bytes each plus ~29 per
     # 16 KiB record), not one 41-byte record per RST.
     assert raw < 13 * refused + 4096, "%d TLS bytes for %d RSTs" % (raw, refused)
-    # The admitted streams wait for their route preamble on this tunnel.
-    assert hostile.stats()["limits"]["max_streams_per_tunnel"]["used"] == admitted
+    # The admitted streams never get a route preamble: each is reset
+    # handshake_timeout_ms after it was opened (reason preamble_timeout).
+    def timed_out():
+        return delta(hostile.metrics(), before, "baton_stream_resets_total", route="(none)", reason="preamble_timeout")
+    wait_until(lambda: timed_out() >= admitted, HANDSHAKE_TIMEOUT_MS / 1000.0 + 10, interval=0.1,
+               what="the %d unnamed streams to be reset" % admitted)
+    assert timed_out() == admitted
+    # What is left per tunnel is a long bystander's one stream.
+    assert hostile.stats()["limits"]["max_streams_per_tunnel"]["used"] <= 1
     assert t.go_away is None and not t.closed
 
     def stream_works():
@@ -496,6 +503,29 @@ def test_100k_stream_opens(hostile):
         return s.recv_all(scaled(10)) == b"still here"
 
     wait_until(stream_works, 10, interval=0.1, what="a new stream on the flooded tunnel")
+
+
+def test_stream_without_route_preamble(hostile):
+    """Streams opened (SYN) whose route preamble never completes (nothing, or
+    half of it) would hold a stream slot for the tunnel's life: each is reset
+    handshake_timeout_ms after it was opened, counted as
+    stream_resets{route="(none)", reason="preamble_timeout"}; the tunnel and
+    its other streams go on."""
+    t = hostile.tunnel()
+    before = hostile.metrics()
+    pre = bw.encode_preamble("echo")
+    opened = time.monotonic()
+    silent = t.open_stream(None)
+    half = t.open_stream(None, extra=pre[: len(pre) // 2])
+    assert echo_roundtrip(t, b"a named stream meanwhile") == b"a named stream meanwhile"
+    for s in (silent, half):
+        s.wait_reset(scaled(HANDSHAKE_TIMEOUT_MS / 1000.0 + 5))
+    took = time.monotonic() - opened
+    assert HANDSHAKE_TIMEOUT_MS / 1000.0 - 0.1 <= took <= scaled(HANDSHAKE_TIMEOUT_MS / 1000.0 + 3), took
+    after = hostile.metrics()
+    assert delta(after, before, "baton_stream_resets_total", route="(none)", reason="preamble_timeout") == 2
+    assert t.go_away is None and not t.closed
+    assert echo_roundtrip(t, b"and after") == b"and after"
 
 
 def test_ping_floods(hostile):
