@@ -191,6 +191,7 @@ void Tunnel::drain(const std::string& reason, uint32_t grace_ms, const std::stri
 
 uint64_t Tunnel::role_deadline() const {
   uint64_t d = drain_deadline_ms_;
+  if (preamble_recheck_ms_) return d && d < preamble_recheck_ms_ ? d : preamble_recheck_ms_;
   const uint64_t limit = server_.config().limits.handshake_timeout_ms;
   for (const auto& [id, b] : bridges())
     if (b->phase() == BridgePhase::awaiting_preamble && (!d || b->opened_ms() + limit < d)) d = b->opened_ms() + limit;
@@ -205,13 +206,26 @@ void Tunnel::on_role_deadline() {
   }
   // A stream opened but never named (its route preamble incomplete) would hold
   // a stream slot for as long as the tunnel lives: the preamble gets the same
-  // limit as the tunnel's own handshake.
+  // limit as the tunnel's own handshake. Two looks: streams late at the first
+  // are reset at the second, one loop iteration later, so that a preamble
+  // already waiting in the socket while the loop was busy (the timer runs
+  // before the loop polls for input) is read first.
   const uint32_t limit = server_.config().limits.handshake_timeout_ms;
-  std::vector<uint32_t> late;
+  if (preamble_recheck_ms_ && now >= preamble_recheck_ms_) {
+    uint64_t first_look = preamble_recheck_ms_ - 1;
+    preamble_recheck_ms_ = 0;
+    std::vector<uint32_t> late;
+    for (const auto& [id, b] : bridges())
+      if (b->phase() == BridgePhase::awaiting_preamble && first_look >= b->opened_ms() + limit) late.push_back(id);
+    for (uint32_t id : late)
+      if (Bridge* b = bridge(id)) b->preamble_timed_out(limit);
+    return;
+  }
   for (const auto& [id, b] : bridges())
-    if (b->phase() == BridgePhase::awaiting_preamble && now >= b->opened_ms() + limit) late.push_back(id);
-  for (uint32_t id : late)
-    if (Bridge* b = bridge(id)) b->preamble_timed_out(limit);
+    if (b->phase() == BridgePhase::awaiting_preamble && now >= b->opened_ms() + limit) {
+      preamble_recheck_ms_ = now + 1;
+      return;
+    }
 }
 
 void Tunnel::on_last_bridge_gone() {

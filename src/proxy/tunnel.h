@@ -72,6 +72,7 @@ class Tunnel : public Link {
   bool control_open_ = false;
   bool counted_ = false;
   uint64_t drain_deadline_ms_ = 0;
+  uint64_t preamble_recheck_ms_ = 0;  // second look at late route preambles (on_role_deadline)
   uint64_t accepted_ms_ = 0;
   uint64_t handshake_started_ns_ = 0;
   bool holds_handshake_slot_ = false;
