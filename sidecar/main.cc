@@ -200,7 +200,13 @@ struct Signals {
     uv_signal_start(&term, cb, SIGTERM);
     uv_signal_start(&intr, cb, SIGINT);
   }
+  // The process is on its way out: a TERM or INT from now on (a kubelet's
+  // TERM right after a drain ended by itself) must not turn a clean exit
+  // into "killed by signal", which the default action would once the
+  // handles are closed.
   void stop() {
+    std::signal(SIGTERM, SIG_IGN);
+    std::signal(SIGINT, SIG_IGN);
     for (uv_signal_t* s : {&term, &intr})
       if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(s))) uv_close(reinterpret_cast<uv_handle_t*>(s), nullptr);
   }
