@@ -136,7 +136,12 @@ void Tunnel::on_peer_stream(uint32_t id) {
   auto b = std::make_unique<Bridge>(*this, id);
   install_hooks(*b);
   add_bridge(id, std::move(b));
-  rearm_timer();  // its route preamble is due within limits.handshake_timeout_ms (role_deadline)
+  // Its route preamble is due within limits.handshake_timeout_ms. A check
+  // already armed comes earlier (streams opened before it are due first).
+  if (!preamble_check_ms_) {
+    preamble_check_ms_ = now + lim.handshake_timeout_ms;
+    rearm_timer();
+  }
 }
 
 void Tunnel::route_stream(Bridge& br, const std::string& route) {
@@ -159,7 +164,12 @@ Tunnel::Tunnel(Server& server, TunnelState& st, std::string& error)
   accepted_ms_ = uv_now(server.loop());
   stream_tokens_ = server_.config().limits.stream_open_burst;
   stream_tokens_ms_ = accepted_ms_;
-  for (auto& [id, b] : bridges()) install_hooks(*b);
+  for (auto& [id, b] : bridges()) {
+    install_hooks(*b);
+    // An adopted stream still waiting for its preamble starts its clock again.
+    if (b->phase() == BridgePhase::awaiting_preamble)
+      preamble_check_ms_ = accepted_ms_ + server_.config().limits.handshake_timeout_ms;
+  }
   if (error.empty()) set_counted(st.counted);
 }
 
@@ -190,12 +200,8 @@ void Tunnel::drain(const std::string& reason, uint32_t grace_ms, const std::stri
 }
 
 uint64_t Tunnel::role_deadline() const {
-  uint64_t d = drain_deadline_ms_;
-  if (preamble_recheck_ms_) return d && d < preamble_recheck_ms_ ? d : preamble_recheck_ms_;
-  const uint64_t limit = server_.config().limits.handshake_timeout_ms;
-  for (const auto& [id, b] : bridges())
-    if (b->phase() == BridgePhase::awaiting_preamble && (!d || b->opened_ms() + limit < d)) d = b->opened_ms() + limit;
-  return d;
+  if (!drain_deadline_ms_ || (preamble_check_ms_ && preamble_check_ms_ < drain_deadline_ms_)) return preamble_check_ms_;
+  return drain_deadline_ms_;
 }
 
 void Tunnel::on_role_deadline() {
@@ -204,28 +210,39 @@ void Tunnel::on_role_deadline() {
     close("drain grace period over", false);
     return;
   }
-  // A stream opened but never named (its route preamble incomplete) would hold
-  // a stream slot for as long as the tunnel lives: the preamble gets the same
-  // limit as the tunnel's own handshake. Two looks: streams late at the first
-  // are reset at the second, one loop iteration later, so that a preamble
-  // already waiting in the socket while the loop was busy (the timer runs
-  // before the loop polls for input) is read first.
+  if (preamble_check_ms_ && now >= preamble_check_ms_) check_preambles(now);
+}
+
+// A stream opened but never named (its route preamble incomplete) would hold
+// a stream slot for as long as the tunnel lives: the preamble gets the same
+// limit as the tunnel's own handshake. Two looks: streams late at the first
+// are reset at the second, one loop iteration later, so that a preamble
+// already waiting in the socket while the loop was busy (the timer runs
+// before the loop polls for input) is read first. Bridges are scanned only
+// here, once per check, never when the timer is re-armed.
+void Tunnel::check_preambles(uint64_t now) {
   const uint32_t limit = server_.config().limits.handshake_timeout_ms;
-  if (preamble_recheck_ms_ && now >= preamble_recheck_ms_) {
-    uint64_t first_look = preamble_recheck_ms_ - 1;
-    preamble_recheck_ms_ = 0;
+  if (preamble_cutoff_ms_) {
     std::vector<uint32_t> late;
     for (const auto& [id, b] : bridges())
-      if (b->phase() == BridgePhase::awaiting_preamble && first_look >= b->opened_ms() + limit) late.push_back(id);
+      if (b->phase() == BridgePhase::awaiting_preamble && b->opened_ms() + limit <= preamble_cutoff_ms_)
+        late.push_back(id);
+    preamble_cutoff_ms_ = 0;
     for (uint32_t id : late)
       if (Bridge* b = bridge(id)) b->preamble_timed_out(limit);
-    return;
+  } else {
+    for (const auto& [id, b] : bridges())
+      if (b->phase() == BridgePhase::awaiting_preamble && b->opened_ms() + limit <= now) {
+        preamble_cutoff_ms_ = now;
+        preamble_check_ms_ = now + 1;
+        return;
+      }
   }
+  uint64_t next = 0;
   for (const auto& [id, b] : bridges())
-    if (b->phase() == BridgePhase::awaiting_preamble && now >= b->opened_ms() + limit) {
-      preamble_recheck_ms_ = now + 1;
-      return;
-    }
+    if (b->phase() == BridgePhase::awaiting_preamble && (!next || b->opened_ms() + limit < next))
+      next = b->opened_ms() + limit;
+  preamble_check_ms_ = next;
 }
 
 void Tunnel::on_last_bridge_gone() {

@@ -47,13 +47,13 @@ class Tunnel : public Link {
   void on_control_data() override;
   void on_peer_stream(uint32_t id) override;
   void on_closed(const char* reason) override;
-  // The drain's grace period, or the earliest stream whose route preamble is
-  // due (limits.handshake_timeout_ms after it was opened).
+  // The drain's grace period, or the next look at route preambles.
   uint64_t role_deadline() const override;
   void on_streams_limit() override;
   void on_handshake_failed() override;
   void on_cut(const char* reason) override;
   void on_role_deadline() override;
+  void check_preambles(uint64_t now);
   void on_last_bridge_gone() override;
 
  private:
@@ -72,7 +72,10 @@ class Tunnel : public Link {
   bool control_open_ = false;
   bool counted_ = false;
   uint64_t drain_deadline_ms_ = 0;
-  uint64_t preamble_recheck_ms_ = 0;  // second look at late route preambles (on_role_deadline)
+  // Route preambles (check_preambles): when to look next (0: no stream waits
+  // for one), and the first look's time while a second look is pending.
+  uint64_t preamble_check_ms_ = 0;
+  uint64_t preamble_cutoff_ms_ = 0;
   uint64_t accepted_ms_ = 0;
   uint64_t handshake_started_ns_ = 0;
   bool holds_handshake_slot_ = false;
