@@ -59,18 +59,7 @@ def post_drain(srv):
 
 def sessions(c):
     """The {"event":"session"} lines `baton connect` printed so far."""
-    try:
-        data = c.stdout_extra_path.read_text()
-    except OSError:
-        return []
-    out = []
-    for line in data.splitlines():
-        line = line.strip()
-        if line:
-            obj = json.loads(line)
-            if obj.get("event") == "session":
-                out.append(obj)
-    return out
+    return [e for e in c.events() if e.get("event") == "session"]
 
 
 def wait_session(c, n, timeout=10.0):

@@ -2,7 +2,6 @@
 list, make before break on DRAIN (PROTOCOL.md 6), REJECT 3 retry_after_ms,
 TLS ticket resumption, local connections waiting while no session is up."""
 
-import json
 import os
 import signal
 import socket
@@ -16,19 +15,7 @@ DRAIN_FAST = "drain:\n  grace_ms: 20000\n  spread_ms: 0\n  delay_ms: 5000\n"
 
 def sessions(c):
     """The {"event":"session"} lines `baton connect` printed so far."""
-    try:
-        data = c.stdout_extra_path.read_text()
-    except OSError:
-        return []
-    out = []
-    for line in data.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        obj = json.loads(line)
-        if obj.get("event") == "session":
-            out.append(obj)
-    return out
+    return [e for e in c.events() if e.get("event") == "session"]
 
 
 def wait_session(c, n, timeout=10.0):
