@@ -1,16 +1,22 @@
 // aead_bench: the ceiling for the tunnel's data path. Seals and opens TLS 1.2
 // application records of 16 KiB (RFC 5246 6.2.3.3 nonces and additional data)
-// with mbedTLS's AEADs, single-threaded, the way tls/record.cc calls them:
-// mbedtls_gcm_crypt_and_tag / mbedtls_gcm_auth_decrypt for AES-GCM (RFC 5288)
-// and mbedtls_chachapoly_encrypt_and_tag / _auth_decrypt for ChaCha20-Poly1305
-// (RFC 7905). Nothing of baton is linked in: this measures mbedTLS alone.
+// single-threaded with two libraries:
+// - openssl: OpenSSL's EVP AEADs, the way tls/record.cc calls them (one
+//   context per direction keyed once; per record: nonce, AAD, data, tag).
+//   This is what baton's record layer runs on: its ceiling.
+// - mbedtls: mbedtls_gcm_crypt_and_tag / _auth_decrypt and
+//   mbedtls_chachapoly_encrypt_and_tag / _auth_decrypt, which the record
+//   layer used before (docs/design.md, "Record cryptography"): shown for
+//   reference.
+// Nothing of baton is linked in: this measures the libraries alone.
 //
-// usage: aead_bench [--seconds S] [--record BYTES] [--cipher NAME]...
-// Prints a human table on stderr and one JSON object per cipher on stdout:
-//   {"cipher":"AES-128-GCM","record":16384,"seal_mib_s":..,"open_mib_s":..,"seal_open_mib_s":..}
+// usage: aead_bench [--seconds S] [--record BYTES] [--cipher NAME]... [--lib openssl|mbedtls]...
+// Prints a human table on stderr and one JSON object per library and cipher on stdout:
+//   {"lib":"openssl","cipher":"AES-128-GCM","record":16384,"seal_mib_s":..,"open_mib_s":..,"seal_open_mib_s":..}
 // seal_open_mib_s is one thread doing both (1 / (1/seal + 1/open)).
 #include <mbedtls/chachapoly.h>
 #include <mbedtls/gcm.h>
+#include <openssl/evp.h>
 
 #include <chrono>
 #include <cstdint>
@@ -47,27 +53,43 @@ void store_u64(uint8_t* p, uint64_t v) {
   }
 }
 
-// One keyed AEAD, built like tls/record.cc's RecordLayer::Aead.
+enum class Lib { openssl, mbedtls };
+const char* lib_name(Lib l) { return l == Lib::openssl ? "openssl" : "mbedtls"; }
+
+// One keyed AEAD, built like tls/record.cc's RecordLayer::Aead (openssl) or
+// like the record layer's former mbedTLS one.
 class Aead {
  public:
-  Aead(Cipher c, const uint8_t* key, size_t key_len, const uint8_t* iv) : c_(c) {
+  Aead(Lib lib, Cipher c, const uint8_t* key, size_t key_len, const uint8_t* iv, bool seal) : lib_(lib), c_(c) {
     std::memcpy(iv_, iv, 12);
-    int ret;
-    if (c_ == Cipher::chacha20_poly1305) {
+    bool ok;
+    if (lib_ == Lib::openssl) {
+      const char* name = c == Cipher::aes128_gcm ? "AES-128-GCM" : c == Cipher::aes256_gcm ? "AES-256-GCM"
+                                                                                               : "ChaCha20-Poly1305";
+      evp_ = EVP_CIPHER_fetch(nullptr, name, nullptr);
+      ctx_ = EVP_CIPHER_CTX_new();
+      ok = evp_ && ctx_ && EVP_CipherInit_ex2(ctx_, evp_, key, nullptr, seal ? 1 : 0, nullptr) == 1;
+    } else if (c_ == Cipher::chacha20_poly1305) {
       mbedtls_chachapoly_init(&chacha_);
-      ret = mbedtls_chachapoly_setkey(&chacha_, key);
+      ok = mbedtls_chachapoly_setkey(&chacha_, key) == 0;
     } else {
       mbedtls_gcm_init(&gcm_);
-      ret = mbedtls_gcm_setkey(&gcm_, MBEDTLS_CIPHER_ID_AES, key, unsigned(key_len * 8));
+      ok = mbedtls_gcm_setkey(&gcm_, MBEDTLS_CIPHER_ID_AES, key, unsigned(key_len * 8)) == 0;
     }
-    if (ret != 0) {
-      std::fprintf(stderr, "aead_bench: setkey failed: -0x%04x\n", unsigned(-ret));
+    if (!ok) {
+      std::fprintf(stderr, "aead_bench: %s: cannot key the cipher\n", lib_name(lib_));
       std::exit(1);
     }
   }
   ~Aead() {
-    if (c_ == Cipher::chacha20_poly1305) mbedtls_chachapoly_free(&chacha_);
-    else mbedtls_gcm_free(&gcm_);
+    if (lib_ == Lib::openssl) {
+      EVP_CIPHER_CTX_free(ctx_);
+      EVP_CIPHER_free(evp_);
+    } else if (c_ == Cipher::chacha20_poly1305) {
+      mbedtls_chachapoly_free(&chacha_);
+    } else {
+      mbedtls_gcm_free(&gcm_);
+    }
   }
   Aead(const Aead&) = delete;
   Aead& operator=(const Aead&) = delete;
@@ -95,6 +117,13 @@ class Aead {
     uint8_t nc[12], ad[13];
     nonce(seq, nc);
     aad(seq, n, ad);
+    if (lib_ == Lib::openssl) {
+      int len = 0, fin = 0;
+      return EVP_CipherInit_ex2(ctx_, nullptr, nullptr, nc, -1, nullptr) == 1 &&
+             EVP_CipherUpdate(ctx_, nullptr, &len, ad, 13) == 1 && EVP_CipherUpdate(ctx_, out, &len, in, int(n)) == 1 &&
+             EVP_CipherFinal_ex(ctx_, out + len, &fin) == 1 &&
+             EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_AEAD_GET_TAG, int(kTag), out + n) == 1;
+    }
     if (c_ == Cipher::chacha20_poly1305)
       return mbedtls_chachapoly_encrypt_and_tag(&chacha_, n, nc, ad, 13, in, out, out + n) == 0;
     return mbedtls_gcm_crypt_and_tag(&gcm_, MBEDTLS_GCM_ENCRYPT, n, nc, 12, ad, 13, in, out, kTag, out + n) == 0;
@@ -103,14 +132,24 @@ class Aead {
     uint8_t nc[12], ad[13];
     nonce(seq, nc);
     aad(seq, n, ad);
+    if (lib_ == Lib::openssl) {
+      int len = 0, fin = 0;
+      return EVP_CipherInit_ex2(ctx_, nullptr, nullptr, nc, -1, nullptr) == 1 &&
+             EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_AEAD_SET_TAG, int(kTag), const_cast<uint8_t*>(in + n)) == 1 &&
+             EVP_CipherUpdate(ctx_, nullptr, &len, ad, 13) == 1 && EVP_CipherUpdate(ctx_, out, &len, in, int(n)) == 1 &&
+             EVP_CipherFinal_ex(ctx_, out + len, &fin) == 1;
+    }
     if (c_ == Cipher::chacha20_poly1305)
       return mbedtls_chachapoly_auth_decrypt(&chacha_, n, nc, ad, 13, in + n, in, out) == 0;
     return mbedtls_gcm_auth_decrypt(&gcm_, n, nc, 12, ad, 13, in + n, kTag, in, out) == 0;
   }
 
  private:
+  Lib lib_;
   Cipher c_;
   uint8_t iv_[12];
+  EVP_CIPHER* evp_ = nullptr;
+  EVP_CIPHER_CTX* ctx_ = nullptr;
   mbedtls_gcm_context gcm_;
   mbedtls_chachapoly_context chacha_;
 };
@@ -124,12 +163,12 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-Result run(const CipherInfo& ci, size_t record, double budget_s) {
+Result run(Lib lib, const CipherInfo& ci, size_t record, double budget_s) {
   uint8_t key[32], iv[12];
   for (size_t i = 0; i < sizeof key; ++i) key[i] = uint8_t(i * 7 + 1);
   for (size_t i = 0; i < sizeof iv; ++i) iv[i] = uint8_t(i * 13 + 5);
-  Aead sealer(ci.c, key, ci.key_len, iv);
-  Aead opener(ci.c, key, ci.key_len, iv);
+  Aead sealer(lib, ci.c, key, ci.key_len, iv, true);
+  Aead opener(lib, ci.c, key, ci.key_len, iv, false);
 
   // A ring of distinct records, larger than L2, so that opening does not
   // read the same hot 16 KiB over and over (the tunnel never does either).
@@ -187,13 +226,17 @@ int main(int argc, char** argv) {
   double seconds = 0.5;
   size_t record = 16384;
   std::vector<std::string> only;
+  std::vector<Lib> libs;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--seconds" && i + 1 < argc) seconds = std::atof(argv[++i]);
     else if (a == "--record" && i + 1 < argc) record = size_t(std::atol(argv[++i]));
     else if (a == "--cipher" && i + 1 < argc) only.push_back(argv[++i]);
+    else if (a == "--lib" && i + 1 < argc && (std::string(argv[i + 1]) == "openssl" || std::string(argv[i + 1]) == "mbedtls"))
+      libs.push_back(std::string(argv[++i]) == "openssl" ? Lib::openssl : Lib::mbedtls);
     else {
-      std::fprintf(stderr, "usage: aead_bench [--seconds S] [--record BYTES] [--cipher AES-128-GCM|AES-256-GCM|CHACHA20-POLY1305]...\n");
+      std::fprintf(stderr, "usage: aead_bench [--seconds S] [--record BYTES] [--cipher AES-128-GCM|AES-256-GCM|CHACHA20-POLY1305]...\n"
+                           "                  [--lib openssl|mbedtls]...\n");
       return 2;
     }
   }
@@ -201,20 +244,25 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "aead_bench: need --seconds > 0 and 0 < --record <= 16384\n");
     return 2;
   }
-  std::fprintf(stderr, "%-18s %12s %12s %14s   (%zu-byte records, single thread)\n", "cipher", "seal MiB/s",
-               "open MiB/s", "both MiB/s", record);
-  for (const CipherInfo& ci : kCiphers) {
-    if (!only.empty()) {
-      bool want = false;
-      for (auto& o : only) want |= o == ci.name;
-      if (!want) continue;
+  if (libs.empty()) libs = {Lib::openssl, Lib::mbedtls};
+  std::fprintf(stderr, "%-8s %-18s %12s %12s %14s   (%zu-byte records, single thread)\n", "library", "cipher",
+               "seal MiB/s", "open MiB/s", "both MiB/s", record);
+  for (Lib lib : libs) {
+    for (const CipherInfo& ci : kCiphers) {
+      if (!only.empty()) {
+        bool want = false;
+        for (auto& o : only) want |= o == ci.name;
+        if (!want) continue;
+      }
+      Result r = run(lib, ci, record, seconds);
+      double both = 1.0 / (1.0 / r.seal_mib_s + 1.0 / r.open_mib_s);
+      std::fprintf(stderr, "%-8s %-18s %12.1f %12.1f %14.1f\n", lib_name(lib), ci.name, r.seal_mib_s, r.open_mib_s,
+                   both);
+      std::printf("{\"lib\":\"%s\",\"cipher\":\"%s\",\"record\":%zu,\"seal_mib_s\":%.1f,\"open_mib_s\":%.1f,"
+                  "\"seal_open_mib_s\":%.1f}\n",
+                  lib_name(lib), ci.name, record, r.seal_mib_s, r.open_mib_s, both);
+      std::fflush(stdout);
     }
-    Result r = run(ci, record, seconds);
-    double both = 1.0 / (1.0 / r.seal_mib_s + 1.0 / r.open_mib_s);
-    std::fprintf(stderr, "%-18s %12.1f %12.1f %14.1f\n", ci.name, r.seal_mib_s, r.open_mib_s, both);
-    std::printf("{\"cipher\":\"%s\",\"record\":%zu,\"seal_mib_s\":%.1f,\"open_mib_s\":%.1f,\"seal_open_mib_s\":%.1f}\n",
-                ci.name, record, r.seal_mib_s, r.open_mib_s, both);
-    std::fflush(stdout);
   }
   return 0;
 }

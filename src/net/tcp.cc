@@ -100,6 +100,17 @@ void Tcp::write_from(const util::ByteQueue& q) {
   writing_ = true;
 }
 
+size_t Tcp::write_some(const util::ByteQueue& q) {
+  if (closing_ || writing_ || q.empty()) return 0;
+  std::span<const uint8_t> spans[16];
+  size_t n = q.front_spans(spans);
+  uv_buf_t bufs[16];
+  for (size_t i = 0; i < n; ++i)
+    bufs[i] = uv_buf_init(const_cast<char*>(reinterpret_cast<const char*>(spans[i].data())), unsigned(spans[i].size()));
+  int r = uv_try_write(stream(), bufs, unsigned(n));
+  return r > 0 ? size_t(r) : 0;
+}
+
 size_t Tcp::unsent() const {
   // libuv lowers write_queue_size as the kernel takes bytes of the request.
   return writing_ ? uv_stream_get_write_queue_size(reinterpret_cast<const uv_stream_t*>(&tcp_)) : 0;

@@ -54,6 +54,17 @@ class Tcp {
 
   // Writes up to the first 16 chunks of q. Precondition: !writing(), !q.empty().
   void write_from(const util::ByteQueue& q);
+  // Writes what the socket takes right now from the first 16 chunks of q
+  // (one writev, no loop round trip) and returns how many bytes it took: the
+  // caller drops them at once; no on_written reports them. 0 when the socket
+  // takes nothing now or the write fails: write_from() then waits for room,
+  // or reports the error through on_written. Precondition: !writing().
+  //
+  // Why: libuv 1.44 re-arms the descriptor in epoll (one epoll_ctl) after
+  // every uv_write that completes at once, and calls back only in the next
+  // loop iteration: two syscalls and a deferred callback per request and per
+  // answer on a request/response tunnel (docs/design.md, "Writes").
+  [[nodiscard]] size_t write_some(const util::ByteQueue& q);
   bool writing() const { return writing_; }
   // Bytes of the write in flight the kernel has not taken yet; 0 when no
   // write is in flight. Above 0, the socket's send buffer is full.

@@ -313,9 +313,18 @@ void Bridge::on_connected(int status) {
 void Bridge::pump_to_tcp() {
   if (phase_ != BridgePhase::relaying || !tcp_ || tcp_->writing()) return;
   const util::ByteQueue* in = link_.session().inbound(id_);
-  if (in && !in->empty()) {
-    tcp_->write_from(*in);
-    return;
+  while (in && !in->empty()) {
+    size_t n = tcp_->write_some(*in);
+    if (n == 0) {
+      tcp_->write_from(*in);
+      return;
+    }
+    // Taken by the kernel at once: as in on_written, the window credit goes
+    // back now (the caller flushes the link).
+    bytes_up += n;
+    link_.session().consumed(id_, n);
+    if (phase_ != BridgePhase::relaying || !tcp_) return;
+    in = link_.session().inbound(id_);
   }
   if (peer_fin_ && !shutdown_sent_) {
     shutdown_sent_ = true;

@@ -65,6 +65,16 @@ util::ByteQueue& Link::out_queue() { return record_ ? record_->output() : handsh
 void Link::pump_write() {
   if (!tcp_ || tcp_->writing()) return;
   util::ByteQueue& q = out_queue();
+  // Direct writes while nothing waits for a write to complete: a closing
+  // link finishes, and a congested one wakes its bridges, in on_written.
+  if (phase_ < LinkPhase::flushing && !was_congested_) {
+    while (!q.empty()) {
+      size_t n = tcp_->write_some(q);
+      if (n == 0) break;
+      q.pop(n);
+      counters_.bytes_out += n;
+    }
+  }
   if (!q.empty()) tcp_->write_from(q);
 }
 
@@ -100,6 +110,12 @@ void Link::flush() {
       }
     }
     if (congested()) was_congested_ = true;
+    if (record_->broken() && phase_ < LinkPhase::flushing) {
+      spdlog::error("tunnel {}: the record cipher failed; closing", peer_);
+      on_cut("tls_error");
+      close("record cipher failed", false);
+      return;
+    }
   }
   pump_write();
   // Past the high-water mark, output grows only through frames that need a

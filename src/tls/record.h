@@ -2,7 +2,7 @@
 //
 // mbedTLS runs the handshake; once both Finished messages have been exchanged
 // this layer takes over with the keys mbedTLS exported and the sequence
-// numbers its context held. All of it is RecordState, a plain struct that the
+// numbers its context held, and seals and opens with OpenSSL's EVP AEADs. All of it is RecordState, a plain struct that the
 // hot-restart codec moves to another process; RecordLayer only adds the
 // cipher contexts, which are rebuilt from the keys.
 //
@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 
 #include "util/byte_queue.h"
 
@@ -35,6 +36,9 @@ enum class Cipher : uint8_t { aes128_gcm = 0, aes256_gcm = 1, chacha20_poly1305 
 size_t key_length(Cipher c);     // 16 or 32
 size_t fixed_iv_length(Cipher c);  // 4 (GCM salt) or 12 (ChaCha20-Poly1305)
 const char* to_str(Cipher c);
+// Empty when OpenSSL's libcrypto provides every record cipher, else why not.
+// Checked once at start-up, before any tunnel exists.
+std::string record_ciphers_ready();
 
 enum class Side : uint8_t { client = 0, server = 1 };
 
@@ -102,7 +106,9 @@ struct Opened {
 class RecordLayer {
  public:
   // Precondition: cipher_of_suite(state.suite) holds (the handshake and the
-  // handoff codec check it). Sets up the cipher contexts from the keys.
+  // handoff codec check it). A layer owns no cipher context: the thread's
+  // shared ones are keyed from the state for each record (record.cc). So a
+  // layer is used on one thread, the one that destroys it.
   explicit RecordLayer(RecordState state);
   ~RecordLayer();
   RecordLayer(const RecordLayer&) = delete;
@@ -121,19 +127,24 @@ class RecordLayer {
   // Seals an alert; a close_notify also sets close_notify_sent.
   void seal_alert(uint8_t description, bool fatal);
 
+  // True once the cipher failed (OpenSSL could not set up a context or seal
+  // a record): nothing more is sealed, open() reports fatal; the owner
+  // closes the connection. Not expected outside memory exhaustion.
+  bool broken() const { return broken_; }
+
+
   util::ByteQueue& output() { return st_.output; }
   const RecordState& state() const { return st_; }
   // Moves the state out for handoff; the layer must not be used afterwards.
-  RecordState take_state() { return std::move(st_); }
+  RecordState take_state();
   Cipher cipher() const { return cipher_; }
 
  private:
-  struct Aead;
   Opened open_record(const uint8_t* rec, size_t len, std::span<uint8_t> scratch);
   RecordState st_;
   Cipher cipher_;
-  std::unique_ptr<Aead> read_aead_;
-  std::unique_ptr<Aead> write_aead_;
+  bool broken_ = false;
+  uint64_t id_;  // names this layer's key in the thread's cipher contexts
 };
 
 }  // namespace baton::tls

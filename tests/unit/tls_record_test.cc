@@ -1,5 +1,9 @@
 #include <gtest/gtest.h>
+#include <mbedtls/chachapoly.h>
+#include <mbedtls/gcm.h>
 
+#include <cstring>
+#include <memory>
 #include <random>
 
 #include "tls/record.h"
@@ -337,6 +341,180 @@ TEST_P(RecordPair, EmptyRecordsAreAllowed) {
 INSTANTIATE_TEST_SUITE_P(Suites, RecordPair,
                          ::testing::Values(suite::ecdhe_ecdsa_aes128_gcm_sha256, suite::ecdhe_ecdsa_aes256_gcm_sha384,
                                            suite::ecdhe_ecdsa_chacha20_poly1305));
+
+// The record layer seals and opens with OpenSSL; mbedTLS (which runs the
+// handshake and sealed the Finished messages) is a second, independent
+// implementation on the same machine. Records of every length class,
+// sealed by one and opened by the other, in both directions.
+namespace {
+
+struct MbedAead {
+  Cipher c;
+  mbedtls_gcm_context gcm;
+  mbedtls_chachapoly_context chacha;
+  MbedAead(Cipher cipher, const std::vector<uint8_t>& key) : c(cipher) {
+    mbedtls_gcm_init(&gcm);
+    mbedtls_chachapoly_init(&chacha);
+    if (c == Cipher::chacha20_poly1305) EXPECT_EQ(mbedtls_chachapoly_setkey(&chacha, key.data()), 0);
+    else EXPECT_EQ(mbedtls_gcm_setkey(&gcm, MBEDTLS_CIPHER_ID_AES, key.data(), unsigned(key.size() * 8)), 0);
+  }
+  ~MbedAead() {
+    mbedtls_gcm_free(&gcm);
+    mbedtls_chachapoly_free(&chacha);
+  }
+};
+
+void mbed_nonce_aad(Cipher c, const std::vector<uint8_t>& iv, uint64_t seq, size_t len, uint8_t nonce[12],
+                    uint8_t aad[13]) {
+  uint8_t s[8];
+  for (int i = 0; i < 8; ++i) s[i] = uint8_t(seq >> (56 - 8 * i));
+  std::memset(nonce, 0, 12);
+  std::memcpy(nonce, iv.data(), iv.size());
+  for (int i = 0; i < 8; ++i) nonce[4 + i] = c == Cipher::chacha20_poly1305 ? uint8_t(nonce[4 + i] ^ s[i]) : s[i];
+  std::memcpy(aad, s, 8);
+  aad[8] = uint8_t(ContentType::application_data);
+  aad[9] = 3;
+  aad[10] = 3;
+  aad[11] = uint8_t(len >> 8);
+  aad[12] = uint8_t(len);
+}
+
+// One application_data record sealed by mbedTLS.
+std::vector<uint8_t> mbed_seal(MbedAead& a, const std::vector<uint8_t>& iv, uint64_t seq,
+                               const std::vector<uint8_t>& plain) {
+  uint8_t nonce[12], aad[13];
+  mbed_nonce_aad(a.c, iv, seq, plain.size(), nonce, aad);
+  size_t explicit_len = a.c == Cipher::chacha20_poly1305 ? 0 : kExplicitNonceGcm;
+  std::vector<uint8_t> rec(kHeaderSize + explicit_len + plain.size() + kTagSize);
+  size_t body = rec.size() - kHeaderSize;
+  rec[0] = uint8_t(ContentType::application_data);
+  rec[1] = rec[2] = 3;
+  rec[3] = uint8_t(body >> 8);
+  rec[4] = uint8_t(body);
+  std::memcpy(rec.data() + kHeaderSize, nonce + 4, explicit_len);
+  uint8_t* ct = rec.data() + kHeaderSize + explicit_len;
+  int ret = a.c == Cipher::chacha20_poly1305
+                ? mbedtls_chachapoly_encrypt_and_tag(&a.chacha, plain.size(), nonce, aad, 13, plain.data(), ct,
+                                                     ct + plain.size())
+                : mbedtls_gcm_crypt_and_tag(&a.gcm, MBEDTLS_GCM_ENCRYPT, plain.size(), nonce, 12, aad, 13,
+                                            plain.data(), ct, kTagSize, ct + plain.size());
+  EXPECT_EQ(ret, 0);
+  return rec;
+}
+
+// Opens one record (header included) with mbedTLS; false if it does not authenticate.
+bool mbed_open(MbedAead& a, const std::vector<uint8_t>& iv, uint64_t seq, std::span<const uint8_t> rec,
+               std::vector<uint8_t>& plain) {
+  size_t explicit_len = a.c == Cipher::chacha20_poly1305 ? 0 : kExplicitNonceGcm;
+  size_t n = rec.size() - kHeaderSize - explicit_len - kTagSize;
+  uint8_t nonce[12], aad[13];
+  mbed_nonce_aad(a.c, iv, seq, n, nonce, aad);
+  if (explicit_len) std::memcpy(nonce + 4, rec.data() + kHeaderSize, explicit_len);
+  const uint8_t* ct = rec.data() + kHeaderSize + explicit_len;
+  plain.resize(n);
+  int ret = a.c == Cipher::chacha20_poly1305
+                ? mbedtls_chachapoly_auth_decrypt(&a.chacha, n, nonce, aad, 13, ct + n, ct, plain.data())
+                : mbedtls_gcm_auth_decrypt(&a.gcm, n, nonce, 12, aad, 13, ct + n, kTagSize, ct, plain.data());
+  return ret == 0;
+}
+
+}  // namespace
+
+TEST_P(RecordPair, AgreesWithMbedTls) {
+  Cipher c;
+  ASSERT_TRUE(cipher_of_suite(GetParam(), c));
+  Keys k = c2s();
+  std::mt19937 rng(GetParam() * 31 + 7);
+  // Lengths around the AES block, the GCM/ChaCha internal strides and the limit.
+  std::vector<size_t> lengths = {0, 1, 15, 16, 17, 63, 64, 65, 255, 256, 1024, 4095, 4096, 4097, 16383, 16384};
+  for (int i = 0; i < 40; ++i) lengths.push_back(rng() % (kMaxPlaintext + 1));
+  MbedAead mbed(c, k.key);
+
+  // OpenSSL seals, mbedTLS opens.
+  RecordLayer sender(make_state(Side::client, k, s2c(), 1000));
+  uint64_t seq = 1000;
+  for (size_t n : lengths) {
+    std::vector<uint8_t> plain(n);
+    for (auto& b : plain) b = uint8_t(rng());
+    sender.seal_record(ContentType::application_data, plain);
+    auto wire = sender.output().to_vector();
+    sender.output().clear();
+    std::vector<uint8_t> got;
+    ASSERT_TRUE(mbed_open(mbed, k.iv, seq, wire, got)) << "length " << n;
+    EXPECT_EQ(got, plain) << "length " << n;
+    ++seq;
+  }
+
+  // mbedTLS seals, OpenSSL opens; then one flipped tag bit is refused.
+  RecordLayer receiver(make_state(Side::server, k, s2c(), 5000));
+  seq = 5000;
+  for (size_t n : lengths) {
+    std::vector<uint8_t> plain(n);
+    for (auto& b : plain) b = uint8_t(rng());
+    auto rec = mbed_seal(mbed, k.iv, seq++, plain);
+    Collected got = open_all(receiver, rec);
+    ASSERT_EQ(got.last.status, OpenStatus::need_more) << "length " << n << ": " << got.last.reason;
+    EXPECT_EQ(got.data, plain) << "length " << n;
+  }
+  auto rec = mbed_seal(mbed, k.iv, seq, range_bytes(100));
+  rec.back() ^= 1;
+  Collected bad = open_all(receiver, rec);
+  EXPECT_EQ(bad.last.status, OpenStatus::fatal);
+  EXPECT_EQ(bad.last.alert, alert::bad_record_mac);
+}
+
+// Layers own no cipher context: the thread's shared ones (32 per cipher and
+// direction, record.cc) are keyed for the layers that used them last and
+// re-keyed for others. 48 tunnels with their own keys (more than the slots),
+// records interleaved one by one, layers replaced (handoff) and destroyed in
+// between: every record must open with its own tunnel's key.
+TEST_P(RecordPair, InterleavedLayersKeepTheirOwnKeys) {
+  Cipher c;
+  ASSERT_TRUE(cipher_of_suite(GetParam(), c));
+  struct Tunnel {
+    std::unique_ptr<RecordLayer> client, server;
+    std::vector<uint8_t> sent, got;
+  };
+  std::vector<Tunnel> ts(48);
+  for (size_t i = 0; i < ts.size(); ++i) {
+    Keys up{GetParam(), range_bytes(key_length(c), uint8_t(i * 17)), range_bytes(fixed_iv_length(c), uint8_t(i))};
+    Keys down{GetParam(), range_bytes(key_length(c), uint8_t(i * 17 + 100)), range_bytes(fixed_iv_length(c), 9)};
+    ts[i].client = std::make_unique<RecordLayer>(make_state(Side::client, up, down));
+    ts[i].server = std::make_unique<RecordLayer>(make_state(Side::server, up, down));
+  }
+  std::mt19937 rng(GetParam());
+  for (int round = 0; round < 3000; ++round) {
+    // Mostly a hot few (kept keyed), sometimes any (evictions).
+    Tunnel& t = ts[rng() % (round % 4 ? 6 : ts.size())];
+    std::vector<uint8_t> msg(rng() % 3000);
+    for (auto& b : msg) b = uint8_t(rng());
+    t.client->seal(msg);
+    t.sent.insert(t.sent.end(), msg.begin(), msg.end());
+    // Another tunnel's record in between: the shared contexts switch keys.
+    Tunnel& o = ts[rng() % ts.size()];
+    o.client->seal(as_bytes("x"));
+    o.sent.push_back('x');
+    for (Tunnel* p : {&t, &o}) {
+      Collected got = open_all(*p->server, p->client->output().to_vector());
+      p->client->output().clear();
+      ASSERT_EQ(got.last.status, OpenStatus::need_more) << got.last.reason << " round " << round;
+      p->got.insert(p->got.end(), got.data.begin(), got.data.end());
+    }
+    if (round % 37 == 0) {  // the server side moves to a new layer (hot restart), the old one is destroyed
+      RecordState st = t.server->take_state();
+      t.server = std::make_unique<RecordLayer>(std::move(st));
+    }
+    if (round % 53 == 0) {  // a layer destroyed mid-run must not disturb the others
+      RecordState st = o.client->state();
+      o.client.reset();
+      o.client = std::make_unique<RecordLayer>(std::move(st));
+    }
+  }
+  for (Tunnel& t : ts) {
+    EXPECT_EQ(t.got, t.sent);
+    EXPECT_FALSE(t.server->broken());
+  }
+}
 
 TEST(RecordSuites, OnlyAeadSuitesAreAccepted) {
   Cipher c;
