@@ -395,12 +395,23 @@ class Conn final : public net::TcpHandler, public mux::SessionHandler {
     }
   }
 
+  // Seals the session's frames as proxy::Link::flush does: straight from the
+  // queue, no allocation, so the baton protocol costs the client only its
+  // framing, not a copy the TLS path does not make.
   void flush_session() {
+    static uint8_t coalesce[tls::kMaxPlaintext];
     util::ByteQueue& q = session_->output();
-    if (q.empty()) return;
-    std::vector<uint8_t> frames = q.to_vector();
-    q.clear();
-    rl_->seal(frames);
+    while (!q.empty()) {
+      size_t n = std::min(q.size(), tls::kMaxPlaintext);
+      std::span<const uint8_t> f = q.front();
+      if (f.size() >= n) {
+        rl_->seal(f.first(n));
+      } else {
+        q.peek({coalesce, n});
+        rl_->seal({coalesce, n});
+      }
+      q.pop(n);
+    }
   }
 
   // Closes without telling the owner (it asked for the end).
