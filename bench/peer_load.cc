@@ -398,21 +398,7 @@ class Conn final : public net::TcpHandler, public mux::SessionHandler {
   // Seals the session's frames as proxy::Link::flush does: straight from the
   // queue, no allocation, so the baton protocol costs the client only its
   // framing, not a copy the TLS path does not make.
-  void flush_session() {
-    static uint8_t coalesce[tls::kMaxPlaintext];
-    util::ByteQueue& q = session_->output();
-    while (!q.empty()) {
-      size_t n = std::min(q.size(), tls::kMaxPlaintext);
-      std::span<const uint8_t> f = q.front();
-      if (f.size() >= n) {
-        rl_->seal(f.first(n));
-      } else {
-        q.peek({coalesce, n});
-        rl_->seal({coalesce, n});
-      }
-      q.pop(n);
-    }
-  }
+  void flush_session() { rl_->seal_from(session_->output()); }
 
   // Closes without telling the owner (it asked for the end).
   void retire() {

@@ -23,7 +23,6 @@ const char* to_str(LinkPhase p) {
 
 namespace {
 thread_local uint8_t g_scratch[tls::kScratchSize];
-thread_local uint8_t g_coalesce[tls::kMaxPlaintext];
 }  // namespace
 
 Link::EntryGuard::~EntryGuard() {
@@ -95,19 +94,7 @@ void Link::flush() {
     if (record_->state().close_notify_sent) {
       so.clear();
     } else {
-      // Seal full-size records: coalesce small frames (window updates, acks)
-      // instead of sealing each on its own.
-      while (!so.empty()) {
-        size_t n = std::min(so.size(), tls::kMaxPlaintext);
-        auto front = so.front();
-        if (front.size() >= n) {
-          record_->seal(front.first(n));
-        } else {
-          so.peek({g_coalesce, n});
-          record_->seal({g_coalesce, n});
-        }
-        so.pop(n);
-      }
+      record_->seal_from(so);
     }
     if (congested()) was_congested_ = true;
     if (record_->broken() && phase_ < LinkPhase::flushing) {
@@ -499,13 +486,7 @@ bool Link::export_link(TunnelState& out) {
   tcp_ = nullptr;
   out.fd = fd;
   // Frames the session queued become records now, so only two queues travel.
-  util::ByteQueue& so = session_->output();
-  while (!so.empty() && !record_->state().close_notify_sent) {
-    size_t n = std::min(so.size(), tls::kMaxPlaintext);
-    so.peek({g_coalesce, n});
-    record_->seal({g_coalesce, n});
-    so.pop(n);
-  }
+  if (!record_->state().close_notify_sent) record_->seal_from(session_->output());
   record_->output().pop(written);
   counters_.bytes_out += written;
   for (auto& [id, b] : bridges_) {

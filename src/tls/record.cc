@@ -3,6 +3,7 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <string>
@@ -348,6 +349,21 @@ void RecordLayer::seal(std::span<const uint8_t> data) {
     size_t n = std::min(data.size(), kMaxPlaintext);
     seal_record(ContentType::application_data, data.first(n));
     data = data.subspan(n);
+  }
+}
+
+void RecordLayer::seal_from(util::ByteQueue& q) {
+  thread_local uint8_t coalesce[kMaxPlaintext];
+  while (!q.empty()) {
+    size_t n = std::min(q.size(), kMaxPlaintext);
+    std::span<const uint8_t> front = q.front();
+    if (front.size() >= n) {
+      seal_record(ContentType::application_data, front.first(n));
+    } else {
+      q.peek({coalesce, n});
+      seal_record(ContentType::application_data, {coalesce, n});
+    }
+    q.pop(n);
   }
 }
 

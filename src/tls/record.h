@@ -122,6 +122,11 @@ class RecordLayer {
   // Seals `data` as application_data records of at most kMaxPlaintext bytes
   // each and appends them to output(). Precondition: !close_notify_sent.
   void seal(std::span<const uint8_t> data);
+  // Seals all of q (a yamux session's output) as application_data records
+  // of up to kMaxPlaintext bytes, full-size where q allows: small frames
+  // (window updates, acks) share a record instead of each taking one. q is
+  // empty afterwards. Precondition: !close_notify_sent.
+  void seal_from(util::ByteQueue& q);
   // Seals one record of the given type (data.size() <= kMaxPlaintext).
   void seal_record(ContentType type, std::span<const uint8_t> data);
   // Seals an alert; a close_notify also sets close_notify_sent.
