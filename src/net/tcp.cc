@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 
 namespace baton::net {
@@ -67,6 +68,22 @@ void Tcp::read_cb(uv_stream_t* s, ssize_t n, const uv_buf_t*) {
     return;
   }
   t->handler_->on_read({g_read_buffer, size_t(n)});
+}
+
+void Tcp::read_pending() {
+  int fd = this->fd();
+  for (int i = 0; i < 64 && fd >= 0 && !closing_; ++i) {
+    ssize_t n = ::read(fd, g_read_buffer, read_size_);
+    if (n > 0) {
+      handler_->on_read({g_read_buffer, size_t(n)});
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    stop_read();
+    handler_->on_read_end(n == 0 ? 0 : uv_translate_sys_error(errno));
+    return;
+  }
 }
 
 void Tcp::start_read() {

@@ -50,6 +50,11 @@ class Tcp {
   void set_read_size(size_t n);
   void start_read();
   void stop_read();
+  // Reads what the socket holds now (non-blocking, at most 64 reads) and
+  // hands it to on_read, then on_read_end at EOF or on an error. For a peer
+  // that went away while we wrote to it: what it sent before (a FIN frame,
+  // close_notify) is still in the receive queue, and still counts.
+  void read_pending();
   bool reading() const { return reading_; }
 
   // Writes up to the first 16 chunks of q. Precondition: !writing(), !q.empty().

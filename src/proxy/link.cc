@@ -62,7 +62,7 @@ void Link::start() {
 util::ByteQueue& Link::out_queue() { return record_ ? record_->output() : handshake_->output(); }
 
 void Link::pump_write() {
-  if (!tcp_ || tcp_->writing()) return;
+  if (!tcp_ || tcp_->writing() || write_failed_) return;
   util::ByteQueue& q = out_queue();
   // Direct writes while nothing waits for a write to complete: a closing
   // link finishes, and a congested one wakes its bridges, in on_written.
@@ -139,7 +139,15 @@ void Link::on_read_end(int err) {
 void Link::on_written(size_t n, int err) {
   EntryGuard g(this);
   if (err) {
-    if (phase_ < LinkPhase::flushing) close("write to peer failed", false);
+    if (phase_ < LinkPhase::flushing) {
+      // The peer went away (a reset answering our write, typically a
+      // window update crossing its close). What it sent before still sits
+      // in the receive queue: its streams' FINs and its close_notify finish
+      // drained streams instead of cutting them.
+      write_failed_ = true;
+      if (tcp_) tcp_->read_pending();
+      if (phase_ < LinkPhase::flushing) close("write to peer failed", false);
+    }
     finish_close();
     return;
   }

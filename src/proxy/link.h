@@ -204,6 +204,7 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   uint64_t flush_deadline_ms_ = 0;
   int depth_ = 0;
   bool was_congested_ = false;
+  bool write_failed_ = false;  // the peer is gone: nothing more is written
 };
 
 }  // namespace baton::proxy
