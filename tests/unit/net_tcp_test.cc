@@ -63,52 +63,54 @@ void await_peer_end(int fd) {
   ASSERT_EQ(poll(&pf, 1, 5000), 1) << "the peer's end never arrived";
 }
 
+// A libuv loop with a Tcp adopting `ours` of a fresh pair; the Tcp is
+// closed and the loop run to completion at the end.
+class TcpReadPending : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    uv_loop_init(&loop_);
+    tcp_ = Tcp::create(&loop_, &rec_);
+    ASSERT_EQ(tcp_->open_fd(pair_.ours), 0);
+  }
+  void TearDown() override {
+    tcp_->close();
+    uv_run(&loop_, UV_RUN_DEFAULT);
+    EXPECT_EQ(uv_loop_close(&loop_), 0);
+  }
+  uv_loop_t loop_;
+  Pair pair_;
+  Recorder rec_;
+  Tcp* tcp_ = nullptr;
+};
+
 }  // namespace
 
 // What a peer sent before it reset the connection is still read: the
 // assumption Link relies on when a write fails (docs/design.md, "Errors").
-TEST(TcpReadPending, DataBeforeAResetIsReadThenTheError) {
-  uv_loop_t loop;
-  uv_loop_init(&loop);
-  Pair p;
-  Recorder r;
-  Tcp* t = Tcp::create(&loop, &r);
-  ASSERT_EQ(t->open_fd(p.ours), 0);
+TEST_F(TcpReadPending, DataBeforeAResetIsReadThenTheError) {
   std::string last(32768, 'x');
   last += "FIN and close_notify would be here";
-  send_all(p.theirs, last);
+  send_all(pair_.theirs, last);
   linger lg{1, 0};  // close with a reset
-  ASSERT_EQ(setsockopt(p.theirs, SOL_SOCKET, SO_LINGER, &lg, sizeof lg), 0);
-  close(p.theirs);
-  p.theirs = -1;
-  await_peer_end(p.ours);
-  t->read_pending();
-  EXPECT_EQ(r.got, last);
-  EXPECT_EQ(r.ends, 1);
-  EXPECT_EQ(r.end_err, UV_ECONNRESET);
-  t->close();
-  uv_run(&loop, UV_RUN_DEFAULT);
-  EXPECT_EQ(uv_loop_close(&loop), 0);
+  ASSERT_EQ(setsockopt(pair_.theirs, SOL_SOCKET, SO_LINGER, &lg, sizeof lg), 0);
+  close(pair_.theirs);
+  pair_.theirs = -1;
+  await_peer_end(pair_.ours);
+  tcp_->read_pending();
+  EXPECT_EQ(rec_.got, last);
+  EXPECT_EQ(rec_.ends, 1);
+  EXPECT_EQ(rec_.end_err, UV_ECONNRESET);
 }
 
-TEST(TcpReadPending, StopsAtEofAndWhenNothingIsQueued) {
-  uv_loop_t loop;
-  uv_loop_init(&loop);
-  Pair p;
-  Recorder r;
-  Tcp* t = Tcp::create(&loop, &r);
-  ASSERT_EQ(t->open_fd(p.ours), 0);
-  t->read_pending();  // nothing queued: returns at once, no end
-  EXPECT_EQ(r.got, "");
-  EXPECT_EQ(r.ends, 0);
-  send_all(p.theirs, "tail");
-  shutdown(p.theirs, SHUT_WR);
-  await_peer_end(p.ours);
-  t->read_pending();
-  EXPECT_EQ(r.got, "tail");
-  EXPECT_EQ(r.ends, 1);
-  EXPECT_EQ(r.end_err, 0);
-  t->close();
-  uv_run(&loop, UV_RUN_DEFAULT);
-  EXPECT_EQ(uv_loop_close(&loop), 0);
+TEST_F(TcpReadPending, StopsAtEofAndWhenNothingIsQueued) {
+  tcp_->read_pending();  // nothing queued: returns at once, no end
+  EXPECT_EQ(rec_.got, "");
+  EXPECT_EQ(rec_.ends, 0);
+  send_all(pair_.theirs, "tail");
+  shutdown(pair_.theirs, SHUT_WR);
+  await_peer_end(pair_.ours);
+  tcp_->read_pending();
+  EXPECT_EQ(rec_.got, "tail");
+  EXPECT_EQ(rec_.ends, 1);
+  EXPECT_EQ(rec_.end_err, 0);
 }
