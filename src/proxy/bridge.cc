@@ -245,8 +245,7 @@ void Bridge::stream_data() {
     mux::PreambleResult r = mux::decode_preamble({buf, n});
     if (r.status == mux::PreambleStatus::need_more) return;
     if (r.status == mux::PreambleStatus::malformed) {
-      if (on_reset) on_reset(*this, "malformed_preamble");
-      fail("malformed route preamble");
+      fail("malformed route preamble", "malformed_preamble");
       return;
     }
     link_.session().consumed(id_, r.used);
@@ -335,8 +334,7 @@ void Bridge::pump_to_tcp() {
 void Bridge::on_written(size_t n, int err) {
   Link::EntryGuard g(&link_);
   if (err) {
-    if (on_reset && phase_ != BridgePhase::done) on_reset(*this, "upstream_error");
-    fail("write to upstream failed");
+    fail("write to upstream failed", "upstream_error");
     return;
   }
   bytes_up += n;
@@ -376,8 +374,7 @@ void Bridge::on_read(std::span<const uint8_t> data) {
 void Bridge::on_read_end(int err) {
   Link::EntryGuard g(&link_);
   if (err) {
-    if (on_reset && phase_ != BridgePhase::done) on_reset(*this, "upstream_error");
-    fail("upstream connection error");
+    fail("upstream connection error", "upstream_error");
     return;
   }
   tcp_eof_ = true;
@@ -439,13 +436,13 @@ void Bridge::stream_gone(bool reset_tcp) {
 
 void Bridge::preamble_timed_out(uint32_t timeout_ms) {
   if (phase_ != BridgePhase::awaiting_preamble) return;
-  if (on_reset) on_reset(*this, "preamble_timeout");
   std::string why = "route preamble not complete within " + std::to_string(timeout_ms) + " ms";
-  fail(why.c_str());
+  fail(why.c_str(), "preamble_timeout");
 }
 
-void Bridge::fail(const char* why) {
+void Bridge::fail(const char* why, const char* reset_reason) {
   if (phase_ == BridgePhase::done) return;
+  if (reset_reason && on_reset) on_reset(*this, reset_reason);
   spdlog::debug("stream {} ({}): reset: {}", id_, route_.empty() ? "?" : route_, why);
   if (link_.session().has_stream(id_)) link_.session().reset(id_);
   stream_gone(true);

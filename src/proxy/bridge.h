@@ -105,8 +105,9 @@ class Bridge : public net::TcpHandler {
   // Server hook for metrics: the stream is being reset after it was
   // admitted. `reason` is a fixed static string (a metric label value):
   // client (the peer reset it), upstream_error (the upstream connection
-  // failed or was reset while relaying), malformed_preamble. Failed
-  // upstream connects are reported by on_connect_result instead.
+  // failed or was reset while relaying), malformed_preamble,
+  // preamble_timeout. Failed upstream connects are reported by
+  // on_connect_result instead.
   std::function<void(Bridge&, const char* reason)> on_reset;
 
   uint64_t bytes_up = 0;    // stream -> TCP
@@ -120,7 +121,10 @@ class Bridge : public net::TcpHandler {
 
   void pump_to_tcp();
   void pump_to_stream();
-  void fail(const char* why);  // RST the stream and close TCP
+  // RST the stream and close TCP. `reset_reason` (a metric label, see
+  // on_reset) counts the reset of an admitted stream; nullptr: not counted
+  // here (failed upstream connects go through on_connect_result).
+  void fail(const char* why, const char* reset_reason = nullptr);
   void stop_connect_timer();
   // Writes into the stream, keeping a copy while the server has not ACKed.
   size_t write_stream(std::span<const uint8_t> data);

@@ -99,8 +99,7 @@ void Link::flush() {
     if (congested()) was_congested_ = true;
     if (record_->broken() && phase_ < LinkPhase::flushing) {
       spdlog::error("tunnel {}: the record cipher failed; closing", peer_);
-      on_cut("tls_error");
-      close("record cipher failed", false);
+      cut("tls_error", "record cipher failed");
       return;
     }
   }
@@ -115,8 +114,7 @@ void Link::flush() {
       tcp_ && tcp_->unsent() > 0) {
     spdlog::warn("tunnel {}: peer is not reading ({} bytes queued for it); closing", peer_,
                  record_->state().output.size());
-    on_cut("not_reading");
-    close("peer is not reading", false);
+    cut("not_reading", "peer is not reading");
   }
 }
 
@@ -214,8 +212,7 @@ void Link::record_input(std::span<const uint8_t> data) {
       mux::ConsumeResult r = session_->consume(o.plaintext);
       if (r.status != mux::ConsumeStatus::ok) {
         spdlog::info("tunnel {}: yamux protocol error: {}", peer_, r.error ? r.error : "?");
-        on_cut("protocol_error");
-        close("protocol error", false);  // Go Away(1) is already queued
+        cut("protocol_error", "protocol error");  // Go Away(1) is already queued
         return;
       }
       continue;
@@ -227,9 +224,8 @@ void Link::record_input(std::span<const uint8_t> data) {
       return;
     }
     spdlog::info("tunnel {}: TLS record error: {}", peer_, o.reason);
-    on_cut("tls_error");
     if (o.send_alert) record_->seal_alert(o.alert, !o.alert_warning);
-    close(o.reason, false);
+    cut("tls_error", o.reason);
     return;
   }
   flush();
@@ -270,6 +266,11 @@ void Link::close(const char* reason, bool go_away, mux::GoAwayCode code) {
   else rearm_timer();
 }
 
+void Link::cut(const char* label, const char* why, bool go_away, mux::GoAwayCode code) {
+  on_cut(label);
+  close(why, go_away, code);
+}
+
 void Link::finish_close() {
   if (phase_ == LinkPhase::closed) return;
   phase_ = LinkPhase::closed;
@@ -308,16 +309,14 @@ void Link::timer_cb(uv_timer_t* t) {
       if (now >= l->started_ms_ + l->limits_.handshake_timeout_ms) {
         spdlog::info("tunnel {}: handshake timeout ({} ms)", l->peer_, l->limits_.handshake_timeout_ms);
         if (l->phase_ == LinkPhase::awaiting_handshake) l->on_handshake_failed();
-        l->on_cut("handshake_timeout");
-        l->close("handshake timeout", false);
+        l->cut("handshake_timeout", "handshake timeout");
         return;
       }
       break;
     case LinkPhase::serving:
       if (now >= l->last_rx_ms_ + l->limits_.idle_timeout_ms) {
         spdlog::info("tunnel {}: idle timeout ({} ms)", l->peer_, l->limits_.idle_timeout_ms);
-        l->on_cut("idle_timeout");
-        l->close("idle timeout", true);
+        l->cut("idle_timeout", "idle timeout", true);
         return;
       }
       break;

@@ -148,6 +148,9 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   // never peer data): protocol_error, tls_error, not_reading,
   // handshake_timeout, idle_timeout. close() follows.
   virtual void on_cut(const char* reason) { (void)reason; }
+  // close() because of the peer, counted through on_cut(label) first.
+  void cut(const char* label, const char* why, bool go_away = false,
+           mux::GoAwayCode code = mux::GoAwayCode::normal);
 
   void set_phase(LinkPhase p) { phase_ = p; }
   void rearm_timer();

@@ -300,10 +300,7 @@ void Tunnel::on_control_data() {
     if (r.status == mux::DecodeStatus::malformed) {
       spdlog::info("tunnel {}: malformed control message: {}", peer(), r.error ? r.error : "?");
       if (phase() == LinkPhase::awaiting_hello) reject(1, "malformed HELLO");
-      else {
-        on_cut("protocol_error");
-        close("malformed control message", true, mux::GoAwayCode::protocol_error);
-      }
+      else cut("protocol_error", "malformed control message", true, mux::GoAwayCode::protocol_error);
       return;
     }
     session().consumed(1, r.used);
