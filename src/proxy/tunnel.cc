@@ -222,26 +222,26 @@ void Tunnel::on_role_deadline() {
 // here, once per check, never when the timer is re-armed.
 void Tunnel::check_preambles(uint64_t now) {
   const uint32_t limit = server_.config().limits.handshake_timeout_ms;
-  if (preamble_cutoff_ms_) {
-    std::vector<uint32_t> late;
-    for (const auto& [id, b] : bridges())
-      if (b->phase() == BridgePhase::awaiting_preamble && b->opened_ms() + limit <= preamble_cutoff_ms_)
-        late.push_back(id);
-    preamble_cutoff_ms_ = 0;
-    for (uint32_t id : late)
-      if (Bridge* b = bridge(id)) b->preamble_timed_out(limit);
-  } else {
-    for (const auto& [id, b] : bridges())
-      if (b->phase() == BridgePhase::awaiting_preamble && b->opened_ms() + limit <= now) {
-        preamble_cutoff_ms_ = now;
-        preamble_check_ms_ = now + 1;
-        return;
-      }
+  const uint64_t cutoff = preamble_cutoff_ms_;  // set: this is the second look
+  preamble_cutoff_ms_ = 0;
+  std::vector<uint32_t> late;
+  uint64_t next = 0;  // the earliest deadline of the streams that stay
+  for (const auto& [id, b] : bridges()) {
+    if (b->phase() != BridgePhase::awaiting_preamble) continue;
+    const uint64_t due = b->opened_ms() + limit;
+    if (cutoff ? due <= cutoff : due <= now) {
+      late.push_back(id);
+    } else if (!next || due < next) {
+      next = due;
+    }
   }
-  uint64_t next = 0;
-  for (const auto& [id, b] : bridges())
-    if (b->phase() == BridgePhase::awaiting_preamble && (!next || b->opened_ms() + limit < next))
-      next = b->opened_ms() + limit;
+  if (!cutoff && !late.empty()) {  // first look: the second comes one loop iteration later
+    preamble_cutoff_ms_ = now;
+    preamble_check_ms_ = now + 1;
+    return;
+  }
+  for (uint32_t id : late)
+    if (Bridge* b = bridge(id)) b->preamble_timed_out(limit);
   preamble_check_ms_ = next;
 }
 
