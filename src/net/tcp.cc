@@ -97,17 +97,24 @@ void Tcp::stop_read() {
   reading_ = false;
 }
 
-void Tcp::write_from(const util::ByteQueue& q) {
+// The first (up to) 16 chunks of q as libuv buffers; returns how many, and
+// their total length in `len`.
+static unsigned front_bufs(const util::ByteQueue& q, uv_buf_t (&bufs)[16], size_t& len) {
   std::span<const uint8_t> spans[16];
   size_t n = q.front_spans(spans);
-  uv_buf_t bufs[16];
-  write_len_ = 0;
+  len = 0;
   for (size_t i = 0; i < n; ++i) {
     bufs[i] = uv_buf_init(const_cast<char*>(reinterpret_cast<const char*>(spans[i].data())), unsigned(spans[i].size()));
-    write_len_ += spans[i].size();
+    len += spans[i].size();
   }
+  return unsigned(n);
+}
+
+void Tcp::write_from(const util::ByteQueue& q) {
+  uv_buf_t bufs[16];
+  unsigned n = front_bufs(q, bufs, write_len_);
   write_req_.data = this;
-  int err = uv_write(&write_req_, stream(), bufs, unsigned(n), write_cb);
+  int err = uv_write(&write_req_, stream(), bufs, n, write_cb);
   if (err) {
     // Report asynchronously-shaped: the owner handles it like a failed write.
     write_len_ = 0;
@@ -119,12 +126,9 @@ void Tcp::write_from(const util::ByteQueue& q) {
 
 size_t Tcp::write_some(const util::ByteQueue& q) {
   if (closing_ || writing_ || q.empty()) return 0;
-  std::span<const uint8_t> spans[16];
-  size_t n = q.front_spans(spans);
   uv_buf_t bufs[16];
-  for (size_t i = 0; i < n; ++i)
-    bufs[i] = uv_buf_init(const_cast<char*>(reinterpret_cast<const char*>(spans[i].data())), unsigned(spans[i].size()));
-  int r = uv_try_write(stream(), bufs, unsigned(n));
+  size_t len;
+  int r = uv_try_write(stream(), bufs, front_bufs(q, bufs, len));
   return r > 0 ? size_t(r) : 0;
 }
 
