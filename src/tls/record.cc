@@ -86,7 +86,7 @@ std::string record_ciphers_ready() {
 // here (docs/design.md, "Record cryptography").
 namespace {
 
-constexpr size_t kSlots = 32;
+constexpr size_t kSlots = 32;  // fits the uint8_t slot hints of RecordLayer
 
 struct Keyed {
   EVP_CIPHER_CTX* ctx = nullptr;
@@ -111,19 +111,26 @@ thread_local ThreadCiphers t_ciphers;
 std::atomic<uint64_t> g_next_layer_id{1};
 
 // A context for (c, seal) keyed with `key` for layer `id`, or nullptr if
-// OpenSSL fails.
-EVP_CIPHER_CTX* keyed(Cipher c, bool seal, uint64_t id, const uint8_t* key) {
+// OpenSSL fails. `hint`: the layer's slot last time, looked at first so that
+// a busy layer skips the scan.
+EVP_CIPHER_CTX* keyed(Cipher c, bool seal, uint64_t id, const uint8_t* key, uint8_t& hint) {
   Keyed* set = t_ciphers.slots[size_t(c)][seal ? 1 : 0];
   uint64_t now = ++t_ciphers.clock;
+  if (set[hint].owner == id && set[hint].ctx) {
+    set[hint].used = now;
+    return set[hint].ctx;
+  }
   Keyed* victim = &set[0];
   for (size_t i = 0; i < kSlots; ++i) {
     Keyed& k = set[i];
     if (k.owner == id && k.ctx) {
       k.used = now;
+      hint = uint8_t(i);
       return k.ctx;
     }
     if (k.used < victim->used) victim = &k;
   }
+  hint = uint8_t(victim - set);
   Keyed& k = *victim;
   bool fresh = !k.ctx;
   if (fresh && !(k.ctx = EVP_CIPHER_CTX_new())) return nullptr;
@@ -286,7 +293,7 @@ Opened RecordLayer::open_record(const uint8_t* rec, size_t len, std::span<uint8_
   if (plain_len > kMaxPlaintext) return fatal(alert::record_overflow, "plaintext longer than 2^14");
   if (st_.read.seq == UINT64_MAX) return fatal(alert::internal_error, "read sequence number exhausted");
 
-  EVP_CIPHER_CTX* ctx = keyed(cipher_, false, id_, st_.read.key.data());
+  EVP_CIPHER_CTX* ctx = keyed(cipher_, false, id_, st_.read.key.data(), slot_hint_[0]);
   if (!ctx) {
     broken_ = true;
     Opened f = fatal(alert::internal_error, "the record cipher failed");
@@ -382,7 +389,7 @@ void RecordLayer::seal_record(ContentType type, std::span<const uint8_t> data) {
   uint8_t aad[13];
   make_aad(st_.write.seq, uint8_t(type), data.size(), aad);
   uint8_t* ct = rec.data() + kHeaderSize + explicit_len;
-  EVP_CIPHER_CTX* ctx = keyed(cipher_, true, id_, st_.write.key.data());
+  EVP_CIPHER_CTX* ctx = keyed(cipher_, true, id_, st_.write.key.data(), slot_hint_[1]);
   if (!ctx || !aead_seal(ctx, nonce, aad, data.data(), data.size(), ct, ct + data.size())) {
     // Nothing half-sealed leaves: the buffer may hold plaintext by now.
     OPENSSL_cleanse(rec.data(), rec.size());

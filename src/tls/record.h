@@ -150,6 +150,7 @@ class RecordLayer {
   Cipher cipher_;
   bool broken_ = false;
   uint64_t id_;  // names this layer's key in the thread's cipher contexts
+  uint8_t slot_hint_[2] = {0, 0};  // [open, seal]: where its contexts were last
 };
 
 }  // namespace baton::tls
