@@ -27,6 +27,7 @@
 #include "drain/drainer.h"
 #include "handoff/child.h"
 #include "handoff/parent.h"
+#include "handoff/test_hook.h"
 #include "proxy/server.h"
 #include "tls/context.h"
 #include "tls/dev_certs.h"
@@ -202,13 +203,22 @@ struct Signals {
   }
   // The process is on its way out: a TERM or INT from now on (a kubelet's
   // TERM right after a drain ended by itself) must not turn a clean exit
-  // into "killed by signal", which the default action would once the
-  // handles are closed.
+  // into "killed by signal". Closing the last handle of a signal makes
+  // libuv restore its default action (SIG_DFL), so SIG_IGN goes in after
+  // the close, with both signals blocked meanwhile: one arriving in between
+  // stays pending and is discarded once ignored.
   void stop() {
-    std::signal(SIGTERM, SIG_IGN);
-    std::signal(SIGINT, SIG_IGN);
+    sigset_t both, old;
+    sigemptyset(&both);
+    sigaddset(&both, SIGTERM);
+    sigaddset(&both, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &both, &old);
     for (uv_signal_t* s : {&term, &intr})
       if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(s))) uv_close(reinterpret_cast<uv_handle_t*>(s), nullptr);
+    std::signal(SIGTERM, SIG_IGN);
+    std::signal(SIGINT, SIG_IGN);
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    baton::handoff::test_stop_at("BATON_TEST_STOP_AT", "signals_off");
   }
 };
 

@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import baton_wire as bw
-from conftest import BATON_BIN, scaled, wait_until
+from conftest import BATON_BIN, proc_state, scaled, wait_until
 
 FAST = "drain:\n  delay_ms: 0\n  spread_ms: 100\n  grace_ms: %d\n"
 
@@ -55,6 +55,22 @@ def test_sigterm_drains_then_exits_at_grace(server_factory, tunnel_factory):
     took = time.monotonic() - t0
     assert 0.7 < took < scaled(3.5), took
     wait_until(lambda: t.closed, 5, what="the tunnel to be closed by the server")
+
+
+def test_sigterm_while_exiting_keeps_the_clean_exit(server_factory):
+    """A drain that ended by itself (the preStop hook's) is followed by the
+    kubelet's SIGTERM, which may land while the process is on its way out,
+    after its signal handlers are gone: the exit status stays 0, not
+    "killed by SIGTERM" (143 in a container). The process stops itself right
+    after it set the signals aside (BATON_TEST_STOP_AT=signals_off), gets
+    SIGTERM and SIGINT there, and is let go."""
+    srv = server_factory(extra=FAST % 20000, env={"BATON_TEST_STOP_AT": "signals_off"})
+    srv.proc.send_signal(signal.SIGTERM)  # the drain: nothing to wait for, so it ends at once
+    wait_until(lambda: proc_state(srv.pid) == "T", 20, what="the process to stop on its way out")
+    srv.proc.send_signal(signal.SIGTERM)
+    srv.proc.send_signal(signal.SIGINT)
+    srv.proc.send_signal(signal.SIGCONT)
+    assert srv.wait_exit(scaled(10)) == 0
 
 
 def test_second_sigterm_exits_at_once(server_factory, tunnel_factory):
