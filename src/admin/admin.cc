@@ -75,6 +75,8 @@ const Family kFamilies[] = {
     {"baton_tunnels_cut_total", "counter",
      "Connections closed because of the client, by reason: protocol_error, tls_error, not_reading, "
      "handshake_timeout, idle_timeout."},
+    {"baton_flush_timeouts_total", "counter",
+     "Closing connections reset because the client did not take their last bytes within 2 s."},
     {"baton_bytes_total", "counter", "Bytes relayed by route; direction up = client to upstream, down = upstream to client."},
     {"baton_upstream_connect_seconds", "histogram", "Time to connect to a route's upstream."},
     {"baton_handshake_seconds", "histogram", "TLS handshake duration, from getting a handshake slot to Finished."},

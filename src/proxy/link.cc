@@ -271,11 +271,11 @@ void Link::cut(const char* label, const char* why, bool go_away, mux::GoAwayCode
   close(why, go_away, code);
 }
 
-void Link::finish_close() {
+void Link::finish_close(bool reset) {
   if (phase_ == LinkPhase::closed) return;
   phase_ = LinkPhase::closed;
   if (tcp_) {
-    tcp_->close();
+    tcp_->close(reset);
     tcp_ = nullptr;
   }
   uv_timer_stop(timer_);
@@ -322,7 +322,14 @@ void Link::timer_cb(uv_timer_t* t) {
       break;
     case LinkPhase::flushing:
       if (now >= l->flush_deadline_ms_) {
-        l->finish_close();
+        // The peer did not take the last bytes (it is not reading, or reads
+        // slower than a trickle): the stream is truncated either way, so
+        // reset rather than leave an orphaned socket holding the rest.
+        size_t unsent = (l->record_ || l->handshake_ ? l->out_queue().size() : 0) + (l->tcp_ ? l->tcp_->unsent() : 0);
+        spdlog::info("tunnel {}: {} bytes not taken within {} ms of closing; resetting the connection", l->peer_,
+                     unsent, l->limits_.flush_timeout_ms);
+        l->on_flush_timeout(unsent);
+        l->finish_close(true);
         return;
       }
       break;

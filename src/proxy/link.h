@@ -43,7 +43,10 @@ struct LinkLimits {
   // sending frames needing replies (SYNs to refuse, pings) without reading,
   // and that tunnel is closed.
   uint32_t output_high_water = 1 << 20;
-  uint32_t flush_timeout_ms = 2000;      // how long a closing link waits for its last bytes
+  // How long a closing link waits for the peer to take its last bytes; then
+  // the connection is reset (an orphaned socket would otherwise hold up to
+  // the kernel's send buffer for minutes for a peer that reads nothing).
+  uint32_t flush_timeout_ms = 2000;
 };
 
 struct LinkCounters {
@@ -143,6 +146,9 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   virtual void on_streams_limit() {}
   // The TLS handshake failed or timed out (close follows).
   virtual void on_handshake_failed() {}
+  // A closing link's last bytes were not taken within flush_timeout_ms: the
+  // connection is reset (`unsent` TLS bytes dropped).
+  virtual void on_flush_timeout(size_t unsent) { (void)unsent; }
   // The link is about to be cut because of what the peer did or did not do.
   // `reason` is one of a fixed set of static strings (metric label values,
   // never peer data): protocol_error, tls_error, not_reading,
@@ -179,7 +185,8 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   void handshake_input(std::span<const uint8_t> data);
   void record_input(std::span<const uint8_t> data);
   void become_secure();
-  void finish_close();
+  // Closes TCP; `reset` aborts it (RST, the kernel drops what it still holds).
+  void finish_close(bool reset = false);
   void close_bridges();
   bool peer_closed_cleanly_ = false;  // close_notify received
   void pump_write();

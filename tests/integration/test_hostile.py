@@ -632,7 +632,8 @@ def test_client_that_never_reads(hostile):
     tunnel is not cut. Then it sends SYNs, each refused with an RST it never
     reads: once more than 4 x the high-water mark is queued for it, the
     tunnel is cut with the warning `peer is not reading`, counted as cut for
-    not_reading, and its upstream connections are closed with it."""
+    not_reading, and its upstream connections are closed with it. As it
+    does not take the rest either, the connection is reset 2 s later."""
     n_streams = 64
     mirror = hostile.ups["mirror"]
     conns_before = len(mirror.conns)
@@ -675,8 +676,15 @@ def test_client_that_never_reads(hostile):
                what="baton_tunnels_cut_total{reason=\"not_reading\"} + 1")
     for r in recs:
         assert r.done.wait(scaled(10)), "an upstream connection of the cut tunnel is still open"
+    # It still reads nothing: 2 s (the flush timeout) after the cut, the
+    # connection is reset rather than left to the kernel as an orphaned
+    # socket with megabytes queued for a peer that may never read them.
+    wait_until(lambda: delta(hostile.metrics(), before, "baton_flush_timeouts_total") == 1, scaled(10),
+               what="baton_flush_timeouts_total + 1")
+    assert hostile.log_count("of closing; resetting the connection") == 1
     t.resume_reading()
     assert t.wait_closed(scaled(10))
+    assert "Connection reset" in t.close_reason, t.close_reason
 
 
 # ---------------------------------------------------------------------------
