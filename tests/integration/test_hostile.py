@@ -684,7 +684,10 @@ def test_client_that_never_reads(hostile):
     assert hostile.log_count("of closing; resetting the connection") == 1
     t.resume_reading()
     assert t.wait_closed(scaled(10))
-    assert "Connection reset" in t.close_reason, t.close_reason
+    # It reads what its kernel had received before the reset, then sees the
+    # reset (or EOF, if one of its own writes, a Ping reply, collected the
+    # error first): never the close_notify queued behind the undelivered bytes.
+    assert t.close_reason != "close_notify", t.close_reason
 
 
 # ---------------------------------------------------------------------------
