@@ -12,7 +12,7 @@
 //     --conns connections, each: write --size bytes, read the echo, check
 //     it, repeat at once. After the warm-up, for --seconds: round trips per
 //     second and the latency distribution. Prints one JSON line
-//     {"mode":"rr","rtts":N,"per_s":R,"p50_us":..,"p99_us":..,"max_us":..,
+//     {"mode":"rr","rtts":N,"per_s":R,"p50_us":..,"p90_us":..,"p99_us":..,"p999_us":..,"max_us":..,
 //      "errors":E,"target_cpu_s":C,"per_core_s":N/C,"client_cpu_s":..,"suite":..}
 //
 //   peer_load handshakes ... [--resume 0|1] [--concurrency 8] [--warmup-s 0.3] [--seconds 2]
@@ -698,11 +698,11 @@ class Tool final : public ConnOwner {
       std::sort(v.begin(), v.end());
       std::printf(
           "{\"mode\":\"rr\",\"proto\":\"%s\",\"suite\":%s,\"conns\":%zu,\"size\":%zu,\"seconds\":%.3f,\"rtts\":%zu,"
-          "\"per_s\":%.1f,\"p50_us\":%.1f,\"p99_us\":%.1f,\"max_us\":%.1f,\"errors\":%zu,\"refused\":%zu,"
-          "\"target_cpu_s\":%.3f,\"per_core_s\":%.1f,\"client_cpu_s\":%.3f}\n",
+          "\"per_s\":%.1f,\"p50_us\":%.1f,\"p90_us\":%.1f,\"p99_us\":%.1f,\"p999_us\":%.1f,\"max_us\":%.1f,"
+          "\"errors\":%zu,\"refused\":%zu,\"target_cpu_s\":%.3f,\"per_core_s\":%.1f,\"client_cpu_s\":%.3f}\n",
           o_.proto.c_str(), util::json_quote(suite_).c_str(), o_.conns, o_.size, secs, v.size(),
-          double(v.size()) / secs, pct(v, 0.5), pct(v, 0.99), v.empty() ? 0.0 : v.back(), win_.errors, win_.refused,
-          cpu, cpu > 0 ? double(v.size()) / cpu : 0.0, self);
+          double(v.size()) / secs, pct(v, 0.5), pct(v, 0.9), pct(v, 0.99), pct(v, 0.999), v.empty() ? 0.0 : v.back(),
+          win_.errors, win_.refused, cpu, cpu > 0 ? double(v.size()) / cpu : 0.0, self);
     } else {
       std::printf(
           "{\"mode\":\"handshakes\",\"proto\":\"%s\",\"suite\":%s,\"resume\":%d,\"concurrency\":%zu,\"seconds\":%.3f,"

@@ -35,7 +35,9 @@ bench/results/YYYY-MM-DD-peers.md and its chart in YYYY-MM-DD-peers.png
 
 Knobs (environment): BENCH_PEERS_TARGETS ("baton haproxy stunnel nginx"),
 BENCH_PEERS_PASSES (3), BENCH_PEERS_BYTES (throughput transfer, 128MiB),
-BENCH_PEERS_SECONDS (each rate and handshake measurement, 1),
+BENCH_PEERS_SECONDS (each handshake-rate measurement, 1),
+BENCH_PEERS_RR_SECONDS (each request/response window, 4: a p99 over 1 s
+moves with every host hiccup),
 BENCH_PEERS_IDLE (10000), BENCH_PEERS_RELOAD_WATCH_S (how long the old
 process is watched, 2), BENCH_PEERS_GROUP (x25519 or p256),
 BENCH_PEERS_RESULTS (where the markdown and PNG go; "" skips them).
@@ -67,6 +69,7 @@ TARGETS = os.environ.get("BENCH_PEERS_TARGETS", "baton haproxy stunnel nginx").s
 PASSES = int(os.environ.get("BENCH_PEERS_PASSES", "3"))
 BYTES = os.environ.get("BENCH_PEERS_BYTES", "128MiB")
 SECONDS = float(os.environ.get("BENCH_PEERS_SECONDS", "1"))
+RR_SECONDS = float(os.environ.get("BENCH_PEERS_RR_SECONDS", "4"))
 IDLE = int(os.environ.get("BENCH_PEERS_IDLE", "10000"))
 RELOAD_WATCH_S = float(os.environ.get("BENCH_PEERS_RELOAD_WATCH_S", "2"))
 GROUP = os.environ.get("BENCH_PEERS_GROUP", "x25519")
@@ -419,7 +422,7 @@ def peer_load(t, env, mode, suite, tag, extra):
 
 def measure_rr(t, env, suite, tag):
     r = peer_load(t, env, "rr", suite, tag, ["--conns", RR_CONNS, "--size", 1024, "--warmup-s", 0.3,
-                                             "--seconds", SECONDS])
+                                             "--seconds", RR_SECONDS])
     if r["errors"] or r["refused"]:
         raise Broken("%s: %d errors, %d refused connections during the request/response run" %
                      (t.name, r["errors"], r["refused"]))
@@ -831,7 +834,7 @@ def main():
     md += ["bench_push --proto tls|baton --server TARGET --route sink --bytes %s --suite SUITE --group %s" %
            (BYTES, GROUP),
            "peer_load rr --proto tls|baton --conns %d --size 1024 --warmup-s 0.3 --seconds %g --suite SUITE" %
-           (RR_CONNS, SECONDS),
+           (RR_CONNS, RR_SECONDS),
            "peer_load handshakes --resume 0|1 --concurrency %d --warmup-s 0.3 --seconds %g" %
            (HS_CONCURRENCY, SECONDS),
            "idle_tunnels --mode tls|baton --count %d --concurrency 100" % idle_n,
