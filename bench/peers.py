@@ -26,7 +26,8 @@ measured):
 Rates are also given per second of the target's own CPU time (utime + stime
 of its processes during the measurement), because client, target and
 upstream share the cores. The order of the targets rotates between passes;
-figures are medians over the passes.
+figures are medians over the passes. In each pass the request/response
+windows of all targets run back to back, in the pass's order.
 
 Output: a report on stdout, `bench: peers_<name> <value> <unit>` lines, the
 markdown table with machine, versions and commands in
@@ -481,12 +482,30 @@ def measure_target(t, env, pass_no):
     t.start()  # a fresh process: no 10,000 closes in its first measurement
     for s in SUITES:
         out["tput_" + s] = measure_throughput(t, env, s, "%s-%s" % (tag, s))
-    for s in SUITES:
-        out["rr_" + s] = measure_rr(t, env, s, "rr-%s-%s" % (tag, s))
     out["hs_full"] = measure_handshakes(t, env, False, "hs-full-" + tag)
     out["hs_resumed"] = measure_handshakes(t, env, True, "hs-resumed-" + tag)
     out["reload"] = measure_reload(t, env, tag)
     t.stop()
+    return out
+
+
+def measure_rr_block(targets, order, env, pass_no):
+    """The request/response windows of every target, back to back (for each
+    suite, one window per target in the pass's order): the host's share of
+    the CPU drifts over minutes, so windows seconds apart compare the targets
+    under the same conditions, where windows a whole target's measurements
+    apart (20 s each) did not. Every target runs meanwhile, idle but for the
+    one measured."""
+    out = {name: {} for name in order}
+    for name in order:
+        targets[name].start()
+    try:
+        for s in SUITES:
+            for name in order:
+                out[name]["rr_" + s] = measure_rr(targets[name], env, s, "rr-%s-%d-%s" % (name, pass_no, s))
+    finally:
+        for name in order:
+            targets[name].stop()
     return out
 
 
@@ -769,14 +788,23 @@ def main():
             r = measure_target(targets[name], env, i + 1)
             results[name].append(r)
             rl = r["reload"]
-            print("  %-8s tput %5.0f / %5.0f MiB/s  rr %6.0f/s p99 %5.0f us  hs %5.0f / %5.0f per CPU-s  "
+            print("  %-8s tput %5.0f / %5.0f MiB/s  hs %5.0f / %5.0f per CPU-s  "
                   "idle %5.1f KiB  reload: %d err, %d refused, pause %.1f ms, old %s  (%.0f s)" %
-                  (name, r["tput_aes"]["mib_s"], r["tput_chacha"]["mib_s"], r["rr_aes"]["per_s"],
-                   r["rr_aes"]["p99_us"], r["hs_full"]["per_core_s"], r["hs_resumed"]["per_core_s"],
+                  (name, r["tput_aes"]["mib_s"], r["tput_chacha"]["mib_s"],
+                   r["hs_full"]["per_core_s"], r["hs_resumed"]["per_core_s"],
                    r["idle"]["per_conn_kib"], rl["errors"], rl["refused"], rl["pause_ms"],
                    "in place" if rl["in_place"] else
                    ("%.0f ms" % rl["old_gone_ms"] if rl["old_gone_ms"] is not None else "> %g s" % RELOAD_WATCH_S),
                    time.monotonic() - t0))
+        t0 = time.monotonic()
+        rr = measure_rr_block(targets, order, env, i + 1)
+        for name in order:
+            results[name][-1].update(rr[name])
+            r = rr[name]
+            print("  %-8s rr %6.0f / %6.0f per s  p50 %4.0f / %4.0f us  p99 %4.0f / %4.0f us  (AES / ChaCha)" %
+                  (name, r["rr_aes"]["per_s"], r["rr_chacha"]["per_s"], r["rr_aes"]["p50_us"],
+                   r["rr_chacha"]["p50_us"], r["rr_aes"]["p99_us"], r["rr_chacha"]["p99_us"]))
+        print("  request/response windows back to back (%.0f s)" % (time.monotonic() - t0))
 
     rows = build_rows(results, aead)
     table = markdown(results, aead, rows, mach)
@@ -794,7 +822,8 @@ def main():
 
     md = ["# baton vs HAProxy, stunnel and nginx, %s" % date, "",
           "Produced by `bench/peers.py` (`make bench`) in %.0f s. Medians of %d passes, the order of the targets "
-          "rotated between passes; one worker / thread / event loop each; TLS 1.2, ECDSA P-256 certificate, "
+          "rotated between passes, the request/response windows of all targets back to back in each pass; one "
+          "worker / thread / event loop each; TLS 1.2, ECDSA P-256 certificate, "
           "ECDHE %s; the client is the project's own TLS code for every target (plain TLS to the peers, the "
           "baton protocol to baton). Rates \"per target CPU-second\" divide by the target's own utime+stime "
           "during the measurement: client, target and upstream share %d cores. baton / best peer: best is the "
