@@ -111,8 +111,10 @@ thread_local ThreadCiphers t_ciphers;
 std::atomic<uint64_t> g_next_layer_id{1};
 
 // A context for (c, seal) keyed with `key` for layer `id`, or nullptr if
-// OpenSSL fails. `hint`: the layer's slot last time, looked at first so that
-// a busy layer skips the scan.
+// OpenSSL fails. `hint`: the layer's slot. Only this function gives a slot
+// an owner, and it points the owner's hint at it, so a context holding the
+// layer's key is at the hint or nowhere: a miss re-keys the least recently
+// used one.
 EVP_CIPHER_CTX* keyed(Cipher c, bool seal, uint64_t id, const uint8_t* key, uint8_t& hint) {
   Keyed* set = t_ciphers.slots[size_t(c)][seal ? 1 : 0];
   uint64_t now = ++t_ciphers.clock;
@@ -121,15 +123,8 @@ EVP_CIPHER_CTX* keyed(Cipher c, bool seal, uint64_t id, const uint8_t* key, uint
     return set[hint].ctx;
   }
   Keyed* victim = &set[0];
-  for (size_t i = 0; i < kSlots; ++i) {
-    Keyed& k = set[i];
-    if (k.owner == id && k.ctx) {
-      k.used = now;
-      hint = uint8_t(i);
-      return k.ctx;
-    }
+  for (Keyed& k : std::span<Keyed>(set, kSlots))
     if (k.used < victim->used) victim = &k;
-  }
   hint = uint8_t(victim - set);
   Keyed& k = *victim;
   bool fresh = !k.ctx;
@@ -146,16 +141,17 @@ EVP_CIPHER_CTX* keyed(Cipher c, bool seal, uint64_t id, const uint8_t* key, uint
   return k.ctx;
 }
 
-// A layer is gone (or its state moved out): no context keeps its key.
-void forget(uint64_t id) {
-  for (auto& c : t_ciphers.slots)
-    for (auto& d : c)
-      for (Keyed& k : d)
-        if (k.owner == id) {
-          EVP_CIPHER_CTX_free(k.ctx);
-          k = Keyed{};
-        }
+// A layer is gone (or its state moved out): no context keeps its key. Its
+// contexts, if any, are at its hints (see keyed).
+void forget(Cipher c, uint64_t id, const uint8_t hints[2]) {
+  for (int seal = 0; seal < 2; ++seal) {
+    Keyed& k = t_ciphers.slots[size_t(c)][seal][hints[seal]];
+    if (k.owner != id) continue;
+    EVP_CIPHER_CTX_free(k.ctx);  // cleanses the key schedule
+    k = Keyed{};
+  }
 }
+
 
 // RFC 5288 (GCM: salt || explicit seq) and RFC 7905 (ChaCha: iv XOR seq).
 void make_nonce(Cipher c, const DirectionState& d, uint8_t out[12]) {
@@ -203,10 +199,10 @@ RecordLayer::RecordLayer(RecordState state)
   (void)cipher_of_suite(st_.suite, cipher_);
 }
 
-RecordLayer::~RecordLayer() { forget(id_); }
+RecordLayer::~RecordLayer() { forget(cipher_, id_, slot_hint_); }
 
 RecordState RecordLayer::take_state() {
-  forget(id_);
+  forget(cipher_, id_, slot_hint_);
   return std::move(st_);
 }
 
@@ -225,12 +221,14 @@ static Opened fatal(uint8_t alert, const char* reason) {
   return o;
 }
 
+static Opened cipher_failed() {
+  Opened o = fatal(alert::internal_error, "the record cipher failed");
+  o.send_alert = false;  // nothing can be sealed any more
+  return o;
+}
+
 Opened RecordLayer::open(std::span<const uint8_t> in, std::span<uint8_t> scratch) {
-  if (broken_) {
-    Opened o = fatal(alert::internal_error, "the record cipher failed");
-    o.send_alert = false;
-    return o;
-  }
+  if (broken_) return cipher_failed();
   if (st_.close_notify_received) {
     Opened o;
     o.status = OpenStatus::closed;
@@ -296,9 +294,7 @@ Opened RecordLayer::open_record(const uint8_t* rec, size_t len, std::span<uint8_
   EVP_CIPHER_CTX* ctx = keyed(cipher_, false, id_, st_.read.key.data(), slot_hint_[0]);
   if (!ctx) {
     broken_ = true;
-    Opened f = fatal(alert::internal_error, "the record cipher failed");
-    f.send_alert = false;
-    return f;
+    return cipher_failed();
   }
   uint8_t nonce[12];
   make_nonce(cipher_, st_.read, nonce);

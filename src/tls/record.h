@@ -2,9 +2,9 @@
 //
 // mbedTLS runs the handshake; once both Finished messages have been exchanged
 // this layer takes over with the keys mbedTLS exported and the sequence
-// numbers its context held, and seals and opens with OpenSSL's EVP AEADs. All of it is RecordState, a plain struct that the
-// hot-restart codec moves to another process; RecordLayer only adds the
-// cipher contexts, which are rebuilt from the keys.
+// numbers its context held, and seals and opens with OpenSSL's EVP AEADs.
+// All of it is RecordState, a plain struct that the hot-restart codec moves
+// to another process; the cipher contexts are the thread's, keyed from it.
 //
 // Sans-IO: ciphertext in through open(), plaintext out through its result;
 // plaintext in through seal(), records out through output().
@@ -12,7 +12,6 @@
 
 #include <array>
 #include <cstdint>
-#include <memory>
 #include <span>
 #include <string>
 
@@ -137,7 +136,6 @@ class RecordLayer {
   // closes the connection. Not expected outside memory exhaustion.
   bool broken() const { return broken_; }
 
-
   util::ByteQueue& output() { return st_.output; }
   const RecordState& state() const { return st_; }
   // Moves the state out for handoff; the layer must not be used afterwards.
@@ -150,7 +148,9 @@ class RecordLayer {
   Cipher cipher_;
   bool broken_ = false;
   uint64_t id_;  // names this layer's key in the thread's cipher contexts
-  uint8_t slot_hint_[2] = {0, 0};  // [open, seal]: where its contexts were last
+  // [open, seal]: the slot of the thread's contexts that holds this layer's
+  // key, if any does (a context keyed for a layer is only ever at its hint).
+  uint8_t slot_hint_[2] = {0, 0};
 };
 
 }  // namespace baton::tls
