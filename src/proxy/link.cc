@@ -328,7 +328,7 @@ void Link::timer_cb(uv_timer_t* t) {
         size_t unsent = (l->record_ || l->handshake_ ? l->out_queue().size() : 0) + (l->tcp_ ? l->tcp_->unsent() : 0);
         spdlog::info("tunnel {}: {} bytes not taken within {} ms of closing; resetting the connection", l->peer_,
                      unsent, l->limits_.flush_timeout_ms);
-        l->on_flush_timeout(unsent);
+        l->on_flush_timeout();
         l->finish_close(true);
         return;
       }

@@ -147,8 +147,8 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   // The TLS handshake failed or timed out (close follows).
   virtual void on_handshake_failed() {}
   // A closing link's last bytes were not taken within flush_timeout_ms: the
-  // connection is reset (`unsent` TLS bytes dropped).
-  virtual void on_flush_timeout(size_t unsent) { (void)unsent; }
+  // connection is reset (the link logs how many bytes were dropped).
+  virtual void on_flush_timeout() {}
   // The link is about to be cut because of what the peer did or did not do.
   // `reason` is one of a fixed set of static strings (metric label values,
   // never peer data): protocol_error, tls_error, not_reading,

@@ -49,10 +49,7 @@ void Tunnel::on_handshake_failed() {
   server_.metrics().inc(series("baton_tunnels_total", {{"result", "tls_failed"}}));
 }
 
-void Tunnel::on_flush_timeout(size_t unsent) {
-  (void)unsent;  // logged by the link
-  server_.metrics().inc("baton_flush_timeouts_total");
-}
+void Tunnel::on_flush_timeout() { server_.metrics().inc("baton_flush_timeouts_total"); }
 
 void Tunnel::on_cut(const char* reason) {
   server_.metrics().inc(series("baton_tunnels_cut_total", {{"reason", reason}}));

@@ -51,7 +51,7 @@ class Tunnel : public Link {
   uint64_t role_deadline() const override;
   void on_streams_limit() override;
   void on_handshake_failed() override;
-  void on_flush_timeout(size_t unsent) override;
+  void on_flush_timeout() override;
   void on_cut(const char* reason) override;
   void on_role_deadline() override;
   void check_preambles(uint64_t now);
