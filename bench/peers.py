@@ -79,11 +79,6 @@ RESULTS = os.environ.get("BENCH_PEERS_RESULTS", str(ROOT / "bench" / "results"))
 SUITES = {"aes": "ECDHE-ECDSA-AES128-GCM-SHA256", "chacha": "ECDHE-ECDSA-CHACHA20-POLY1305"}
 AEAD_NAME = {"aes": "AES-128-GCM", "chacha": "CHACHA20-POLY1305"}
 AEAD_LIB = {"openssl": "OpenSSL", "mbedtls": "mbedTLS"}
-
-
-def ceiling(aead, lib, s):
-    """Open speed (MiB/s) of suite s's AEAD in lib on 16 KiB records."""
-    return aead["%s %s" % (lib, AEAD_NAME[s])]["open_mib_s"]
 SUITE_LABEL = {"aes": "AES128-GCM", "chacha": "ChaCha20-Poly1305"}
 OPENSSL_GROUP = {"x25519": "X25519", "p256": "P-256"}
 NGINX_GROUP = {"x25519": "X25519", "p256": "prime256v1"}
@@ -100,6 +95,16 @@ TARGET_CEILING_SHARE = 0.80
 TARGET_OLD_GONE_MS = 1000
 
 procs = Procs(RUN)
+
+
+def aead_row(aead, lib, cipher):
+    """aead_bench's figures for one library and cipher (AEAD_NAME's names)."""
+    return aead["%s %s" % (lib, cipher)]
+
+
+def ceiling(aead, lib, s):
+    """Open speed (MiB/s) of suite s's AEAD in lib on 16 KiB records."""
+    return aead_row(aead, lib, AEAD_NAME[s])["open_mib_s"]
 
 
 class Target:
@@ -774,8 +779,8 @@ def main():
         aead["%s %s" % (d["lib"], d["cipher"])] = d
     for lib in ("openssl", "mbedtls"):
         print("  %s AEAD, 16 KiB records, one thread: " % AEAD_LIB[lib] + "; ".join(
-            "%s seal %.0f / open %.0f MiB/s" % (c, aead["%s %s" % (lib, c)]["seal_mib_s"],
-                                                 aead["%s %s" % (lib, c)]["open_mib_s"])
+            "%s seal %.0f / open %.0f MiB/s" % (c, aead_row(aead, lib, c)["seal_mib_s"],
+                                                 aead_row(aead, lib, c)["open_mib_s"])
             for c in AEAD_NAME.values()))
 
     targets = {name: KINDS[name](env) for name in TARGETS}
