@@ -60,7 +60,7 @@ class Tcp {
   // Writes up to the first 16 chunks of q. Precondition: !writing(), !q.empty().
   void write_from(const util::ByteQueue& q);
   // Writes what the socket takes right now from the first 16 chunks of q
-  // (one writev, no loop round trip) and returns how many bytes it took: the
+  // (one send or sendmsg, no loop round trip) and returns how many bytes it took: the
   // caller drops them at once; no on_written reports them. 0 when the socket
   // takes nothing now or the write fails: write_from() then waits for room,
   // or reports the error through on_written. Precondition: !writing().
