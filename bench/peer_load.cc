@@ -277,9 +277,16 @@ class Conn final : public net::TcpHandler, public mux::SessionHandler {
 
   util::ByteQueue& output() { return hs_ ? hs_->output() : rl_->output(); }
 
+  // Direct writes first, like baton's links: a uv_write that completes at
+  // once costs an epoll_ctl and a deferred callback per request.
   void pump() {
     if (!tcp_ || tcp_->writing()) return;
     util::ByteQueue& q = output();
+    while (!q.empty()) {
+      size_t n = tcp_->write_some(q);
+      if (n == 0) break;
+      q.pop(n);
+    }
     if (!q.empty()) tcp_->write_from(q);
     else if (phase_ == ConnPhase::flushing_close) retire();
   }
