@@ -27,7 +27,9 @@ Rates are also given per second of the target's own CPU time (utime + stime
 of its processes during the measurement), because client, target and
 upstream share the cores. The order of the targets rotates between passes;
 figures are medians over the passes. In each pass the request/response
-windows of all targets run back to back, in the pass's order.
+windows of all targets run back to back, BENCH_PEERS_RR_ROUNDS rounds, the
+pass's order and then the reverse; their figures are medians over all
+windows of all passes.
 
 Output: a report on stdout, `bench: peers_<name> <value> <unit>` lines, the
 markdown table with machine, versions and commands in
@@ -38,7 +40,9 @@ Knobs (environment): BENCH_PEERS_TARGETS ("baton haproxy stunnel nginx"),
 BENCH_PEERS_PASSES (3), BENCH_PEERS_BYTES (throughput transfer, 128MiB),
 BENCH_PEERS_SECONDS (each handshake-rate measurement, 1),
 BENCH_PEERS_RR_SECONDS (each request/response window, 4: a p99 over 1 s
-moves with every host hiccup),
+moves with every host hiccup), BENCH_PEERS_RR_ROUNDS (request/response
+windows per target, suite and pass, 2: one window's p99 moves by +-10%
+with the host, more than the targets differ),
 BENCH_PEERS_IDLE (10000), BENCH_PEERS_RELOAD_WATCH_S (how long the old
 process is watched, 2), BENCH_PEERS_GROUP (x25519 or p256),
 BENCH_PEERS_RESULTS (where the markdown and PNG go; "" skips them).
@@ -71,6 +75,7 @@ PASSES = int(os.environ.get("BENCH_PEERS_PASSES", "3"))
 BYTES = os.environ.get("BENCH_PEERS_BYTES", "128MiB")
 SECONDS = float(os.environ.get("BENCH_PEERS_SECONDS", "1"))
 RR_SECONDS = float(os.environ.get("BENCH_PEERS_RR_SECONDS", "4"))
+RR_ROUNDS = int(os.environ.get("BENCH_PEERS_RR_ROUNDS", "2"))
 IDLE = int(os.environ.get("BENCH_PEERS_IDLE", "10000"))
 RELOAD_WATCH_S = float(os.environ.get("BENCH_PEERS_RELOAD_WATCH_S", "2"))
 GROUP = os.environ.get("BENCH_PEERS_GROUP", "x25519")
@@ -495,19 +500,22 @@ def measure_target(t, env, pass_no):
 
 
 def measure_rr_block(targets, order, env, pass_no):
-    """The request/response windows of every target, back to back (for each
-    suite, one window per target in the pass's order): the host's share of
-    the CPU drifts over minutes, so windows seconds apart compare the targets
-    under the same conditions, where windows a whole target's measurements
-    apart (20 s each) did not. Every target runs meanwhile, idle but for the
-    one measured."""
-    out = {name: {} for name in order}
+    """The request/response windows of every target, back to back (RR_ROUNDS
+    rounds, the pass's order and then the reverse; in each round, for each
+    suite, one window per target): the host's share of the CPU drifts over
+    minutes, so windows seconds apart compare the targets under the same
+    conditions, where windows a whole target's measurements apart (20 s each)
+    did not. Every target runs meanwhile, idle but for the one measured.
+    Returns {target: {"rr_<suite>": [one result per round]}}."""
+    out = {name: {"rr_" + s: [] for s in SUITES} for name in order}
     for name in order:
         targets[name].start()
     try:
-        for s in SUITES:
-            for name in order:
-                out[name]["rr_" + s] = measure_rr(targets[name], env, s, "rr-%s-%d-%s" % (name, pass_no, s))
+        for rnd in range(RR_ROUNDS):
+            for s in SUITES:
+                for name in (order if rnd % 2 == 0 else order[::-1]):
+                    out[name]["rr_" + s].append(
+                        measure_rr(targets[name], env, s, "rr-%s-%d-%d-%s" % (name, pass_no, rnd + 1, s)))
     finally:
         for name in order:
             targets[name].stop()
@@ -534,6 +542,9 @@ def build_rows(results, aead):
     def col(fn):
         return {t: med([fn(r) for r in results[t]]) for t in results}
 
+    def col_rr(s, key):  # over every request/response window of every pass
+        return {t: med([w[key] for r in results[t] for w in r["rr_" + s]]) for t in results}
+
     rows = []
     for s in SUITES:
         lab = SUITE_LABEL[s]
@@ -544,11 +555,10 @@ def build_rows(results, aead):
     for s in SUITES:
         lab = SUITE_LABEL[s]
         rows.append(("1 KiB request/response, 16 connections, %s (/s)" % lab, "rr_%s" % s, "high", 0,
-                     col(lambda r: r["rr_" + s]["per_s"])))
-        rows.append(("  per target CPU-second", "rr_%s_per_core" % s, "high", 0,
-                     col(lambda r: r["rr_" + s]["per_core_s"])))
-        rows.append(("  p50 latency (us)", "rr_%s_p50" % s, "low", 0, col(lambda r: r["rr_" + s]["p50_us"])))
-        rows.append(("  p99 latency (us)", "rr_%s_p99" % s, "low", 0, col(lambda r: r["rr_" + s]["p99_us"])))
+                     col_rr(s, "per_s")))
+        rows.append(("  per target CPU-second", "rr_%s_per_core" % s, "high", 0, col_rr(s, "per_core_s")))
+        rows.append(("  p50 latency (us)", "rr_%s_p50" % s, "low", 0, col_rr(s, "p50_us")))
+        rows.append(("  p99 latency (us)", "rr_%s_p99" % s, "low", 0, col_rr(s, "p99_us")))
     for k, lab in (("hs_full", "full"), ("hs_resumed", "resumed")):
         rows.append(("new TLS handshakes, %s (/s)" % lab, k, "high", 0, col(lambda r: r[k]["per_s"])))
         rows.append(("  per target CPU-second", k + "_per_core", "high", 0, col(lambda r: r[k]["per_core_s"])))
@@ -805,10 +815,9 @@ def main():
         rr = measure_rr_block(targets, order, env, i + 1)
         for name in order:
             results[name][-1].update(rr[name])
-            r = rr[name]
-            print("  %-8s rr %6.0f / %6.0f per s  p50 %4.0f / %4.0f us  p99 %4.0f / %4.0f us  (AES / ChaCha)" %
-                  (name, r["rr_aes"]["per_s"], r["rr_chacha"]["per_s"], r["rr_aes"]["p50_us"],
-                   r["rr_chacha"]["p50_us"], r["rr_aes"]["p99_us"], r["rr_chacha"]["p99_us"]))
+            for a, c in zip(rr[name]["rr_aes"], rr[name]["rr_chacha"]):
+                print("  %-8s rr %6.0f / %6.0f per s  p50 %4.0f / %4.0f us  p99 %4.0f / %4.0f us  (AES / ChaCha)" %
+                      (name, a["per_s"], c["per_s"], a["p50_us"], c["p50_us"], a["p99_us"], c["p99_us"]))
         print("  request/response windows back to back (%.0f s)" % (time.monotonic() - t0))
 
     rows = build_rows(results, aead)
@@ -827,13 +836,15 @@ def main():
 
     md = ["# baton vs HAProxy, stunnel and nginx, %s" % date, "",
           "Produced by `bench/peers.py` (`make bench`) in %.0f s. Medians of %d passes, the order of the targets "
-          "rotated between passes, the request/response windows of all targets back to back in each pass; one "
+          "rotated between passes; the request/response windows of all targets back to back in each pass, %d rounds "
+          "(the pass's order, then the reverse), so those figures are medians of %d windows per target; one "
           "worker / thread / event loop each; TLS 1.2, ECDSA P-256 certificate, "
           "ECDHE %s; the client is the project's own TLS code for every target (plain TLS to the peers, the "
           "baton protocol to baton). Rates \"per target CPU-second\" divide by the target's own utime+stime "
           "during the measurement: client, target and upstream share %d cores. baton / best peer: best is the "
           "highest rate, the lowest latency or RSS. How each figure is measured: "
-          "[bench/README.md](../README.md#peers-benchpeerspy)." % (wall, PASSES, GROUP, mach["cores"]), "",
+          "[bench/README.md](../README.md#peers-benchpeerspy)." % (wall, PASSES, RR_ROUNDS, PASSES * RR_ROUNDS, GROUP,
+                                                                  mach["cores"]), "",
           "![chart](%s-peers.png)" % date, "", table, "",
           "Idle connections: %d per target (the descriptor hard limit is %d here and cannot be raised; stunnel "
           "admits at most 125/256 of it as clients, nginx and stunnel hold two per connection). "
