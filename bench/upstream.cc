@@ -120,16 +120,14 @@ void echo_read(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
   // A direct write while nothing is queued: a uv_write that completes at
   // once still costs an epoll_ctl and a callback in the next iteration, per
   // answer, which would load the shared cores unlike a real upstream.
-  size_t done = 0;
-  if (s->write_queue_size == 0) {
-    uv_buf_t b = uv_buf_init(buf->base, unsigned(n));
-    int r = uv_try_write(s, &b, 1);
-    if (r > 0) done = size_t(r);
-    else if (r != UV_EAGAIN) {
-      close_conn(c);
-      return;
-    }
+  // (uv_try_write takes nothing, UV_EAGAIN, while earlier bytes are queued.)
+  uv_buf_t b = uv_buf_init(buf->base, unsigned(n));
+  int r = uv_try_write(s, &b, 1);
+  if (r < 0 && r != UV_EAGAIN) {
+    close_conn(c);
+    return;
   }
+  size_t done = r > 0 ? size_t(r) : 0;
   if (done == size_t(n)) return;
   auto* w = new EchoWrite;
   w->buf = static_cast<char*>(std::malloc(size_t(n) - done));

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
 
 namespace baton::net {
@@ -132,15 +133,17 @@ size_t Tcp::write_some(const util::ByteQueue& q) {
   // send/sendmsg rather than libuv's write/writev: a socket call skips the
   // file layer (about 60 ns of a 2 us loopback send here), and nothing of
   // libuv's is in the way while no uv_write is in flight.
-  std::span<const uint8_t> spans[16];
-  size_t n = q.front_spans(spans);
-  iovec iov[16];
-  for (size_t i = 0; i < n; ++i) iov[i] = {const_cast<uint8_t*>(spans[i].data()), spans[i].size()};
+  uv_buf_t bufs[16];
+  size_t len;
+  unsigned n = front_bufs(q, bufs, len);
+  // On Unix, libuv lays uv_buf_t out as struct iovec (its own writev relies on it).
+  static_assert(sizeof(uv_buf_t) == sizeof(iovec) && offsetof(uv_buf_t, base) == offsetof(iovec, iov_base) &&
+                offsetof(uv_buf_t, len) == offsetof(iovec, iov_len));
   msghdr m{};
-  m.msg_iov = iov;
+  m.msg_iov = reinterpret_cast<iovec*>(bufs);
   m.msg_iovlen = n;
   for (;;) {
-    ssize_t r = n == 1 ? ::send(fd, iov[0].iov_base, iov[0].iov_len, MSG_DONTWAIT | MSG_NOSIGNAL)
+    ssize_t r = n == 1 ? ::send(fd, bufs[0].base, bufs[0].len, MSG_DONTWAIT | MSG_NOSIGNAL)
                        : ::sendmsg(fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (r > 0) return size_t(r);
     // Errors other than a full buffer show up again on the queued write,
