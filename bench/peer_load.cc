@@ -282,11 +282,7 @@ class Conn final : public net::TcpHandler, public mux::SessionHandler {
   void pump() {
     if (!tcp_ || tcp_->writing()) return;
     util::ByteQueue& q = output();
-    while (!q.empty()) {
-      size_t n = tcp_->write_some(q);
-      if (n == 0) break;
-      q.pop(n);
-    }
+    tcp_->write_now(q);
     if (!q.empty()) tcp_->write_from(q);
     else if (phase_ == ConnPhase::flushing_close) retire();
   }

@@ -153,6 +153,17 @@ size_t Tcp::write_some(const util::ByteQueue& q) {
   }
 }
 
+size_t Tcp::write_now(util::ByteQueue& q) {
+  size_t total = 0;
+  while (!q.empty()) {
+    size_t n = write_some(q);
+    if (n == 0) break;
+    q.pop(n);
+    total += n;
+  }
+  return total;
+}
+
 size_t Tcp::unsent() const {
   // libuv lowers write_queue_size as the kernel takes bytes of the request.
   return writing_ ? uv_stream_get_write_queue_size(reinterpret_cast<const uv_stream_t*>(&tcp_)) : 0;

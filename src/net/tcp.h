@@ -70,6 +70,11 @@ class Tcp {
   // loop iteration: two syscalls and a deferred callback per request and per
   // answer on a request/response tunnel (docs/design.md, "Writes").
   [[nodiscard]] size_t write_some(const util::ByteQueue& q);
+  // write_some() until q is empty or the socket takes no more, dropping
+  // what was taken from q; returns how many bytes that was. For owners whose
+  // queue holds only bytes to send (a queue whose bytes wait for something
+  // else, like a stream's window credit, uses write_some).
+  size_t write_now(util::ByteQueue& q);
   bool writing() const { return writing_; }
   // Bytes of the write in flight the kernel has not taken yet; 0 when no
   // write is in flight. Above 0, the socket's send buffer is full.

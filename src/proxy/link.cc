@@ -66,14 +66,7 @@ void Link::pump_write() {
   util::ByteQueue& q = out_queue();
   // Direct writes while nothing waits for a write to complete: a closing
   // link finishes, and a congested one wakes its bridges, in on_written.
-  if (phase_ < LinkPhase::flushing && !was_congested_) {
-    while (!q.empty()) {
-      size_t n = tcp_->write_some(q);
-      if (n == 0) break;
-      q.pop(n);
-      counters_.bytes_out += n;
-    }
-  }
+  if (phase_ < LinkPhase::flushing && !was_congested_) counters_.bytes_out += tcp_->write_now(q);
   if (!q.empty()) tcp_->write_from(q);
 }
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "net/tcp.h"
+#include "util/byte_queue.h"
 
 using baton::net::Tcp;
 using baton::net::TcpHandler;
@@ -113,4 +114,34 @@ TEST_F(TcpReadPending, StopsAtEofAndWhenNothingIsQueued) {
   EXPECT_EQ(rec_.got, "tail");
   EXPECT_EQ(rec_.ends, 1);
   EXPECT_EQ(rec_.end_err, 0);
+}
+
+// write_now sends what the socket takes and drops exactly that from the
+// queue: a queue longer than the 16 chunks of one sendmsg goes out whole
+// when the peer's buffer has room, and what the socket refuses stays queued
+// once the peer stops reading.
+using TcpWriteNow = TcpReadPending;  // the same pair and loop
+
+TEST_F(TcpWriteNow, DropsWhatTheSocketTook) {
+  baton::util::ByteQueue q;
+  std::string sent;
+  for (int i = 0; i < 20; ++i) sent += std::string(baton::util::ByteQueue::kChunk, char('a' + i));
+  q.append({reinterpret_cast<const uint8_t*>(sent.data()), sent.size()});
+  int big = 4 << 20;
+  ASSERT_EQ(setsockopt(pair_.ours, SOL_SOCKET, SO_SNDBUF, &big, sizeof big), 0);
+  ASSERT_EQ(setsockopt(pair_.theirs, SOL_SOCKET, SO_RCVBUF, &big, sizeof big), 0);
+  EXPECT_EQ(tcp_->write_now(q), sent.size());
+  EXPECT_TRUE(q.empty());
+  std::string got(sent.size(), '\0');
+  ASSERT_EQ(recv(pair_.theirs, got.data(), got.size(), MSG_WAITALL), ssize_t(got.size()));
+  EXPECT_EQ(got, sent);
+
+  // Nobody reads now: write_now stops at a full buffer and keeps the rest.
+  int small = 4096;
+  ASSERT_EQ(setsockopt(pair_.ours, SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
+  std::string more(8 << 20, 'z');
+  q.append({reinterpret_cast<const uint8_t*>(more.data()), more.size()});
+  size_t taken = tcp_->write_now(q);
+  EXPECT_LT(taken, more.size());
+  EXPECT_EQ(q.size(), more.size() - taken);
 }
