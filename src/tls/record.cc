@@ -152,7 +152,6 @@ void forget(Cipher c, uint64_t id, const uint8_t hints[2]) {
   }
 }
 
-
 // RFC 5288 (GCM: salt || explicit seq) and RFC 7905 (ChaCha: iv XOR seq).
 void make_nonce(Cipher c, const DirectionState& d, uint8_t out[12]) {
   if (c == Cipher::chacha20_poly1305) {
