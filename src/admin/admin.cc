@@ -77,6 +77,9 @@ const Family kFamilies[] = {
      "handshake_timeout, idle_timeout."},
     {"baton_flush_timeouts_total", "counter",
      "Closing connections reset because the client did not take their last bytes within 2 s."},
+    {"baton_stream_ids_given_up_total", "counter",
+     "Client stream ids treated as used without a SYN: beyond 1,024 ids opened out of order, the lowest unused ones "
+     "(a later SYN on one of them ends its tunnel as a reuse)."},
     {"baton_bytes_total", "counter", "Bytes relayed by route; direction up = client to upstream, down = upstream to client."},
     {"baton_upstream_connect_seconds", "histogram", "Time to connect to a route's upstream."},
     {"baton_handshake_seconds", "histogram", "TLS handshake duration, from getting a handshake slot to Finished."},

@@ -211,7 +211,7 @@ std::string finish_read(Reader& r) {
   return r.error();
 }
 
-// --- tunnel state, version 1 ---
+// --- tunnel state, versions 1 and 2 ---
 
 void put_direction(Writer& w, const tls::DirectionState& d) {
   w.bytes(d.key);
@@ -219,7 +219,7 @@ void put_direction(Writer& w, const tls::DirectionState& d) {
   w.u64(d.seq);
 }
 
-void put_tunnel(Writer& w, const proxy::TunnelState& t, uint16_t& next_fd) {
+void put_tunnel(Writer& w, const proxy::TunnelState& t, uint16_t& next_fd, uint16_t version) {
   auto fd_ref = [&](int fd) -> uint16_t { return fd >= 0 ? next_fd++ : kNoFd; };
   w.u8(uint8_t(t.phase));
   w.u16(fd_ref(t.fd));
@@ -237,7 +237,16 @@ void put_tunnel(Writer& w, const proxy::TunnelState& t, uint16_t& next_fd) {
   const mux::SessionState& ss = t.session;
   w.u8(uint8_t(ss.role));
   w.u32(ss.next_local_id);
-  w.u32(ss.highest_remote_id);
+  if (version >= 2) {
+    w.u64(ss.remote_next_id);
+    w.u32(uint32_t(ss.remote_ids_ahead.size()));
+    for (uint32_t id : ss.remote_ids_ahead) w.u32(id);
+  } else {
+    // Version 1 knew only "every id up to this one is spent".
+    uint64_t highest = ss.remote_next_id >= 2 ? ss.remote_next_id - 2 : 0;
+    if (!ss.remote_ids_ahead.empty()) highest = std::max<uint64_t>(highest, ss.remote_ids_ahead.back());
+    w.u32(uint32_t(std::min<uint64_t>(highest, 0xffffffffu)));
+  }
   w.boolean(ss.go_away_sent);
   w.boolean(ss.go_away_received);
   w.boolean(ss.failed);
@@ -302,7 +311,7 @@ void get_direction(Reader& r, tls::DirectionState& d) {
 }
 
 // Reads one tunnel. fd fields receive the index from the message (kNoFd -> -1).
-void get_tunnel(Reader& r, proxy::TunnelState& t) {
+void get_tunnel(Reader& r, proxy::TunnelState& t, uint16_t version) {
   auto fd_index = [](uint16_t v) { return v == kNoFd ? -1 : int(v); };
   uint8_t phase = r.u8("tunnel phase");
   if (phase != uint8_t(proxy::LinkPhase::awaiting_hello) && phase != uint8_t(proxy::LinkPhase::serving))
@@ -332,8 +341,23 @@ void get_tunnel(Reader& r, proxy::TunnelState& t) {
   ss.role = mux::Role::server;
   ss.next_local_id = r.u32("next stream id");
   if (r.ok() && (ss.next_local_id == 0 || ss.next_local_id % 2 != 0)) r.fail("server stream ids must be even and nonzero");
-  ss.highest_remote_id = r.u32("highest client stream id");
-  if (r.ok() && ss.highest_remote_id % 2 == 0 && ss.highest_remote_id != 0) r.fail("client stream ids must be odd");
+  if (version >= 2) {
+    ss.remote_next_id = r.u64("next client stream id");
+    if (r.ok() && (ss.remote_next_id % 2 == 0 || ss.remote_next_id > 0x100000001ull))
+      r.fail("next client stream id must be odd and at most 2^32+1");
+    uint32_t nahead = r.count("client ids ahead count", mux::SessionLimits{}.max_ids_ahead, 4);
+    uint64_t prev = ss.remote_next_id;
+    for (uint32_t i = 0; i < nahead && r.ok(); ++i) {
+      uint32_t id = r.u32("client id ahead");
+      if (r.ok() && (id % 2 == 0 || id <= prev)) r.fail("client ids ahead must be odd, increasing, above the next id");
+      prev = id;
+      ss.remote_ids_ahead.push_back(id);
+    }
+  } else {
+    uint32_t highest = r.u32("highest client stream id");
+    if (r.ok() && highest % 2 == 0 && highest != 0) r.fail("client stream ids must be odd");
+    ss.remote_next_id = highest == 0 ? 1 : uint64_t(highest) + 2;
+  }
   ss.go_away_sent = r.boolean("go_away_sent");
   ss.go_away_received = r.boolean("go_away_received");
   ss.failed = r.boolean("failed");
@@ -567,7 +591,8 @@ size_t fd_count(const proxy::TunnelState& t) {
 size_t encoded_size(const proxy::TunnelState& t) {
   size_t n = 512 + t.record.partial_input.size() + t.record.output.size() + t.session.partial_input.size() +
              t.session.output.size() + t.client_id.size() + t.peer_info.cert_subject.size() +
-             t.peer_info.alpn.size() + t.peer_info.suite_name.size() + 12 * t.session.pings.size();
+             t.peer_info.alpn.size() + t.peer_info.suite_name.size() + 12 * t.session.pings.size() +
+             4 * t.session.remote_ids_ahead.size();
   for (const auto& [id, s] : t.session.streams) n += 32 + s.inbound.size();
   for (const proxy::BridgeState& b : t.bridges) n += 64 + b.route.size() + b.pending.size();
   return n;
@@ -580,13 +605,16 @@ void encode_batch(const Batch& b, std::vector<uint8_t>& out, std::vector<int>& f
   begin(out, MsgType::batch, uint8_t(std::min(nfds, kMaxFdsPerMessage)), at);
   Writer w(out);
   w.u32(b.seq);
-  w.u16(version_override ? version_override : b.state_version);
+  const uint16_t written = version_override ? version_override : b.state_version;
+  // A test's unknown version still carries a layout this build knows.
+  const uint16_t version = written >= kMinStateVersion && written <= kStateVersion ? written : kStateVersion;
+  w.u16(written);
   w.u32(uint32_t(b.tunnels.size()));
   uint16_t next_fd = 0;
   for (const proxy::TunnelState& t : b.tunnels) {
     size_t len_at = w.size();
     w.u32(0);
-    put_tunnel(w, t, next_fd);
+    put_tunnel(w, t, next_fd, version);
     w.patch_u32(len_at, uint32_t(w.size() - len_at - 4));
     if (t.fd >= 0) fds.push_back(t.fd);
     for (const proxy::BridgeState& br : t.bridges)
@@ -600,10 +628,10 @@ BatchResult decode_batch(std::span<const uint8_t> body, std::span<const int> fds
   Reader r(body);
   out.seq = r.u32("seq");
   out.state_version = r.u16("state version");
-  if (r.ok() && out.state_version != kStateVersion) {
+  if (r.ok() && (out.state_version < kMinStateVersion || out.state_version > kStateVersion)) {
     res.error = BatchError::unknown_version;
-    res.message = "tunnel state version " + std::to_string(out.state_version) + " (this build reads version " +
-                  std::to_string(kStateVersion) + ")";
+    res.message = "tunnel state version " + std::to_string(out.state_version) + " (this build reads versions " +
+                  std::to_string(kMinStateVersion) + ".." + std::to_string(kStateVersion) + ")";
     return res;
   }
   uint32_t n = r.count("tunnel count", kMaxTunnelsPerBatch, 64);
@@ -622,7 +650,7 @@ BatchResult decode_batch(std::span<const uint8_t> body, std::span<const int> fds
     if (!r.need(len, "tunnel")) break;
     size_t start = r.pos();
     proxy::TunnelState t;
-    get_tunnel(r, t);
+    get_tunnel(r, t, out.state_version);
     if (r.ok() && r.pos() - start != len) r.fail("tunnel length does not match its contents");
     take(t.fd);
     for (proxy::BridgeState& b : t.bridges) take(b.fd);
@@ -640,15 +668,15 @@ BatchResult decode_batch(std::span<const uint8_t> body, std::span<const int> fds
   return res;
 }
 
-void encode_tunnel(const proxy::TunnelState& t, std::vector<uint8_t>& out) {
+void encode_tunnel(const proxy::TunnelState& t, std::vector<uint8_t>& out, uint16_t version) {
   Writer w(out);
   uint16_t next_fd = 0;
-  put_tunnel(w, t, next_fd);
+  put_tunnel(w, t, next_fd, version);
 }
 
-std::string decode_tunnel(std::span<const uint8_t> in, proxy::TunnelState& out) {
+std::string decode_tunnel(std::span<const uint8_t> in, proxy::TunnelState& out, uint16_t version) {
   Reader r(in);
-  get_tunnel(r, out);
+  get_tunnel(r, out, version);
   return finish_read(r);
 }
 

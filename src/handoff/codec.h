@@ -24,8 +24,12 @@ namespace baton::handoff {
 
 constexpr uint32_t kMagic = 0x42544e48;  // "BTNH"
 constexpr uint16_t kProtocolVersion = 1;
-// Version of the tunnel state layout this build writes and reads.
-constexpr uint16_t kStateVersion = 1;
+// Versions of the tunnel state layout this build writes and reads. Version 2
+// adds the peer stream ids spent out of order (mux::SessionState::
+// remote_ids_ahead); a version-1 reader gets the highest spent id instead,
+// every lower one counting as spent.
+constexpr uint16_t kStateVersion = 2;
+constexpr uint16_t kMinStateVersion = 1;
 constexpr size_t kHeaderSize = 12;
 constexpr size_t kMaxFdsPerMessage = 253;  // SCM_MAX_FD
 constexpr uint32_t kMaxBody = 256u << 20;   // a batch of tunnels with their buffered bytes
@@ -44,7 +48,7 @@ const char* to_str(MsgType t);
 
 struct Hello {
   uint32_t pid = 0;
-  uint16_t min_state_version = kStateVersion;
+  uint16_t min_state_version = kMinStateVersion;
   uint16_t max_state_version = kStateVersion;
 };
 
@@ -126,7 +130,9 @@ struct BatchResult {
 [[nodiscard]] BatchResult decode_batch(std::span<const uint8_t> body, std::span<const int> fds, Batch& out);
 
 // One tunnel alone (unit tests and the fuzzer). fds are indices, not real.
-void encode_tunnel(const proxy::TunnelState& t, std::vector<uint8_t>& out);
-[[nodiscard]] std::string decode_tunnel(std::span<const uint8_t> in, proxy::TunnelState& out);
+// `version`: kMinStateVersion..kStateVersion.
+void encode_tunnel(const proxy::TunnelState& t, std::vector<uint8_t>& out, uint16_t version = kStateVersion);
+[[nodiscard]] std::string decode_tunnel(std::span<const uint8_t> in, proxy::TunnelState& out,
+                                        uint16_t version = kStateVersion);
 
 }  // namespace baton::handoff

@@ -7,6 +7,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -230,7 +231,12 @@ void Parent::handle_hello(Message& m) {
     abort("malformed hello: " + err, true);
     return;
   }
-  uint16_t v = opts_.state_version_override ? opts_.state_version_override : kStateVersion;
+  // The newest layout both read: an older new process (a downgrade) still
+  // takes the tunnels in the layout it knows.
+  uint16_t v = std::min(kStateVersion, h.max_state_version);
+  if (v < kMinStateVersion) v = kStateVersion;
+  if (opts_.state_version_override) v = opts_.state_version_override;
+  state_version_ = v;
   if (v < h.min_state_version || v > h.max_state_version) {
     spdlog::warn("handoff: new process reads tunnel state versions {}..{}, this one writes {}: its tunnels will be drained",
                  h.min_state_version, h.max_state_version, v);
@@ -311,6 +317,7 @@ void Parent::pump() {
 void Parent::send_batch(std::vector<proxy::TunnelState> tunnels) {
   Batch b;
   b.seq = next_seq_++;
+  b.state_version = state_version_;
   b.tunnels = std::move(tunnels);
   std::vector<uint8_t> msg;
   std::vector<int> fds;

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "handoff/channel.h"
+#include "handoff/codec.h"
 #include "proxy/server.h"
 #include "proxy/state.h"
 
@@ -109,6 +110,7 @@ class Parent {
   Channel* channel_ = nullptr;
   ParentPhase phase_ = ParentPhase::idle;
   int child_pid_ = 0;
+  uint16_t state_version_ = kStateVersion;  // the tunnel state layout the new process reads (its hello)
   bool child_takes_tunnels_ = true;  // false once it refused some: the rest are drained here
   uint32_t next_seq_ = 1;
   uint64_t transfer_started_ms_ = 0;

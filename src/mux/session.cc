@@ -48,6 +48,7 @@ const char* to_str(ConsumeStatus s) {
 Session::Session(Role role, SessionHandler& handler, SessionLimits limits) : handler_(handler), limits_(limits) {
   st_.role = role;
   st_.next_local_id = role == Role::client ? 1 : 2;
+  st_.remote_next_id = role == Role::client ? 2 : 1;
 }
 
 Session::Session(SessionState state, SessionHandler& handler, SessionLimits limits)
@@ -87,21 +88,51 @@ const char* Session::check_header(const FrameHeader& h) const {
 const char* Session::check_syn(uint32_t id) const {
   if (!is_remote_id(st_.role, id)) return kErrParity;
   if (st_.streams.count(id) != 0) return kErrDuplicate;
-  if (id <= st_.highest_remote_id) return kErrReuse;
+  if (!remote_id_unused(id)) return kErrReuse;
   return nullptr;
+}
+
+bool Session::remote_id_unused(uint32_t id) const {
+  if (!is_remote_id(st_.role, id) || id < st_.remote_next_id) return false;
+  return !std::binary_search(st_.remote_ids_ahead.begin(), st_.remote_ids_ahead.end(), id);
+}
+
+// Precondition: remote_id_unused(id). In-order ids (the common case) only
+// move remote_next_id; an id ahead of it waits in the sorted list until the
+// gap below it closes.
+void Session::spend_remote_id(uint32_t id) {
+  auto& ahead = st_.remote_ids_ahead;
+  if (id == st_.remote_next_id) {
+    st_.remote_next_id += 2;
+  } else {
+    ahead.insert(std::lower_bound(ahead.begin(), ahead.end(), id), id);
+    if (ahead.size() > limits_.max_ids_ahead) {
+      // Give up the unused ids below the lowest one remembered.
+      const uint64_t given_up = (uint64_t(ahead.front()) - st_.remote_next_id) / 2;
+      st_.remote_next_id = uint64_t(ahead.front()) + 2;
+      ahead.erase(ahead.begin());
+      handler_.on_ids_given_up(uint32_t(std::min<uint64_t>(given_up, kMaxU32)));
+    }
+  }
+  size_t n = 0;
+  while (n < ahead.size() && ahead[n] == st_.remote_next_id) {
+    st_.remote_next_id += 2;
+    ++n;
+  }
+  if (n) ahead.erase(ahead.begin(), ahead.begin() + std::ptrdiff_t(n));
 }
 
 bool Session::refuse_syn(uint32_t id) {
   if (!st_.go_away_sent && st_.streams.size() < limits_.max_streams) return false;
   // The id is spent even though the stream never existed: the peer must not reuse it.
-  st_.highest_remote_id = id;
+  spend_remote_id(id);
   emit(FrameType::window_update, flag::rst, id, 0);
   handler_.on_stream_refused(id, st_.go_away_sent);
   return true;
 }
 
 StreamState& Session::create_remote_stream(uint32_t id) {
-  st_.highest_remote_id = id;
+  spend_remote_id(id);
   StreamState& s = st_.streams.try_emplace(id).first->second;
   s.id = id;
   s.phase = StreamPhase::awaiting_accept;

@@ -36,6 +36,11 @@ struct SessionLimits {
   uint32_t max_frame_data = 16 * 1024;  // largest Data body this side sends
   uint32_t max_pending_pings = 16;      // unanswered pings we keep track of
   uint32_t max_ping_replies = 64;       // queued Ping ACKs; a flood beyond it is a protocol error
+  // Peer stream ids remembered individually as spent while a lower id of the
+  // peer's parity is still unused (SYNs may arrive out of id order, see
+  // SessionState::remote_ids_ahead). Beyond it the lowest unused ids are given
+  // up (treated as spent), so "never used" costs at most 4 bytes per entry.
+  uint32_t max_ids_ahead = 1024;
 };
 
 // What each stream is waiting for, named for what is awaited (ARCHITECTURE principle 3).
@@ -66,7 +71,14 @@ struct PendingPing {
 struct SessionState {
   Role role = Role::server;
   uint32_t next_local_id = 0;      // next id we open (client: 1,3,5.. server: 2,4,6..)
-  uint32_t highest_remote_id = 0;  // ids from the peer must be greater than this
+  // Peer stream ids already spent (opened, refused, or given up): every id
+  // of the peer's parity below remote_next_id, and the ids in
+  // remote_ids_ahead (sorted, all above remote_next_id). A SYN may carry any
+  // other id of the peer's parity: yamux never reuses an id but does not
+  // require increasing order (hashicorp/yamux sends each SYN from the
+  // goroutine that opened the stream). 64 bits: past 0xFFFFFFFF nothing is left.
+  uint64_t remote_next_id = 1;
+  std::vector<uint32_t> remote_ids_ahead;
   bool go_away_sent = false;
   bool go_away_received = false;
   bool failed = false;  // a fatal protocol error happened; the session is dead
@@ -115,6 +127,9 @@ class SessionHandler {
   // (after_go_away) or beyond max_streams. No stream ever existed.
   virtual void on_stream_refused(uint32_t id, bool after_go_away) { (void)id; (void)after_go_away; }
   virtual void on_go_away(GoAwayCode code) { (void)code; }
+  // More than max_ids_ahead peer ids were spent out of order: `n` unused
+  // lower ids were given up (a later SYN for one of them is a reuse).
+  virtual void on_ids_given_up(uint32_t n) { (void)n; }
 };
 
 // What consume() found.
@@ -194,6 +209,8 @@ class Session {
   bool failed() const { return st_.failed; }
   bool go_away_received() const { return st_.go_away_received; }
   bool go_away_sent() const { return st_.go_away_sent; }
+  // True if the peer may still open stream `id` (right parity, never spent).
+  bool remote_id_unused(uint32_t id) const;
   const std::vector<PendingPing>& pending_pings() const { return st_.pings; }
 
   // The whole state, for handoff and tests.
@@ -210,6 +227,7 @@ class Session {
   const char* check_header(const FrameHeader& h) const;
   const char* check_syn(uint32_t id) const;
   bool refuse_syn(uint32_t id);
+  void spend_remote_id(uint32_t id);
   StreamState& create_remote_stream(uint32_t id);
   DataVerdict classify_data(const FrameHeader& h, const char*& error);
   void deliver_data(const FrameHeader& h, std::span<const uint8_t> direct, util::ByteQueue& queued);

@@ -149,6 +149,8 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   // A closing link's last bytes were not taken within flush_timeout_ms: the
   // connection is reset (the link logs how many bytes were dropped).
   virtual void on_flush_timeout() {}
+  // The session gave up `n` unused peer stream ids (mux::SessionHandler::on_ids_given_up).
+  virtual void on_stream_ids_given_up(uint32_t n) { (void)n; }
   // The link is about to be cut because of what the peer did or did not do.
   // `reason` is one of a fixed set of static strings (metric label values,
   // never peer data): protocol_error, tls_error, not_reading,
@@ -177,6 +179,7 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   void on_stream_writable(uint32_t id) override;
   void on_stream_closed(uint32_t id) override;
   void on_go_away(mux::GoAwayCode code) override;
+  void on_ids_given_up(uint32_t n) override { on_stream_ids_given_up(n); }
   void on_stream_refused(uint32_t id, bool after_go_away) override {
     (void)id;
     if (!after_go_away) on_streams_limit();

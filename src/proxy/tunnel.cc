@@ -51,6 +51,8 @@ void Tunnel::on_handshake_failed() {
 
 void Tunnel::on_flush_timeout() { server_.metrics().inc("baton_flush_timeouts_total"); }
 
+void Tunnel::on_stream_ids_given_up(uint32_t n) { server_.metrics().inc("baton_stream_ids_given_up_total", n); }
+
 void Tunnel::on_cut(const char* reason) {
   server_.metrics().inc(series("baton_tunnels_cut_total", {{"reason", reason}}));
 }

@@ -52,6 +52,7 @@ class Tunnel : public Link {
   void on_streams_limit() override;
   void on_handshake_failed() override;
   void on_flush_timeout() override;
+  void on_stream_ids_given_up(uint32_t n) override;
   void on_cut(const char* reason) override;
   void on_role_deadline() override;
   void check_preambles(uint64_t now);

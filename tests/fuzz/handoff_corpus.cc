@@ -147,7 +147,8 @@ proxy::TunnelState closing() {
   t.record.output.append(V(27, 0x15));
   t.session.go_away_sent = t.session.go_away_received = true;
   t.session.go_away_code = mux::GoAwayCode::internal_error;
-  t.session.highest_remote_id = 9;
+  t.session.remote_next_id = 11;
+  t.session.remote_ids_ahead = {15};
   t.session.ping_replies_queued = 3;
   mux::StreamState& s = t.session.streams[9];
   s.id = 9;

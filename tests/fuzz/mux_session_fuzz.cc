@@ -131,9 +131,8 @@ class Endpoint : public mux::SessionHandler {
       return it->first;
     }
     if (b >= ss::kRawId || b < ss::kNextRemote) return b & 0x0f;
-    uint32_t next = s_->state().highest_remote_id + 1;
-    if (is_local_id(role_, next)) ++next;
-    return next + (b & 1);
+    uint32_t next = uint32_t(s_->state().remote_next_id);
+    return next + (b & 3);  // next, wrong parity, one ahead (out of order), wrong parity
   }
 
   mux::ConsumeResult consume(std::span<const uint8_t> in) {

@@ -48,6 +48,7 @@ DOCUMENTED_FAMILIES = {
     "baton_handoff_tunnels": "counter",  # baton_handoff_tunnels_total
     "baton_tunnels_cut": "counter",  # baton_tunnels_cut_total
     "baton_flush_timeouts": "counter",  # baton_flush_timeouts_total
+    "baton_stream_ids_given_up": "counter",  # baton_stream_ids_given_up_total
     "baton_stream_resets": "counter",  # baton_stream_resets_total
     "baton_process_resident_bytes": "gauge",
     "baton_process_open_fds": "gauge",

@@ -569,7 +569,7 @@ TunnelState small_tunnel(int fd, int bridge_fd) {
   t.record.suite = tls::suite::ecdhe_rsa_aes256_gcm_sha384;
   t.record.read.seq = t.record.write.seq = 1;
   t.session.next_local_id = 2;
-  t.session.highest_remote_id = 5;
+  t.session.remote_next_id = 7;
   BridgeState a;
   a.id = 3;
   a.phase = BridgePhase::awaiting_upstream;
@@ -907,7 +907,8 @@ TunnelState rich_state() {
   r.output.append(V(30, 0xAB));
   mux::SessionState& s = t.session;
   s.next_local_id = 4;
-  s.highest_remote_id = 7;
+  s.remote_next_id = 9;
+  s.remote_ids_ahead = {13, 17};
   s.ping_replies_queued = 2;
   s.go_away_code = mux::GoAwayCode::normal;
   s.partial_input.append(V{0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 9, 'x'});
@@ -1117,8 +1118,12 @@ TEST(HandoffCodec, ValidationRules) {
   refused(t, "even");
   t = rich_state(); t.session.next_local_id = 0;
   refused(t, "even");
-  t = rich_state(); t.session.highest_remote_id = 8;
+  t = rich_state(); t.session.remote_next_id = 8;
   refused(t, "odd");
+  t = rich_state(); t.session.remote_ids_ahead = {17, 13};
+  refused(t, "increasing");
+  t = rich_state(); t.session.remote_ids_ahead = {7};
+  refused(t, "above the next id");
   t = rich_state(); t.session.go_away_code = mux::GoAwayCode(3);
   refused(t, "go away code");
   t = rich_state(); t.session.ping_replies_queued = 1025;
@@ -1209,7 +1214,7 @@ TunnelState empty_tunnel(int fd = 5) {
   t.session.next_local_id = 2;
   return t;
 }
-constexpr size_t kEmptyTunnelSize = 243;
+constexpr size_t kEmptyTunnelSize = 251;
 
 // The one buffered state random runs seldom catch: the server is skipping the
 // body of a Data frame for a stream it reset, and only part of that body has
@@ -1248,15 +1253,16 @@ TEST(HandoffCodec, SkippedFrameBodySurvivesTheMove) {
 
 TEST(HandoffCodec, OversizeCountsAndLengthsAllocateNothing) {
   V base = encode(empty_tunnel());
-  ASSERT_EQ(base.size(), kEmptyTunnelSize) << "the version 1 layout changed: update the offsets below";
+  ASSERT_EQ(base.size(), kEmptyTunnelSize) << "the layout changed: update the offsets below";
   struct Field {
     size_t at;
     const char* name;
   };
   const Field fields[] = {
-      {112, "TLS partial input"}, {116, "TLS output"}, {140, "yamux partial input"}, {144, "yamux output"},
-      {148, "stream count"},      {152, "ping count"}, {157, "ALPN"},                {161, "certificate subject"},
-      {165, "suite name"},        {233, "client id"},  {239, "bridge count"},
+      {112, "TLS partial input"}, {116, "TLS output"},          {133, "client ids ahead count"},
+      {148, "yamux partial input"}, {152, "yamux output"},      {156, "stream count"},
+      {160, "ping count"},        {165, "ALPN"},                {169, "certificate subject"},
+      {173, "suite name"},        {241, "client id"},           {247, "bridge count"},
   };
   for (const Field& f : fields) {
     ASSERT_EQ(util::load_u32(&base[f.at]), 0u) << f.name;
@@ -1368,6 +1374,45 @@ TEST(HandoffCodec, BatchDescriptorRules) {
     EXPECT_EQ(tt.decode(l, {7, 8}, out).error, BatchError::malformed) << len;
     EXPECT_TRUE(out.tunnels.empty());
   }
+}
+
+// A process that reads only version 1 (an older baton taking over from this
+// one) gets the layout it knows: ids spent out of order become "every id up to
+// the highest spent", which refuses nothing a conforming peer still sends
+// except the few ids of an open race, and loses nothing else.
+TEST(HandoffCodec, VersionOneCarriesTheHighestSpentId) {
+  Batch b;
+  b.seq = 5;
+  b.state_version = 1;
+  b.tunnels.push_back(rich_state());  // remote_next_id 9, ahead {13, 17}
+  V msg;
+  std::vector<int> fds;
+  handoff::encode_batch(b, msg, fds);
+  Batch out;
+  BatchResult r = handoff::decode_batch(std::span(msg).subspan(handoff::kHeaderSize), fds, out);
+  ASSERT_EQ(r.error, BatchError::none) << r.message;
+  EXPECT_EQ(out.state_version, 1);
+  ASSERT_EQ(out.tunnels.size(), 1u);
+  EXPECT_EQ(out.tunnels[0].session.remote_next_id, 19u);
+  EXPECT_TRUE(out.tunnels[0].session.remote_ids_ahead.empty());
+  // Version 2 keeps them exactly.
+  b.state_version = 2;
+  msg.clear();
+  fds.clear();
+  handoff::encode_batch(b, msg, fds);
+  Batch out2;
+  ASSERT_EQ(handoff::decode_batch(std::span(msg).subspan(handoff::kHeaderSize), fds, out2).error, BatchError::none);
+  EXPECT_EQ(out2.tunnels[0].session.remote_next_id, 9u);
+  EXPECT_EQ(out2.tunnels[0].session.remote_ids_ahead, (std::vector<uint32_t>{13, 17}));
+  // A fresh session (no client stream yet) is version 1's "0".
+  TunnelState fresh = rich_state();
+  fresh.session.remote_next_id = 1;
+  fresh.session.remote_ids_ahead.clear();
+  V one;
+  handoff::encode_tunnel(fresh, one, 1);
+  TunnelState back;
+  ASSERT_EQ(handoff::decode_tunnel(one, back, 1), "");
+  EXPECT_EQ(back.session.remote_next_id, 1u);
 }
 
 TEST(HandoffCodec, UnknownStateVersionIsReportedAsSuch) {

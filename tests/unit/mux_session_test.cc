@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <functional>
 #include <memory>
@@ -72,6 +73,7 @@ struct Recorder : SessionHandler {
     add("pong " + std::to_string(sent_at_ms), value);
   }
   void on_go_away(GoAwayCode code) override { add("go_away", uint32_t(code)); }
+  void on_ids_given_up(uint32_t n) override { add("given_up", n); }
   std::vector<std::string> drain() { return std::exchange(ev, {}); }
 };
 
@@ -98,7 +100,8 @@ V str(const std::string& s) { return V(s.begin(), s.end()); }
 void expect_state_eq(const SessionState& a, const SessionState& b) {
   EXPECT_EQ(a.role, b.role);
   EXPECT_EQ(a.next_local_id, b.next_local_id);
-  EXPECT_EQ(a.highest_remote_id, b.highest_remote_id);
+  EXPECT_EQ(a.remote_next_id, b.remote_next_id);
+  EXPECT_EQ(a.remote_ids_ahead, b.remote_ids_ahead);
   EXPECT_EQ(a.go_away_sent, b.go_away_sent);
   EXPECT_EQ(a.go_away_received, b.go_away_received);
   EXPECT_EQ(a.failed, b.failed);
@@ -162,7 +165,7 @@ TEST(MuxSession, PeerSynThenAcceptSendsAck) {
   EXPECT_EQ(s.h.drain(), (Events{"opened 1"}));
   EXPECT_TRUE(s.s.has_stream(1));
   EXPECT_EQ(s.st(1).phase, StreamPhase::awaiting_accept);
-  EXPECT_EQ(s.s.state().highest_remote_id, 1u);
+  EXPECT_EQ(s.s.state().remote_next_id, 3u);
   EXPECT_TRUE(take(s.s).empty());
   s.s.accept(1);
   EXPECT_EQ(take(s.s), (V{0, 1, 0, 2, 0, 0, 0, 1, 0, 0, 0, 0}));
@@ -734,7 +737,7 @@ TEST(MuxSession, SynAfterGoAwaySentIsReset) {
   EXPECT_EQ(take(s.s), (V{0, 1, 0, 8, 0, 0, 0, 3, 0, 0, 0, 0}));
   EXPECT_FALSE(s.s.has_stream(3));
   EXPECT_TRUE(s.h.ev.empty());
-  EXPECT_EQ(s.s.state().highest_remote_id, 3u);
+  EXPECT_EQ(s.s.state().remote_next_id, 5u);
   // A Data SYN is refused the same way; its body is skipped, even split.
   V syn_data = data(5, SYN, bytes(1000));
   s.feed_ok(V(syn_data.begin(), syn_data.begin() + 20));
@@ -742,7 +745,7 @@ TEST(MuxSession, SynAfterGoAwaySentIsReset) {
   s.feed_ok(cat({V(syn_data.begin() + 20, syn_data.end()), data(5, 0, bytes(10)), data(1, 0, str("old"))}));
   EXPECT_TRUE(take(s.s).empty());
   EXPECT_EQ(s.h.drain(), (Events{"data 1"}));
-  EXPECT_EQ(s.s.state().highest_remote_id, 5u);
+  EXPECT_EQ(s.s.state().remote_next_id, 7u);
   // The spent id cannot come back.
   EXPECT_EQ(s.feed(wu(SYN, 3, 0)).status, ConsumeStatus::protocol_error);
 }
@@ -834,11 +837,113 @@ TEST(MuxSessionError, SynWithWrongParity) {
 }
 
 TEST(MuxSessionError, SynReusingAnOlderId) {
-  expect_protocol_error(Role::server, wu(SYN, 5, 0), wu(SYN, 3, 0));
-  expect_protocol_error(Role::server, data(5, SYN, str("a")), data(1, SYN, str("b")));
-  // Reset and forgotten, the id is still spent.
+  expect_protocol_error(Role::server, cat({wu(SYN, 1, 0), wu(SYN, 3, 0), wu(SYN, 5, 0)}), wu(SYN, 3, 0));
+  expect_protocol_error(Role::server, cat({wu(SYN, 5, 0), wu(SYN, 3, 0), wu(RST, 3, 0)}), data(3, SYN, str("b")));
+  // Reset and forgotten, the id is still spent, in order or out of it.
+  expect_protocol_error(Role::server, cat({wu(SYN, 1, 0), wu(RST, 1, 0)}), wu(SYN, 1, 0));
   expect_protocol_error(Role::server, cat({wu(SYN, 5, 0), wu(RST, 5, 0)}), wu(SYN, 5, 0));
-  expect_protocol_error(Role::client, cat({wu(SYN, 2, 0), wu(SYN, 4, 0)}), wu(SYN, 2, 0));
+  expect_protocol_error(Role::client, cat({wu(SYN, 2, 0), wu(SYN, 4, 0), wu(FIN | RST, 2, 0)}), wu(SYN, 2, 0));
+}
+
+// yamux forbids reusing an id but never required increasing order:
+// hashicorp/yamux allocates ids under a lock and sends each SYN from the
+// opening goroutine, so SYNs race. docs/protocol.md section 2.
+TEST(MuxSession, SynsOutOfIdOrderAreAccepted) {
+  Side s(Role::server);
+  s.feed_ok(cat({wu(SYN, 5, 0), wu(SYN, 1, 0), data(9, SYN, str("nine")), wu(SYN | FIN, 3, 0), data(7, SYN, str("x"))}));
+  EXPECT_EQ(s.h.drain(), (Events{"opened 5", "opened 1", "opened 9", "data 9", "opened 3", "fin 3", "opened 7",
+                                 "data 7"}));
+  EXPECT_EQ(s.s.stream_count(), 5u);
+  EXPECT_EQ(s.inbound(9), "nine");
+  // All five spent: the gaps closed, nothing is remembered one by one.
+  EXPECT_EQ(s.s.state().remote_next_id, 11u);
+  EXPECT_TRUE(s.s.state().remote_ids_ahead.empty());
+  for (uint32_t id : {1u, 3u, 5u, 7u, 9u}) EXPECT_FALSE(s.s.remote_id_unused(id)) << id;
+  EXPECT_TRUE(s.s.remote_id_unused(11));
+  EXPECT_FALSE(s.s.remote_id_unused(12));  // our parity
+}
+
+TEST(MuxSession, SynsInEveryOrderOfAWindowAreAccepted) {
+  // Every permutation of four racing SYNs, as a goroutine scheduler may send them.
+  std::vector<uint32_t> ids = {1, 3, 5, 7};
+  do {
+    Side s(Role::server);
+    V in;
+    for (uint32_t id : ids) in = cat({in, wu(SYN, id, 0), data(id, 0, str("p")), wu(FIN, id, 0)});
+    s.feed_ok(in);
+    EXPECT_EQ(s.s.stream_count(), 4u);
+    EXPECT_EQ(s.s.state().remote_next_id, 9u);
+    EXPECT_TRUE(s.s.state().remote_ids_ahead.empty());
+    for (uint32_t id : ids) EXPECT_EQ(s.inbound(id), "p");
+  } while (std::next_permutation(ids.begin(), ids.end()));
+}
+
+// One SYN on the highest id must not make every later id a "reuse", and a
+// stream opened before the control stream must not spend id 1.
+TEST(MuxSession, HighestIdAndEarlyStreamsSpendOnlyThemselves) {
+  Side s(Role::server);
+  s.feed_ok(cat({wu(SYN, 0xFFFFFFFFu, 0), wu(SYN, 3, 0)}));
+  EXPECT_EQ(s.h.drain(), (Events{"opened 4294967295", "opened 3"}));
+  EXPECT_EQ(s.s.state().remote_ids_ahead, (std::vector<uint32_t>{3, 0xFFFFFFFFu}));
+  s.feed_ok(cat({wu(SYN, 1, 0), wu(SYN, 5, 0)}));
+  EXPECT_EQ(s.h.drain(), (Events{"opened 1", "opened 5"}));
+  EXPECT_EQ(s.s.state().remote_next_id, 7u);
+  EXPECT_EQ(s.s.state().remote_ids_ahead, (std::vector<uint32_t>{0xFFFFFFFFu}));
+  EXPECT_EQ(s.feed(wu(SYN, 0xFFFFFFFFu, 0)).status, ConsumeStatus::protocol_error);  // open: a duplicate
+  // The client role: even ids, the highest one too.
+  Side c(Role::client);
+  c.feed_ok(cat({wu(SYN, 0xFFFFFFFEu, 0), wu(SYN, 2, 0)}));
+  EXPECT_EQ(c.s.stream_count(), 2u);
+  EXPECT_EQ(c.s.state().remote_next_id, 4u);
+  // Every id spent up to the top: the id space is used up, nothing wraps.
+  SessionState st;
+  st.role = Role::server;
+  st.next_local_id = 2;
+  st.remote_next_id = 0xFFFFFFFFu;
+  Recorder h2;
+  Session top(std::move(st), h2);
+  ASSERT_EQ(top.consume(wu(SYN, 0xFFFFFFFFu, 0)).status, ConsumeStatus::ok);
+  EXPECT_EQ(top.state().remote_next_id, 0x100000001ull);
+  EXPECT_FALSE(top.remote_id_unused(0xFFFFFFFFu));
+  EXPECT_FALSE(top.remote_id_unused(1));
+}
+
+// "Never used" has bounded memory: beyond max_ids_ahead ids spent out of
+// order, the lowest unused ids are given up (counted), and only they.
+TEST(MuxSession, IdsAheadAreBoundedAndTheOldestGapIsGivenUp) {
+  SessionLimits l;
+  l.max_ids_ahead = 3;
+  l.max_streams = 100;
+  Side s(Role::server, l);
+  s.feed_ok(cat({wu(SYN, 5, 0), wu(SYN, 9, 0), wu(SYN, 13, 0)}));
+  EXPECT_EQ(s.s.state().remote_ids_ahead, (std::vector<uint32_t>{5, 9, 13}));
+  s.h.drain();
+  // A fourth: ids 1 and 3 (below 5, the lowest remembered) are given up.
+  s.feed_ok(wu(SYN, 17, 0));
+  EXPECT_EQ(s.h.drain(), (Events{"given_up 2", "opened 17"}));
+  EXPECT_EQ(s.s.state().remote_next_id, 7u);
+  EXPECT_EQ(s.s.state().remote_ids_ahead, (std::vector<uint32_t>{9, 13, 17}));
+  EXPECT_FALSE(s.s.remote_id_unused(1));
+  EXPECT_FALSE(s.s.remote_id_unused(3));
+  EXPECT_TRUE(s.s.remote_id_unused(7));
+  EXPECT_TRUE(s.s.remote_id_unused(11));
+  // The ones not given up still open; then the gaps close.
+  s.feed_ok(cat({wu(SYN, 7, 0), wu(SYN, 11, 0), wu(SYN, 15, 0)}));
+  EXPECT_EQ(s.s.state().remote_next_id, 19u);
+  EXPECT_TRUE(s.s.state().remote_ids_ahead.empty());
+  EXPECT_EQ(s.feed(wu(SYN, 3, 0)).status, ConsumeStatus::protocol_error);
+}
+
+// A SYN refused (Go Away sent, max_streams) spends its id out of order too.
+TEST(MuxSession, RefusedSynsSpendTheirIdsOutOfOrder) {
+  SessionLimits l;
+  l.max_streams = 1;
+  Side s(Role::server, l);
+  s.feed_ok(cat({wu(SYN, 3, 0), wu(SYN, 1, 0)}));  // 1 is refused: one stream at most
+  EXPECT_EQ(s.h.drain(), (Events{"opened 3"}));
+  EXPECT_EQ(take(s.s), wu(RST, 1, 0));
+  EXPECT_EQ(s.s.state().remote_next_id, 5u);
+  EXPECT_EQ(s.feed(wu(SYN, 1, 0)).status, ConsumeStatus::protocol_error);
 }
 
 TEST(MuxSessionError, SynForAnOpenStream) {
