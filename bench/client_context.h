@@ -11,7 +11,7 @@
 
 namespace baton::bench {
 
-// `suite`: an OpenSSL-style name of one of PROTOCOL.md's six suites
+// `suite`: an OpenSSL-style name of one of docs/protocol.md's six suites
 // (ECDHE-ECDSA-AES128-GCM-SHA256, ECDHE-ECDSA-CHACHA20-POLY1305, ...), or ""
 // for all six. `group`: "x25519", "p256" or "" for the default list; the
 // chosen group is offered first, then the certificate curves (P-256, P-384),

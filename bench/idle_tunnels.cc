@@ -3,7 +3,7 @@
 // be measured from outside (bench/run.sh reads the server's VmRSS).
 //
 //   --mode baton  each connection is a baton tunnel: TLS 1.2, HELLO on the
-//                 control stream, wait for WELCOME (PROTOCOL.md 1-3). Built
+//                 control stream, wait for WELCOME (docs/protocol.md 1-3). Built
 //                 from the project's own proxy::Link, like src/client's
 //                 ClientLink, with one shared tls::Context.
 //   --mode tls    TLS handshake only (for HAProxy or any TLS terminator);
@@ -60,7 +60,7 @@ struct Options {
   std::string server_name = "localhost";
   std::string token;
   std::string client_id = "bench-idle";
-  std::string suite;  // "": every suite PROTOCOL.md allows
+  std::string suite;  // "": every suite docs/protocol.md allows
   std::string group;
   size_t count = 10000;
   size_t concurrency = 200;

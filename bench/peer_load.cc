@@ -2,7 +2,7 @@
 // bench/peers.py. One program for every target: plain TLS to HAProxy,
 // stunnel and nginx (each forwarding to the echo upstream), the baton
 // protocol to `baton serve` (TLS, HELLO/WELCOME, then one yamux stream with
-// the route preamble per connection, PROTOCOL.md 1-4). Both are the
+// the route preamble per connection, docs/protocol.md 1-4). Both are the
 // project's own code (tls::Handshake, tls::RecordLayer, mux::Session) on one
 // libuv loop, so the client-side cost of a connection is the same for every
 // target apart from baton's 12-byte frame headers.

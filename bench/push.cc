@@ -13,7 +13,7 @@
 //
 // It does the TLS 1.2 handshake with the project's own tls::Handshake, moves
 // the keys into a tls::RecordLayer, sends HELLO on the control stream and
-// waits for WELCOME (PROTOCOL.md 1-3). Then, before the clock starts, it
+// waits for WELCOME (docs/protocol.md 1-3). Then, before the clock starts, it
 // builds the whole transfer in memory: stream 3's SYN, the route preamble,
 // the sink protocol's u64 N and N bytes (bench/upstream.cc), as yamux Data
 // frames, one frame per TLS record of up to 16 KiB plaintext, every record

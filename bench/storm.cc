@@ -1,7 +1,7 @@
 // storm: a reconnect storm. N embedded baton::Clients are all on one replica
 // (the first of --servers); that replica is drained at once (POST /drain on
 // its admin address, sent by this program); every client follows DRAIN
-// (PROTOCOL.md section 6) and reconnects. The tool measures how long each
+// (docs/protocol.md section 6) and reconnects. The tool measures how long each
 // takes to be back, and how.
 //
 //   storm --servers A,B[,C...] --ca FILE --server-name NAME --admin HOST:PORT

@@ -1,4 +1,4 @@
-// Drainer: what `baton serve` does when its pod goes away (PROTOCOL.md 6,
+// Drainer: what `baton serve` does when its pod goes away (docs/protocol.md 6,
 // docs/operations.md "Drain").
 //
 //   start      readiness 503 at once; new tunnels get REJECT 4 (draining)

@@ -11,7 +11,7 @@
 //                          up to kWindow batches unacknowledged
 //                       <- batch_ack per batch: the first `adopted` are taken;
 //                          the rest come back here and are drained
-//                          (PROTOCOL.md 6), and so is everything not sent yet
+//                          (docs/protocol.md 6), and so is everything not sent yet
 //                       tunnels in their TLS handshake finish it first and go
 //                          in a later batch; after half the step timeout the
 //                          ones still in it are closed (the client reconnects)

@@ -1,4 +1,4 @@
-// Control messages on stream 1 (PROTOCOL.md section 3) and the route preamble
+// Control messages on stream 1 (docs/protocol.md section 3) and the route preamble
 // (section 4). Pure codecs: no I/O, no state beyond the decoder's partial input.
 #pragma once
 
@@ -53,7 +53,7 @@ struct Drain {
 };
 
 // Encoders append one whole message to out. Fields go out in the order of the
-// table in PROTOCOL.md section 3; Hello.version, Reject.retry_after_ms and
+// table in docs/protocol.md section 3; Hello.version, Reject.retry_after_ms and
 // Drain.reconnect_hint are omitted when absent/empty, token, client_id, reason
 // and server_id are always sent (possibly empty). Precondition: all fields fit
 // the u16 message length (client_id <= 128 bytes, the strings short); if they

@@ -1,4 +1,4 @@
-// yamux frame header codec (PROTOCOL.md section 2). Pure functions, no state.
+// yamux frame header codec (docs/protocol.md section 2). Pure functions, no state.
 #pragma once
 
 #include <cstdint>

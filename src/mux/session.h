@@ -1,4 +1,4 @@
-// A sans-IO yamux session (PROTOCOL.md section 2 and hashicorp/yamux framing).
+// A sans-IO yamux session (docs/protocol.md section 2 and hashicorp/yamux framing).
 //
 // The session owns no socket and no timer. Plaintext yamux bytes from the peer
 // go in through consume(); bytes for the peer accumulate in output(), which the

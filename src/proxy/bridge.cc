@@ -350,6 +350,13 @@ void Bridge::on_written(size_t n, int err) {
 
 void Bridge::stream_fin() {
   peer_fin_ = true;
+  // The session reports a frame's data before its FIN, so a stream still
+  // awaiting its preamble here ended without naming a route: it can never
+  // be routed, and waiting for the preamble timeout would only hold a slot.
+  if (phase_ == BridgePhase::awaiting_preamble && !local_side_) {
+    fail("stream ended before its route preamble was complete", "malformed_preamble");
+    return;
+  }
   pump_to_tcp();
 }
 

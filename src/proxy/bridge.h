@@ -1,5 +1,5 @@
 // Bridge: relays one yamux stream to one TCP connection, both ways, with
-// backpressure and half-close (PROTOCOL.md section 4).
+// backpressure and half-close (docs/protocol.md section 4).
 //
 //   stream -> TCP: bytes stay in the stream's inbound queue until the TCP
 //     write completes; only then is window credit returned (consumed()).

@@ -227,7 +227,7 @@ void Link::record_input(std::span<const uint8_t> data) {
 void Link::close_bridges() {
   auto bridges = std::move(bridges_);
   bridges_.clear();
-  // PROTOCOL.md 6: after Go Away the peer processes no new stream, and a
+  // docs/protocol.md 6: after Go Away the peer processes no new stream, and a
   // clean close (close_notify) comes after everything it did send: streams
   // it has not ACKed by then were never processed.
   bool refused = peer_closed_cleanly_ && session_ && session_->go_away_received();
@@ -375,7 +375,7 @@ void Link::on_stream_reset(uint32_t id) {
     return;
   }
   if (Bridge* b = bridge(id)) {
-    // After Go Away the peer resets new streams unprocessed (PROTOCOL.md 6).
+    // After Go Away the peer resets new streams unprocessed (docs/protocol.md 6).
     if (!(session_ && session_->go_away_received() && b->try_replay())) {
       if (b->on_reset) b->on_reset(*b, "client");
       b->stream_gone(true);

@@ -54,7 +54,7 @@ class Server {
   ServeState state() const { return state_; }
   void set_state(ServeState s);
   // Drain (POST /drain): readiness goes 503, new tunnels are rejected with
-  // REJECT 4, live tunnels get DRAIN (PROTOCOL.md 6). Idempotent.
+  // REJECT 4, live tunnels get DRAIN (docs/protocol.md 6). Idempotent.
   void start_drain();
   uint64_t drain_started_ms() const { return drain_started_ms_; }
   // The drain controller (src/drain) takes over start_drain() when installed;

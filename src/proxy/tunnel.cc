@@ -116,7 +116,7 @@ void Tunnel::on_peer_stream(uint32_t id) {
     return;
   }
   if (phase() != LinkPhase::serving || session().go_away_sent()) {
-    // PROTOCOL.md 3: any other stream before WELCOME is reset; 6: after DRAIN too.
+    // docs/protocol.md 3: any other stream before WELCOME is reset; 6: after DRAIN too.
     session().reset(id);
     return;
   }
@@ -313,7 +313,7 @@ void Tunnel::on_control_data() {
       handle_hello(HelloView{*m.hello});
       if (phase() != LinkPhase::serving) return;
     }
-    // Anything else (unknown types, a second HELLO) is ignored, as PROTOCOL.md 3 says.
+    // Anything else (unknown types, a second HELLO) is ignored, as docs/protocol.md 3 says.
   }
 }
 

@@ -1,4 +1,4 @@
-// Tunnel: the server side of one client's session (PROTOCOL.md sections 3-4).
+// Tunnel: the server side of one client's session (docs/protocol.md sections 3-4).
 // Link does TLS, yamux and relaying; Tunnel adds HELLO/WELCOME/REJECT on the
 // control stream, authentication and route lookup.
 #pragma once
@@ -27,7 +27,7 @@ class Tunnel : public Link {
   // is deleted. Precondition: exportable().
   [[nodiscard]] static bool export_state(Tunnel* t, TunnelState& out);
 
-  // PROTOCOL.md 6: sends DRAIN and Go Away(0); streams already open go on;
+  // docs/protocol.md 6: sends DRAIN and Go Away(0); streams already open go on;
   // the tunnel closes when the last one ends or after grace_ms.
   void drain(const std::string& reason, uint32_t grace_ms, const std::string& reconnect_hint);
   bool draining() const { return drain_deadline_ms_ != 0; }

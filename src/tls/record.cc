@@ -335,7 +335,7 @@ Opened RecordLayer::open_record(const uint8_t* rec, size_t len, std::span<uint8_
     }
     case ContentType::handshake: {
       // After the handshake the only handshake messages a peer can send are
-      // a ClientHello / HelloRequest (renegotiation). PROTOCOL.md: refuse it.
+      // a ClientHello / HelloRequest (renegotiation). docs/protocol.md: refuse it.
       Opened f = fatal(alert::no_renegotiation, "renegotiation attempt");
       f.alert_warning = true;
       if (plain_len == 0) return fatal(alert::unexpected_message, "empty handshake record");

@@ -19,7 +19,7 @@
 
 namespace baton::tls {
 
-// IANA ids of the suites PROTOCOL.md allows.
+// IANA ids of the suites docs/protocol.md allows.
 namespace suite {
 constexpr uint16_t ecdhe_ecdsa_aes128_gcm_sha256 = 0xC02B;
 constexpr uint16_t ecdhe_rsa_aes128_gcm_sha256 = 0xC02F;
@@ -30,7 +30,7 @@ constexpr uint16_t ecdhe_rsa_chacha20_poly1305 = 0xCCA8;
 }  // namespace suite
 
 enum class Cipher : uint8_t { aes128_gcm = 0, aes256_gcm = 1, chacha20_poly1305 = 2 };
-// The cipher of a suite id; false if the suite is not one PROTOCOL.md allows.
+// The cipher of a suite id; false if the suite is not one docs/protocol.md allows.
 [[nodiscard]] bool cipher_of_suite(uint16_t suite_id, Cipher& out);
 size_t key_length(Cipher c);     // 16 or 32
 size_t fixed_iv_length(Cipher c);  // 4 (GCM salt) or 12 (ChaCha20-Poly1305)

@@ -1,5 +1,5 @@
 // libFuzzer target for the control message codec (src/mux/control.h,
-// PROTOCOL.md section 3). Byte 0 says what the rest of the input is:
+// docs/protocol.md section 3). Byte 0 says what the rest of the input is:
 //
 //   even: the control stream. The bytes are queued on a ByteQueue in chunks
 //     (sizes from byte 1, as frames would deliver them) and decoded message by

@@ -1,5 +1,5 @@
 // libFuzzer target for the yamux frame header codec (src/mux/frame.h) and the
-// header rules of PROTOCOL.md section 2 as a fresh Session applies them.
+// header rules of docs/protocol.md section 2 as a fresh Session applies them.
 //
 // The input is read as consecutive 12-byte headers. For each:
 //   - decode_header reads the fields big-endian, independently recomputed

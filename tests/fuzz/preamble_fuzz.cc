@@ -1,4 +1,4 @@
-// libFuzzer target for the route preamble (src/mux/control.h, PROTOCOL.md
+// libFuzzer target for the route preamble (src/mux/control.h, docs/protocol.md
 // section 4): `length u8 (1..255) | route name (printable ASCII)` at the start
 // of every data stream, read before the stream is connected anywhere.
 //

@@ -16,7 +16,7 @@
 //   - after close_notify every later call is `closed` and swallows its input;
 //   - while the wire holds only what the peer sealed (no raw bytes, no
 //     flipped bits), every record comes out exactly as a model of RFC 5246
-//     and PROTOCOL.md says: application data intact and in order, warning
+//     and docs/protocol.md says: application data intact and in order, warning
 //     alerts ignored, close_notify closes, a fatal alert ends without an
 //     alert of our own, a handshake message is refused as renegotiation,
 //     anything else is unexpected, and nothing opens at sequence 2^64-1.
@@ -48,7 +48,7 @@ constexpr uint16_t kSuites[] = {
 // Fixed keys: client-to-server and server-to-client differ.
 tls::RecordState make_state(tls::Side side, uint16_t suite, uint64_t seq) {
   tls::Cipher c{};
-  require(tls::cipher_of_suite(suite, c), "a PROTOCOL.md suite");
+  require(tls::cipher_of_suite(suite, c), "a docs/protocol.md suite");
   tls::RecordState st;
   st.suite = suite;
   st.side = side;

@@ -1,8 +1,9 @@
 """An independent client for the baton tunnel protocol, version 1.
 
-Written from /work/shared/PROTOCOL.md only (no code shared with the C++
-implementation), so that the integration tests check the wire contract and not
-one implementation against itself.
+Written from the protocol text only (docs/protocol.md, first the shared
+PROTOCOL.md; no code shared with the C++ implementation), so that the
+integration tests check the wire contract and not one implementation against
+itself.
 
 Layers, each usable on its own:
 

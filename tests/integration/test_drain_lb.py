@@ -1,4 +1,4 @@
-"""Drain behind a load balancer (docs/operations.md "Drain", PROTOCOL.md 6).
+"""Drain behind a load balancer (docs/operations.md "Drain", docs/protocol.md 6).
 
 Three `baton serve` replicas behind HAProxy (Debian's, TCP mode) that
 health-checks each replica's `/readyz`, standing in for a Kubernetes Service.

@@ -3,7 +3,7 @@
 
 - a long stream (BATON_TEST_BIG_BYTES, 1 GiB) started before DRAIN finishes on
   the old session while new connections go to another replica, and the drained
-  process exits when that stream ends, not at grace (PROTOCOL.md 6,
+  process exits when that stream ends, not at grace (docs/protocol.md 6,
   docs/operations.md "POST /drain", docs/client.md "Make before break");
 - a stream that outlives drain.grace_ms is cut at grace: the local application
   sees a connection reset (never a clean EOF, never a hang) and the upstream

@@ -260,7 +260,7 @@ def test_new_process_dies_before_the_old_one_reads_listening(server_factory, tun
 def test_newer_state_version_is_drained_not_dropped(server_factory, tunnel_factory):
     """The old process writes a tunnel state version the new one does not
     read (as after a downgrade): the new one refuses the batch, the old one
-    keeps those tunnels and drains them per PROTOCOL.md 6 (DRAIN, Go Away,
+    keeps those tunnels and drains them per docs/protocol.md 6 (DRAIN, Go Away,
     open streams finish), new tunnels go to the new process."""
     srv = server_factory(env={"BATON_TEST_HANDOFF_STATE_VERSION": "99"})
     t = tunnel_factory(srv)

@@ -1,5 +1,5 @@
 """`baton connect` keeps a session up: reconnect with backoff over a server
-list, make before break on DRAIN (PROTOCOL.md 6), REJECT 3 retry_after_ms,
+list, make before break on DRAIN (docs/protocol.md 6), REJECT 3 retry_after_ms,
 TLS ticket resumption, local connections waiting while no session is up."""
 
 import os
@@ -59,7 +59,7 @@ def roundtrip(addr, data=b"ping", timeout=10.0):
 
 
 # A stream the client opens while the server's DRAIN + Go Away are in flight
-# is refused (PROTOCOL.md 6); the client replays it on the new session
+# is refused (docs/protocol.md 6); the client replays it on the new session
 # (test_replay.py checks that path on its own).
 def test_drain_make_before_break(server_factory, connect_factory):
     a = server_factory(extra=DRAIN_FAST, server_id="srv-a")

@@ -1,11 +1,11 @@
 """A stream the client opens while the server's DRAIN is on the way is
-refused by the server unprocessed (PROTOCOL.md 6: after Go Away it resets
+refused by the server unprocessed (docs/protocol.md 6: after Go Away it resets
 every new stream). `baton connect` sends such a stream again on the next
 session, bytes and all, so the local application never sees it.
 
 The race is made deterministic with a scripted server: a protocol-level peer
 (Python ssl + the independent codec in baton_wire.py, written from
-PROTOCOL.md) that answers HELLO with WELCOME and, the moment the client's
+docs/protocol.md) that answers HELLO with WELCOME and, the moment the client's
 first data stream has arrived with its bytes, sends DRAIN (hint: a real
 `baton serve`) and Go Away, then refuses the stream. The replay lands on the
 real sidecar and its echo upstream."""

@@ -1,4 +1,4 @@
-"""TLS (PROTOCOL.md section 1): versions, suites, curves, tickets, mTLS, ALPN,
+"""TLS (docs/protocol.md section 1): versions, suites, curves, tickets, mTLS, ALPN,
 and what happens to connections that are not TLS 1.2 at all."""
 
 import os

@@ -1,4 +1,4 @@
-"""The wire contract (PROTOCOL.md sections 2-5), checked byte by byte with the
+"""The wire contract (docs/protocol.md sections 2-5), checked byte by byte with the
 independent client in baton_wire.py against a real `baton serve`."""
 
 import os
@@ -338,7 +338,7 @@ def test_many_frames_in_one_record(server, tunnel_factory):
     t.send_raw(wire)
     t.wait_welcome(scaled(10))
     # stream 3 was opened in the same record as HELLO, i.e. before WELCOME was
-    # sent: the server resets it (PROTOCOL.md 3) or, having processed HELLO
+    # sent: the server resets it (docs/protocol.md 3) or, having processed HELLO
     # first, accepts it. Either way the session must go on.
     try:
         got = s.recv_all(scaled(10))
