@@ -176,15 +176,29 @@ def Admin_stats(srv):
     return Admin(srv).get_json("/stats")
 
 
-def test_window_update_granting_more_than_256k(server_factory, tunnel_factory, upstream_factory):
-    """A receiver may grant any window (hashicorp/yamux's MaxStreamWindowSize):
-    the server sends up to it, never beyond, and every byte arrives in order."""
+@pytest.mark.parametrize("on_syn", [False, True], ids=["after_syn", "on_syn"])
+def test_window_update_granting_more_than_256k(server_factory, tunnel_factory, upstream_factory, on_syn):
+    """A receiver may grant any window (hashicorp/yamux's MaxStreamWindowSize),
+    on the SYN itself or later: the server sends up to it, never beyond, and
+    every byte arrives in order."""
     size = 16 << 20
+    big = 8 << 20
     src = upstream_factory("source", limit=size)
     srv = server_factory(routes={"src": src})
     t = tunnel_factory(srv)
-    s = t.open_stream("src", recv_window=8 << 20)
-    s.grant((8 << 20) - bw.INITIAL_WINDOW)  # the bigger window, before any byte
+    if on_syn:
+        s = bw.Stream(t, 3, recv_window=big)
+        s.recv_window = big
+        with t._lock:
+            t.streams[3] = s
+            t.next_id = 5
+        pre = bw.encode_preamble("src")
+        s.send_window -= len(pre)
+        t.send_raw(bw.frame_bytes(bw.TYPE_WINDOW_UPDATE, bw.FLAG_SYN, 3, big - bw.INITIAL_WINDOW) +
+                   bw.frame_bytes(bw.TYPE_DATA, 0, 3, None, pre))
+    else:
+        s = t.open_stream("src", recv_window=big)
+        s.grant(big - bw.INITIAL_WINDOW)  # the bigger window, before any byte
     s.close_write(via_window_update=True)
     h = hashlib.sha256()
     n = 0
