@@ -59,6 +59,8 @@ usage:
       --connect-timeout-ms (default 10000): dial + TLS + WELCOME, and how long
       a local connection waits for a session before it is reset.
       --dead-after-ms (default 10000): TCP keepalive/TCP_USER_TIMEOUT bound.
+      --server-name (default: the host of --server): the name the server's
+      certificate must hold; an IP address is matched against its IP names.
       --status-listen: GET /status there answers the client's state as JSON.
   baton check -c FILE        Validate a configuration (and load its TLS files).
   baton certs --out DIR [--name DNS]... [--ip ADDR]...
@@ -66,7 +68,8 @@ usage:
   baton drain [-c FILE | --admin HOST:PORT] [--wait]
       Start a running baton's drain (POST /drain): clients are told to move,
       open streams finish, then it exits. --wait returns when it is done or
-      gone (for a preStop hook); exit 1 if still draining after grace + 10 s.
+      has exited since (for a preStop hook): exit 0; exit 1 if still draining
+      after grace + 10 s, or if no baton answers at the address at all.
   baton status [-c FILE | --admin HOST:PORT] [--json]
       Show a running baton's state, tunnels, routes and limits, read from its
       admin API (GET /stats) at admin.listen of FILE, --admin, or 127.0.0.1:9901.
@@ -412,7 +415,17 @@ int cmd_serve(Args& a) {
     server->stop();
     sig.stop();
   };
-  drainer = std::make_unique<baton::drain::Drainer>(loop, *server, cfg.drain, [&](const std::string&) { stop_now(); });
+  // A drain can end inside whatever started it: POST /drain (or the
+  // lifecycle hook) to a process with no tunnels and drain.delay_ms 0 ends
+  // within the admin's job on the loop. Stopping there would destroy the
+  // admin under its own callback (and make its HTTP thread wait out the job:
+  // 503). So the exit happens on the next loop iteration.
+  uv_timer_t stop_timer;
+  uv_timer_init(loop, &stop_timer);
+  stop_timer.data = &stop_now;
+  drainer = std::make_unique<baton::drain::Drainer>(loop, *server, cfg.drain, [&](const std::string&) {
+    uv_timer_start(&stop_timer, [](uv_timer_t* t) { (*static_cast<decltype(stop_now)*>(t->data))(); }, 0, 0);
+  });
   std::string drain_trigger = "POST /drain";
   server->set_drain_handler([&]() { drainer->start(drain_trigger); });
   // Handlers before the ready line: whoever reads it may signal at once.
@@ -433,6 +446,7 @@ int cmd_serve(Args& a) {
              ",\"admin\":" + json_string(admin->address()) +
              (cfg.lifecycle.listen ? ",\"lifecycle\":" + json_string(admin->lifecycle_address()) : std::string()) + "}");
   uv_run(loop, UV_RUN_DEFAULT);
+  uv_close(reinterpret_cast<uv_handle_t*>(&stop_timer), nullptr);
   parent.reset();
   admin.reset();
   drainer.reset();
@@ -626,8 +640,13 @@ int cmd_certs(Args& a) {
   }
   if (err) return kExitUsage;
   if (o.out_dir.empty()) return usage_error("certs needs --out DIR");
-  if (!names.empty()) o.server_names.insert(o.server_names.end(), names.begin(), names.end());
-  if (!ips.empty()) o.server_ips.insert(o.server_ips.end(), ips.begin(), ips.end());
+  // Added to the defaults (localhost, 127.0.0.1, ::1), each name once.
+  auto add = [](std::vector<std::string>& to, const std::vector<std::string>& more) {
+    for (const std::string& m : more)
+      if (std::find(to.begin(), to.end(), m) == to.end()) to.push_back(m);
+  };
+  add(o.server_names, names);
+  add(o.server_ips, ips);
   std::string e = baton::tls::write_dev_certs(o);
   if (!e.empty()) {
     std::fprintf(stderr, "baton certs: %s\n", e.c_str());
@@ -1001,6 +1020,11 @@ int admin_address(const std::string& cmd, const std::string& cfg_path, const std
 
 // `baton drain`: POST /drain; with --wait, until the process is gone or the
 // drain is done (a preStop hook: the pod's SIGTERM then finds nothing left).
+//
+// What --wait can tell from outside: an admin API that answered (or took the
+// connection) at the start and stops answering later means the process
+// exited, its drain over: 0. One that never took a connection cannot be told
+// from a wrong address, so that is an error (1), never "already drained".
 int cmd_drain(Args& a) {
   std::string cfg_path, admin_arg;
   bool err = false, wait = false;
@@ -1017,34 +1041,60 @@ int cmd_drain(Args& a) {
   if (err) return kExitUsage;
   baton::config::HostPort addr;
   if (int rc = admin_address("drain", cfg_path, admin_arg, addr)) return rc;
+  const std::string where = addr.to_string();
   httplib::Client cli(addr.host, addr.port);
   cli.set_connection_timeout(2, 0);
   cli.set_read_timeout(5, 0);
   auto res = cli.Post("/drain", "", "application/json");
-  if (!res || res->status != 200) {
-    std::fprintf(stderr, "baton drain: POST http://%s/drain failed: %s\n", addr.to_string().c_str(),
-                 res ? ("status " + std::to_string(res->status)).c_str() : httplib::to_string(res.error()).c_str());
-    return kExitFailure;
+  if (!res) {
+    httplib::Error e = res.error();
+    if (e == httplib::Error::Connection || e == httplib::Error::ConnectionTimeout) {
+      std::fprintf(stderr,
+                   "baton drain: cannot reach the admin API at http://%s (%s): no baton serve answers there (not "
+                   "running, already exited, or its admin.listen is another address); nothing was drained\n",
+                   where.c_str(), e == httplib::Error::Connection ? "connection refused" : "connection timed out");
+      return kExitFailure;
+    }
+    // It took the connection, then closed it without an answer: a process on
+    // its way out (the drain that ends it may be another's).
+    if (!wait) {
+      std::fprintf(stderr, "baton drain: POST http://%s/drain got no answer (%s): the process may be exiting\n",
+                   where.c_str(), httplib::to_string(e).c_str());
+      return kExitFailure;
+    }
+  } else if (res->status != 200) {
+    std::string body = res->body.substr(0, 300);
+    while (!body.empty() && (body.back() == '\n' || body.back() == '\r')) body.pop_back();
+    // 503: the process is exiting, or its event loop is busy (the drain is
+    // queued to it and starts when the loop gets there). --wait finds out.
+    if (!wait || res->status != 503) {
+      std::fprintf(stderr, "baton drain: POST http://%s/drain answered %d: %s\n", where.c_str(), res->status,
+                   body.c_str());
+      return kExitFailure;
+    }
+  } else {
+    std::fputs(res->body.c_str(), stdout);
+    std::fflush(stdout);
+    if (!wait || res->body.find("\"phase\":\"done\"") != std::string::npos) return kExitOk;
   }
-  std::fputs(res->body.c_str(), stdout);
-  std::fflush(stdout);
-  if (!wait) return kExitOk;
   // Bounded by the grace period the server reported, plus a margin for its exit.
   uint64_t grace_ms = 30000;
-  size_t at = res->body.find("\"grace_ms\":");
+  size_t at = res ? res->body.find("\"grace_ms\":") : std::string::npos;
   if (at != std::string::npos) grace_ms = std::strtoull(res->body.c_str() + at + 11, nullptr, 10);
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(grace_ms + 10000);
   while (std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // polling another process: no event to await
     auto r = cli.Get("/drain");
-    if (!r) {
+    // Refused: nothing listens any more, the process is gone. (No answer or
+    // a timeout is not proof of that: ask again.)
+    if (!r && r.error() == httplib::Error::Connection) {
       std::fputs("{\"drained\":true,\"process\":\"gone\"}\n", stdout);
       return kExitOk;
     }
-    if (r->status == 200 && r->body.find("\"phase\":\"done\"") != std::string::npos) {
+    if (r && r->status == 200 && r->body.find("\"phase\":\"done\"") != std::string::npos) {
       std::fputs(r->body.c_str(), stdout);
       return kExitOk;
     }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // polling another process: no event to await
   }
   std::fprintf(stderr, "baton drain: still draining after %llu ms\n", static_cast<unsigned long long>(grace_ms + 10000));
   return kExitFailure;

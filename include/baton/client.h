@@ -1,14 +1,14 @@
 // baton tunnel client, for programs that embed it (and for `baton connect`).
 //
 // A Client runs inside the caller's libuv loop. It dials the sidecar, runs
-// TLS 1.2 and the HELLO exchange (PROTOCOL.md sections 1-3), then serves
+// TLS 1.2 and the HELLO exchange (docs/protocol.md sections 1-3), then serves
 // local forwarders: every TCP connection accepted on a forwarder's address
 // becomes one stream to the forwarder's route. open_stream() gives the same
 // to a program that already holds a connected socket.
 //
 // The client keeps a session up: when one ends (closed, heartbeat lost, dead
 // TCP path) it dials again, rotating through `servers`, with exponential
-// backoff and full jitter (100 ms, x1.5, cap 5 s). On DRAIN (PROTOCOL.md 6)
+// backoff and full jitter (100 ms, x1.5, cap 5 s). On DRAIN (docs/protocol.md 6)
 // it opens the replacement session at once (make before break): new streams
 // go to the new session as soon as it is ready, old streams finish on the old
 // one. Local connections that arrive while no session is ready wait (at most
@@ -43,7 +43,10 @@ struct ClientForward {
 struct ClientOptions {
   std::string server;       // "host:port" of the sidecar's tunnel listener (tried first)
   std::vector<std::string> servers;  // more "host:port"s, tried in turn after `server`
-  std::string server_name;  // certificate name to verify; default: the host of the address dialed
+  // Name the sidecar's certificate must hold; default: the host of the
+  // address dialed. A DNS name is also sent as SNI; an IP literal is matched
+  // against the certificate's IP address SubjectAltNames and sent as nothing.
+  std::string server_name;
   std::string token;        // sent in HELLO; never logged
   std::string client_id;    // shown in the sidecar's logs; default: the host name
   std::string ca_file;      // CA that signed the sidecar's certificate; default: system bundle
@@ -51,7 +54,12 @@ struct ClientOptions {
   std::string key_file;
   std::vector<ClientForward> forwards;
   uint32_t connect_timeout_ms = 10000;  // TCP + TLS + WELCOME; also how long a local connection waits for a session
-  // Consecutive failed tries (no session became ready) before giving up; 0 = never.
+  // Give up (on_closed) when this many tries in a row have failed; 0 = never.
+  // A try is one dial of one address (TCP connect, TLS, HELLO) that ends
+  // before WELCOME, a REJECT 3 or 4 included; a session that comes up
+  // starts the count again. So after a session is lost the client dials at
+  // most max_reconnects times. (Before the first session, a TCP or TLS
+  // failure at every address once ends the client regardless.)
   uint32_t max_reconnects = 0;
   // TCP keepalive and TCP_USER_TIMEOUT on the tunnel socket find a dead path
   // within about this long; 0 leaves the system defaults.
@@ -108,7 +116,7 @@ struct ClientReady {
 
 struct ClientEvents {
   std::function<void(const ClientReady&)> on_ready;  // WELCOME received, forwarders listening
-  // REJECT received: code per PROTOCOL.md (1 version, 2 unauthorized, 3 overloaded, 4 draining).
+  // REJECT received: code per docs/protocol.md (1 version, 2 unauthorized, 3 overloaded, 4 draining).
   std::function<void(uint16_t code, const std::string& reason)> on_reject;
   // The client stopped for good (fatal REJECT, gave up reconnecting, bad
   // forward address); `error` says why. Not called after stop().

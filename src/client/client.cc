@@ -80,9 +80,16 @@ class ClientLink : public Link {
   }
   void on_role_deadline() override;
   void on_last_bridge_gone() override;
+  void on_handshake_failed() override {
+    if (const tls::Handshake* h = handshake()) handshake_error_ = h->error();
+  }
 
  private:
+  // Why the session ended, as precisely as the TLS layer knows it.
+  std::string close_reason(const char* reason) const;
+
   Client::Impl& owner_;
+  std::string handshake_error_;  // the TLS handshake failed: why
   uint64_t next_ping_ms_ = 0;
   uint32_t ping_seq_ = 0;
 };
@@ -121,7 +128,7 @@ struct Client::Impl {
   bool ready_sent = false;
   bool stopped = false;
   bool ever_ready = false;
-  uint32_t failures = 0;          // consecutive failed tries
+  uint32_t failures = 0;          // consecutive failed tries (reset by WELCOME)
   uint32_t initial_failures = 0;  // transport failures before the first session
   ClientCounters counters;
   std::mt19937_64 rng{std::random_device{}()};
@@ -291,8 +298,10 @@ struct Client::Impl {
       fail(err);
       return;
     }
-    if (opts.max_reconnects && failures > opts.max_reconnects) {
-      fail(err + " (gave up after " + std::to_string(failures) + " tries)");
+    // --max-reconnects N: the Nth failed try in a row is the last one.
+    if (opts.max_reconnects && failures >= opts.max_reconnects) {
+      fail(err + " (gave up after " + std::to_string(failures) + " failed tries in a row, --max-reconnects " +
+           std::to_string(opts.max_reconnects) + ")");
       return;
     }
     cur = (cur + 1) % servers.size();
@@ -423,7 +432,7 @@ struct Client::Impl {
       active = nullptr;
       if (stopped) return;
       if (l->draining) {
-        // PROTOCOL.md 6: a drained session closes when its last stream ends,
+        // docs/protocol.md 6: a drained session closes when its last stream ends,
         // at once if it had none, possibly before the replacement is ready.
         // That is the move going as planned, not a lost session: new local
         // connections wait for the replacement already being dialed.
@@ -590,7 +599,7 @@ void ClientLink::on_control_data() {
   }
 }
 
-// PROTOCOL.md 5: a ping every heartbeat_ms; dead after 2 unanswered pings.
+// docs/protocol.md 5: a ping every heartbeat_ms; dead after 2 unanswered pings.
 // Counted from the last bytes received, so a peer that went silent right
 // after answering is found 2 heartbeats later, not 3.
 void ClientLink::on_role_deadline() {
@@ -609,7 +618,16 @@ void ClientLink::on_role_deadline() {
 
 void ClientLink::on_last_bridge_gone() { owner_.link_idle(this); }
 
-void ClientLink::on_closed(const char* reason) { owner_.link_closed(this, reason); }
+std::string ClientLink::close_reason(const char* reason) const {
+  if (!handshake_error_.empty()) return std::string(reason) + ": " + handshake_error_;
+  // The server closed the connection mid-handshake without an alert.
+  if (phase() == LinkPhase::awaiting_handshake)
+    if (const tls::Handshake* h = handshake())
+      if (std::string why = h->peer_close_reason(); !why.empty()) return why;
+  return reason;
+}
+
+void ClientLink::on_closed(const char* reason) { owner_.link_closed(this, close_reason(reason)); }
 
 }  // namespace
 

@@ -120,6 +120,7 @@ std::unique_ptr<Context> Context::make_server(const ServerTlsOptions& o, std::st
     error = "server certificate: " + mbedtls_error_text(ret);
     return nullptr;
   }
+  c->has_own_cert_ = true;
   if (!o.client_ca_file.empty()) {
     ret = mbedtls_x509_crt_parse_file(&c->ca_, o.client_ca_file.c_str());
     if (ret != 0) {
@@ -168,6 +169,7 @@ std::unique_ptr<Context> Context::make_client(const ClientTlsOptions& o, std::st
       error = "client certificate: " + mbedtls_error_text(ret);
       return nullptr;
     }
+    c->has_own_cert_ = true;
   }
   return c;
 }

@@ -1,5 +1,5 @@
 // Context: one mbedtls_ssl_config with its credentials, shared by every
-// handshake of one side. PROTOCOL.md section 1 fixes what it allows: TLS 1.2
+// handshake of one side. docs/protocol.md section 1 fixes what it allows: TLS 1.2
 // only, ECDHE on P-256 or X25519, the six AEAD suites, no renegotiation,
 // session tickets, ALPN "baton/1" accepted.
 #pragma once
@@ -50,6 +50,8 @@ class Context {
   mbedtls_ssl_config* conf() { return &conf_; }
   Side side() const { return side_; }
   bool verifies_client_certs() const { return has_client_ca_; }
+  // A certificate of its own is configured (always on a server; mTLS on a client).
+  bool has_own_cert() const { return has_own_cert_; }
   mbedtls_ctr_drbg_context* rng() { return &drbg_; }
   // Server: the session ticket keys in use (the first seals), for handoff.
   const std::vector<TicketKey>& ticket_keys() const { return ticket_keys_; }
@@ -59,6 +61,7 @@ class Context {
   std::string init_common();
   Side side_;
   bool has_client_ca_ = false;
+  bool has_own_cert_ = false;
   mbedtls_entropy_context entropy_;
   mbedtls_ctr_drbg_context drbg_;
   mbedtls_ssl_config conf_;

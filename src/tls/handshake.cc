@@ -5,6 +5,7 @@
 
 #include <cstring>
 
+#include "tls/cert_names.h"
 #include "util/bytes.h"
 
 namespace baton::tls {
@@ -26,6 +27,40 @@ namespace {
 // connection's; the configuration is shared, so the handshake being stepped
 // is recorded here. The loop is single-threaded per Context.
 thread_local Handshake* g_stepping = nullptr;
+
+const char* alert_name(uint8_t a) {
+  switch (a) {
+    case 0: return "close_notify";
+    case 10: return "unexpected_message";
+    case 20: return "bad_record_mac";
+    case 22: return "record_overflow";
+    case 40: return "handshake_failure";
+    case 42: return "bad_certificate";
+    case 43: return "unsupported_certificate";
+    case 44: return "certificate_revoked";
+    case 45: return "certificate_expired";
+    case 46: return "certificate_unknown";
+    case 47: return "illegal_parameter";
+    case 48: return "unknown_ca";
+    case 49: return "access_denied";
+    case 50: return "decode_error";
+    case 51: return "decrypt_error";
+    case 70: return "protocol_version";
+    case 71: return "insufficient_security";
+    case 80: return "internal_error";
+    case 86: return "inappropriate_fallback";
+    case 90: return "user_canceled";
+    case 100: return "no_renegotiation";
+    case 109: return "missing_extension";
+    case 110: return "unsupported_extension";
+    case 112: return "unrecognized_name";
+    case 116: return "certificate_required";
+    case 120: return "no_application_protocol";
+  }
+  return "unknown";
+}
+
+constexpr const char* kNeedsClientCert = "the server requires a client certificate (--cert/--key)";
 }  // namespace
 
 Handshake::Handshake(Context& ctx, const std::string& server_name, ClientSession* resume)
@@ -33,7 +68,13 @@ Handshake::Handshake(Context& ctx, const std::string& server_name, ClientSession
   mbedtls_ssl_init(ssl_.get());
   mbedtls_ssl_conf_export_keys_ext_cb(ctx.conf(), export_keys_cb, nullptr);
   int ret = mbedtls_ssl_setup(ssl_.get(), ctx.conf());
-  if (ret == 0 && ctx.side() == Side::client && !server_name.empty())
+  if (ctx.side() == Side::client) {
+    server_name_ = server_name;
+    name_is_ip_ = is_ip_literal(server_name);
+  }
+  // mbedTLS checks a DNS name itself (and sends it as SNI); an IP literal is
+  // checked in verify_cb, since mbedTLS 2.28 cannot match iPAddress names.
+  if (ret == 0 && ctx.side() == Side::client && !server_name.empty() && !name_is_ip_)
     ret = mbedtls_ssl_set_hostname(ssl_.get(), server_name.c_str());
   if (ret == 0 && resume && resume->valid) (void)mbedtls_ssl_set_session(ssl_.get(), resume->get());
   if (ret != 0) {
@@ -41,13 +82,67 @@ Handshake::Handshake(Context& ctx, const std::string& server_name, ClientSession
     error_ = "TLS setup: " + mbedtls_error_text(ret);
   }
   mbedtls_ssl_set_bio(ssl_.get(), this, send_cb, recv_cb, nullptr);
-  // Certificates are verified only in a full handshake; a client that sees
-  // no verification knows the session was resumed.
-  if (ctx.side() == Side::client)
-    mbedtls_ssl_set_verify(ssl_.get(), [](void* p, mbedtls_x509_crt*, int, uint32_t*) {
-      static_cast<Handshake*>(p)->full_handshake_seen_ = true;
-      return 0;
-    }, this);
+  if (ctx.side() == Side::client) mbedtls_ssl_set_verify(ssl_.get(), verify_cb, this);
+}
+
+// Called for each certificate of the server's chain, the server's own last
+// (depth 0), with what mbedTLS found wrong with it in *flags. Certificates
+// are verified only in a full handshake: a client that sees no call knows
+// the session was resumed.
+int Handshake::verify_cb(void* p, mbedtls_x509_crt* crt, int depth, uint32_t* flags) {
+  auto* h = static_cast<Handshake*>(p);
+  h->full_handshake_seen_ = true;
+  if (depth != 0 || h->server_name_.empty()) return 0;
+  if (h->name_is_ip_ && !cert_names(*crt, h->server_name_)) *flags |= MBEDTLS_X509_BADCERT_CN_MISMATCH;
+  // The certificate lives only as long as this call: say now what it names.
+  if (*flags & MBEDTLS_X509_BADCERT_CN_MISMATCH) h->name_error_ = name_mismatch_error(*crt, h->server_name_);
+  return 0;
+}
+
+bool Handshake::client_cert_missing() const {
+  // ssl->client_auth: set by mbedTLS when the server's flight held a CertificateRequest.
+  return ctx_.side() == Side::client && ssl_ && ssl_->client_auth && !ctx_.has_own_cert();
+}
+
+std::string Handshake::peer_close_reason() const {
+  if (status_ != HandshakeStatus::done && client_cert_missing())
+    return std::string(kNeedsClientCert) + ": it asked for one, none is configured, and it closed the connection";
+  return "";
+}
+
+std::string Handshake::failure_text(int ret) const {
+  std::string lib = mbedtls_error_text(ret);
+  if (ctx_.side() == Side::server) {
+    if (ret == MBEDTLS_ERR_SSL_BAD_HS_PROTOCOL_VERSION) return "client offered no TLS 1.2: " + lib;
+    if (ret == MBEDTLS_ERR_SSL_NO_CLIENT_CERTIFICATE) return "client sent no certificate, and one is required: " + lib;
+    return lib;
+  }
+  std::string why = lib;
+  if (ret == MBEDTLS_ERR_X509_CERT_VERIFY_FAILED) {
+    uint32_t flags = mbedtls_ssl_get_verify_result(ssl_.get());
+    why.clear();
+    if (flags & MBEDTLS_X509_BADCERT_CN_MISMATCH)
+      why = name_error_.empty() ? "server certificate does not name " + server_name_ : name_error_;
+    if (uint32_t rest = flags & ~uint32_t(MBEDTLS_X509_BADCERT_CN_MISMATCH)) {
+      char info[512] = "";
+      int n = mbedtls_x509_crt_verify_info(info, sizeof info, "", rest);
+      std::string text;  // one line per problem: joined with "; "
+      for (char c : std::string_view(info, n > 0 ? size_t(n) : 0)) {
+        if (c != '\n') text += c;
+        else if (!text.empty() && text.back() != ' ') text += "; ";
+      }
+      while (!text.empty() && (text.back() == ' ' || text.back() == ';')) text.pop_back();
+      if (!why.empty()) why += "; ";
+      why += "server certificate did not verify: " + (text.empty() ? lib : text);
+    }
+    if (why.empty()) why = "server certificate did not verify: " + lib;
+  } else if (ret == MBEDTLS_ERR_SSL_FATAL_ALERT_MESSAGE && ssl_->in_msg && ssl_->in_msgtype == MBEDTLS_SSL_MSG_ALERT &&
+             ssl_->in_msglen >= 2) {
+    uint8_t a = ssl_->in_msg[1];
+    why = "the server ended the handshake with alert " + std::string(alert_name(a)) + " (" + std::to_string(a) + ")";
+  }
+  if (client_cert_missing()) return std::string(kNeedsClientCert) + ": it asked for one and none is configured; " + why;
+  return why;
 }
 
 Handshake::~Handshake() {
@@ -91,8 +186,14 @@ HandshakeStatus Handshake::step() {
   if (ret == MBEDTLS_ERR_SSL_WANT_READ || ret == MBEDTLS_ERR_SSL_WANT_WRITE) return status_;
   if (ret != 0) {
     status_ = HandshakeStatus::failed;
-    error_ = mbedtls_error_text(ret);
-    if (ret == MBEDTLS_ERR_SSL_BAD_HS_PROTOCOL_VERSION) error_ = "client offered no TLS 1.2: " + error_;
+    error_ = failure_text(ret);
+    // TLS 1.2 (RFC 5246 7.4.6): a server that will not go on without a
+    // client certificate answers an empty one with a fatal
+    // handshake_failure; mbedTLS 2.28 just stops. Without the alert a
+    // client cannot tell this from a server that crashed.
+    if (ret == MBEDTLS_ERR_SSL_NO_CLIENT_CERTIFICATE)
+      (void)mbedtls_ssl_send_alert_message(ssl_.get(), MBEDTLS_SSL_ALERT_LEVEL_FATAL,
+                                           MBEDTLS_SSL_ALERT_MSG_HANDSHAKE_FAILURE);
     return status_;
   }
   const char* suite_name = mbedtls_ssl_get_ciphersuite(ssl_.get());

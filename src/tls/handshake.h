@@ -51,8 +51,12 @@ struct PeerInfo {
 
 class Handshake {
  public:
-  // Client side: server_name is used for SNI and certificate verification;
-  // resume (optional) offers a saved session ticket.
+  // Client side: server_name is the name the server's certificate must hold
+  // (tls/cert_names.h): a DNS name is also sent as SNI; an IP literal
+  // ("127.0.0.1", "::1") is matched against the certificate's iPAddress
+  // SubjectAltNames and not sent (RFC 6066 3 forbids IP literals in SNI).
+  // Empty: the certificate's chain is verified, its name is not. resume
+  // (optional) offers a saved session ticket.
   Handshake(Context& ctx, const std::string& server_name = "", ClientSession* resume = nullptr);
   ~Handshake();
   Handshake(const Handshake&) = delete;
@@ -65,8 +69,19 @@ class Handshake {
   util::ByteQueue& output() { return out_; }
   size_t buffered_input() const { return in_.size(); }
 
-  // When failed: what went wrong, for logs (no secrets).
+  // When failed: what went wrong, for logs (no secrets). A client names the
+  // cause where it can: "server certificate does not name 127.0.0.2 (it
+  // names DNS localhost, IP 127.0.0.1)", "server certificate did not
+  // verify: ...", the alert the server sent, "the server requires a client
+  // certificate (--cert/--key): ...".
   const std::string& error() const { return error_; }
+  // Client side: the server asked for a certificate (CertificateRequest) and
+  // this side has none. A handshake the server then ends failed for that
+  // reason (unless require_client_cert is off, in which case it succeeds).
+  bool client_cert_missing() const;
+  // Client side, while not done: why a server that closed the connection
+  // (TCP end, no alert) most likely did, or "" when nothing points anywhere.
+  std::string peer_close_reason() const;
   // When done: whether the client presented a certificate that verified (server side).
   const PeerInfo& peer() const { return peer_; }
 
@@ -79,6 +94,8 @@ class Handshake {
 
  private:
   static int send_cb(void* p, const unsigned char* buf, size_t len);
+  static int verify_cb(void* p, mbedtls_x509_crt* crt, int depth, uint32_t* flags);
+  std::string failure_text(int ret) const;
   static int recv_cb(void* p, unsigned char* buf, size_t len);
   static int export_keys_cb(void* p, const unsigned char* ms, const unsigned char* kb, size_t maclen,
                             size_t keylen, size_t ivlen, const unsigned char client_random[32],
@@ -98,6 +115,9 @@ class Handshake {
   bool keys_exported_ = false;
   bool resumed_ = false;             // server: a ticket was opened
   bool full_handshake_seen_ = false;  // client: the server's certificate was verified
+  std::string server_name_;           // client: the name the certificate must hold
+  bool name_is_ip_ = false;           // client: server_name_ is an IP literal (matched here, not by mbedTLS)
+  std::string name_error_;            // client: the certificate did not name server_name_, and what it names
 };
 
 }  // namespace baton::tls

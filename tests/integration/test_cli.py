@@ -206,3 +206,77 @@ def test_serve_refuses_invalid_config(baton_bin, tmp_path):
     r = run([baton_bin, "serve", "-c", str(p)], timeout=30)
     assert r.returncode != 0
     assert not r.stdout.strip().startswith(b"{"), "printed a ready line for an invalid config"
+
+
+# `baton drain` (docs/operations.md "Drain"): exit 0 when the drain is done or
+# the process exited since the command reached it; 1 when no baton answers.
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_drain_that_ends_at_once_exits_0_and_so_does_the_server(baton_bin, server_factory, wait):
+    """No tunnels and drain.delay_ms 0: the drain is over inside POST /drain
+    and the process exits right after answering it."""
+    srv = server_factory(extra="drain:\n  delay_ms: 0\n  spread_ms: 0\n")
+    r = run([baton_bin, "drain", "--admin", srv.ready["admin"]] + (["--wait"] if wait else []))
+    assert r.returncode == 0, r
+    answer = json.loads(r.stdout.decode().splitlines()[0])
+    assert answer["phase"] == "done" and answer["draining"] is True, answer
+    assert srv.wait_exit(10) == 0, "baton serve did not exit cleanly (negative: killed by a signal)"
+
+
+def test_drain_against_no_baton_exits_1_saying_nothing_was_drained(baton_bin):
+    port = _free_port()
+    for extra in ([], ["--wait"]):
+        r = run([baton_bin, "drain", "--admin", "127.0.0.1:%d" % port] + extra)
+        assert r.returncode == 1, r
+        err = r.stderr.decode()
+        assert "cannot reach the admin API at http://127.0.0.1:%d (connection refused)" % port in err, err
+        assert "nothing was drained" in err, err
+        assert r.stdout == b"", r.stdout
+
+
+def test_drain_wait_when_the_target_exits_before_answering(baton_bin):
+    """A process on its way out answers POST /drain with 503 (its event loop
+    no longer takes jobs) and stops listening: --wait exits 0, the process is
+    gone. The stand-in answers as baton's admin API does, on a real socket,
+    and closes its listener before answering."""
+    import threading
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    port = lsock.getsockname()[1]
+    requests = []
+
+    def answer_once():
+        conn, _ = lsock.accept()
+        lsock.close()  # nothing listens from here on
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+        requests.append(buf.split(b"\r\n", 1)[0])
+        body = b'{"error":"the event loop did not answer within 1 s"}\n'
+        conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        conn.close()
+
+    th = threading.Thread(target=answer_once, daemon=True)
+    th.start()
+    try:
+        r = run([baton_bin, "drain", "--wait", "--admin", "127.0.0.1:%d" % port])
+    finally:
+        th.join(scaled(10))
+        lsock.close()
+    assert requests == [b"POST /drain HTTP/1.1"], requests
+    assert r.returncode == 0, r
+    assert json.loads(r.stdout.decode().splitlines()[-1]) == {"drained": True, "process": "gone"}, r.stdout

@@ -7,8 +7,12 @@ import signal
 import socket
 import threading
 import time
+import types
+
+import pytest
 
 from conftest import http_request, scaled, socket_echo, wait_until
+from tcp_relay import TcpRelay
 
 DRAIN_FAST = "drain:\n  grace_ms: 20000\n  spread_ms: 0\n  delay_ms: 5000\n"
 
@@ -208,3 +212,25 @@ def test_drain_follows_reconnect_hint(server_factory, connect_factory):
     assert s2["server"] == addr_str(b) and s2["server_id"] == "srv-b", s2
     assert roundtrip(addr, b"on b") == b"on b"
     assert "moving to %s" % addr_str(b) in c.stderr_text()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_max_reconnects_gives_up_after_exactly_n_failed_tries(server, connect_factory, n):
+    """--max-reconnects N (docs/client.md): after the session is lost the
+    client dials at most N times; the Nth failed try in a row is the last.
+    Every try lands on a relay that accepts the TCP connection and closes it
+    (the TLS handshake fails), so each try is one counted accept."""
+    relay = TcpRelay(server.addr, forward=1)  # the first connection reaches the server
+    try:
+        c = connect_factory(types.SimpleNamespace(addr=relay.addr), extra_args=["--max-reconnects", str(n)])
+        assert roundtrip(c.forward_addr("echo"), b"via relay") == b"via relay"
+        relay.cut()  # session 1 ends; from now on every try fails
+        status = c.wait_exit(30)
+    finally:
+        relay.close()
+    assert status == 1, "exit status %s" % status
+    assert relay.relayed == 1
+    assert relay.closed_at_once == n, "%d tries after the session was lost, --max-reconnects %d" % (
+        relay.closed_at_once, n)
+    err = c.stderr_text()
+    assert "gave up after %d failed tries in a row" % n in err, err

@@ -4,11 +4,14 @@ and what happens to connections that are not TLS 1.2 at all."""
 import os
 import socket
 import ssl
+import subprocess
+import types
 
 import pytest
 
 import baton_wire as bw
-from conftest import TOKEN, echo_roundtrip, scaled
+from conftest import TOKEN, Certs, ServerProcess, _teardown, echo_roundtrip, make_config, scaled
+from tcp_relay import TcpRelay
 
 HANDSHAKE_FAILURES = (ssl.SSLError, ConnectionError, EOFError, OSError)
 
@@ -155,6 +158,64 @@ def test_mtls_client_without_cert_fails(server_factory, certs, client_ctx):
     assert srv.alive()
 
 
+def test_mtls_server_answers_a_missing_client_cert_with_handshake_failure(server_factory, client_ctx):
+    """RFC 5246 7.4.6: a server that requires a client certificate answers an
+    empty one with a fatal handshake_failure alert, not a bare TCP close."""
+    srv = server_factory(mtls=True)
+    with pytest.raises(ssl.SSLError) as e:
+        t = bw.Tunnel.connect(srv.addr, token=TOKEN.encode(), ctx=client_ctx, timeout=scaled(10))
+        t.close()
+    assert "handshake failure" in str(e.value).lower() or "alert number 40" in str(e.value).lower(), e.value
+    assert srv.alive()
+
+
+def test_connect_without_client_cert_says_the_server_requires_one(server_factory, connect_factory):
+    srv = server_factory(mtls=True)
+    c = connect_factory(srv, wait=False)  # no --cert/--key
+    status = c.wait_exit(15)
+    assert status == 1, "exit status %s" % status
+    err = c.stderr_text()
+    assert "the server requires a client certificate (--cert/--key)" in err, err
+    assert "tunnel closed:" in err, err
+
+
+def test_connect_without_client_cert_to_a_server_that_just_closes(server_factory, connect_factory):
+    """A server that sends no alert (an older baton, another implementation):
+    the client still names the missing certificate. The relay forwards
+    bytes until the server's alert, which it drops, then closes."""
+    srv = server_factory(mtls=True)
+
+    class AlertDropper(TcpRelay):
+        @staticmethod
+        def _pipe(src, dst):
+            try:
+                while True:
+                    data = src.recv(65536)
+                    # A TLS alert record (type 21) from the server ends the
+                    # connection without being passed on.
+                    if not data or data[:1] == b"\x15":
+                        for sock in (src, dst):
+                            try:
+                                sock.shutdown(socket.SHUT_RDWR)
+                            except OSError:
+                                pass
+                        return
+                    dst.sendall(data)
+            except OSError:
+                return
+
+    relay = AlertDropper(srv.addr, forward=None)
+    try:
+        c = connect_factory(types.SimpleNamespace(addr=relay.addr), wait=False)
+        status = c.wait_exit(15)
+    finally:
+        relay.close()
+    assert status == 1, "exit status %s" % status
+    err = c.stderr_text()
+    assert ("the server requires a client certificate (--cert/--key): it asked for one, none is configured, "
+            "and it closed the connection") in err, err
+
+
 def test_mtls_client_with_cert_succeeds(server_factory, certs, tunnel_factory):
     srv = server_factory(mtls=True)
     ctx = bw.client_context(ca=str(certs.ca_crt), cert=str(certs.client_crt), key=str(certs.client_key))
@@ -183,3 +244,82 @@ def test_server_certificate_verifies_against_dev_ca(server, certs):
         cert = t.ssl.getpeercert()
         t.close()
         assert cert
+
+
+# Certificates for an IP address (iPAddress SubjectAltName): mbedTLS 2.28
+# matches DNS names only, so baton matches IP literals itself (tls/cert_names.h).
+
+@pytest.fixture
+def ip_certs(baton_bin, tmp_path):
+    d = tmp_path / "ip-certs"
+    r = subprocess.run([baton_bin, "certs", "--out", str(d), "--ip", "127.0.0.1"], capture_output=True,
+                       timeout=scaled(60))
+    assert r.returncode == 0, r.stderr
+    return Certs(d, d / "ca.crt", d / "ca.key", d / "server.crt", d / "server.key", d / "client.crt",
+                 d / "client.key", d / "ticket.key")
+
+
+@pytest.fixture
+def ip_server(request, ip_certs, echo_server, tmp_path, short_tmp):
+    """`baton serve` with the certificates of `baton certs --ip 127.0.0.1`."""
+    text = make_config(ip_certs, {"echo": echo_server.addr_str}, str(short_tmp / "h.sock"))
+    path = tmp_path / "ip-server.yaml"
+    path.write_text(text)
+    srv = ServerProcess(path, tmp_path, text, name="ip-server")
+    request.node._baton_procs = getattr(request.node, "_baton_procs", []) + [srv]
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        _teardown([srv])
+
+
+def _connect_echo(c):
+    s = socket.create_connection(c.forward_addr("echo"), timeout=scaled(10))
+    try:
+        s.sendall(b"by IP")
+        got = b""
+        while len(got) < 5:
+            b = s.recv(100)
+            assert b, "forward closed"
+            got += b
+        return got
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("server_name", [None, "127.0.0.1"])
+def test_connect_verifies_a_certificate_by_ip_address(ip_server, ip_certs, connect_factory, server_name):
+    extra = ["--ca", str(ip_certs.ca_crt)] + (["--server-name", server_name] if server_name else [])
+    c = connect_factory(ip_server, ca=False, extra_args=extra)  # --server 127.0.0.1:PORT
+    assert ("--server-name" in c.args) == bool(server_name), c.args
+    assert _connect_echo(c) == b"by IP"
+
+
+def test_connect_refuses_a_certificate_for_another_ip_address(ip_server, ip_certs, connect_factory):
+    # The certificate names 127.0.0.1 (and ::1, localhost); 127.0.0.2 is
+    # loopback too, so dialing it reaches the same server.
+    relay = TcpRelay(ip_server.addr, host="127.0.0.2", forward=None)
+    try:
+        c = connect_factory(types.SimpleNamespace(addr=relay.addr), ca=False, wait=False,
+                            extra_args=["--ca", str(ip_certs.ca_crt)])
+        status = c.wait_exit(15)
+    finally:
+        relay.close()
+    assert status == 1, "exit status %s" % status
+    err = c.stderr_text()
+    assert "server certificate does not name 127.0.0.2 (it names DNS localhost, IP 127.0.0.1, IP ::1)" in err, err
+
+    c = connect_factory(ip_server, ca=False, wait=False,
+                        extra_args=["--ca", str(ip_certs.ca_crt), "--server-name", "10.0.0.1"])
+    assert c.wait_exit(15) == 1
+    err = c.stderr_text()
+    assert "server certificate does not name 10.0.0.1 (it names DNS localhost, IP 127.0.0.1, IP ::1)" in err, err
+
+
+def test_connect_dns_name_mismatch_names_the_expected_name(server, connect_factory, certs):
+    c = connect_factory(server, ca=False, wait=False,
+                        extra_args=["--ca", str(certs.ca_crt), "--server-name", "other.example"])
+    assert c.wait_exit(15) == 1
+    err = c.stderr_text()
+    assert "server certificate does not name other.example (it names DNS localhost, IP 127.0.0.1, IP ::1)" in err, err
