@@ -11,6 +11,13 @@
 # missing), then the validator's pinned npm packages in tests/k8s
 # (tests/k8s/install.sh: npm ci there, skipped when already installed). Not in
 # plain `make deps`/`make build`, which the image's build stage runs.
+#
+# --k8s also installs the Go interop peer's toolchain: golang-go and
+# golang-github-hashicorp-yamux-dev (tests/integration/test_interop_go.py
+# builds tests/interop/yamuxpeer with them, offline, in GOPATH mode). They
+# are test-only (a few hundred MB that `make build` and the image's build
+# stage do not need), so they sit with the other test-only packages here
+# rather than in the main list.
 set -euo pipefail
 k8s=0
 [ "${1:-}" = --k8s ] && k8s=1
@@ -30,6 +37,9 @@ if [ "$k8s" = 1 ]; then
   command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
   command -v node >/dev/null 2>&1 || missing+=(nodejs)
   command -v npm >/dev/null 2>&1 || missing+=(npm)
+  for p in golang-go golang-github-hashicorp-yamux-dev; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "deps: installing ${missing[*]}"
