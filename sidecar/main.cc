@@ -323,6 +323,18 @@ int cmd_serve(Args& a) {
       child.reset();
       spdlog::info("took over {} tunnels from pid {} in {} ms (epoch {})", takeover.tunnels, takeover.old_pid,
                    takeover.elapsed_ms, server->epoch());
+    } else if (int probe = baton::handoff::connect_handoff(cfg.handoff_socket, error); probe >= 0 || !error.empty()) {
+      // The connection closed without a word, but the socket still answers:
+      // the old process is alive and refused this one (its refusal can be
+      // lost when it closes before reading our hello). Starting fresh would
+      // be a second server beside it.
+      if (probe >= 0) ::close(probe);
+      spdlog::error("takeover failed: {}; the old process is still there (another new process may be taking over, "
+                    "or it is draining): not starting a second server",
+                    takeover.error);
+      child.reset();
+      uv_run(loop, UV_RUN_NOWAIT);
+      return kExitFailure;
     } else {
       // The old process died before handing anything over (its tunnels died
       // with it): serve instead of leaving the port with nobody behind it.
@@ -427,7 +439,12 @@ int cmd_serve(Args& a) {
     uv_timer_start(&stop_timer, [](uv_timer_t* t) { (*static_cast<decltype(stop_now)*>(t->data))(); }, 0, 0);
   });
   std::string drain_trigger = "POST /drain";
-  server->set_drain_handler([&]() { drainer->start(drain_trigger); });
+  server->set_drain_handler([&]() {
+    // A drain is never handed over: a restart in progress is called off
+    // first (docs/operations.md "When lifecycle events meet").
+    if (parent) parent->cancel("a drain started (" + drain_trigger + "): this process drains instead");
+    drainer->start(drain_trigger);
+  });
   // Handlers before the ready line: whoever reads it may signal at once.
   // SIGTERM: drain, then exit. SIGINT, or SIGTERM again: exit at once.
   sig.start(loop, [&](int signum) {

@@ -145,10 +145,16 @@ void Parent::on_accept() {
     ::close(fd);
     return;
   }
-  if (phase_ != ParentPhase::idle) {
-    spdlog::warn("handoff: pid {} connected while a handoff is in progress; refused", cred.pid);
+  // docs/operations.md "When lifecycle events meet": one handoff at a time,
+  // and never out of a drain (a drain is not undone; the new process would
+  // serve while this pod is going away).
+  const bool draining = server_.state() == proxy::ServeState::draining;
+  if (phase_ != ParentPhase::idle || draining) {
+    const char* why = draining ? "this baton is draining (a drain is never undone): no hot restart"
+                               : "another new process is taking over right now";
+    spdlog::warn("handoff: pid {} connected; refused: {}", cred.pid, why);
     std::vector<uint8_t> msg;
-    encode_refuse("a handoff is already in progress", msg);
+    encode_refuse(why, msg);
     (void)!::write(fd, msg.data(), msg.size());
     ::close(fd);
     return;
@@ -404,6 +410,8 @@ void Parent::commit() {
   if (on_handed_over_) on_handed_over_(stats_);
 }
 
+void Parent::cancel(const std::string& why) { abort(why, true); }
+
 void Parent::abort(const std::string& why, bool tell_peer) {
   if (phase_ == ParentPhase::committed || phase_ == ParentPhase::idle) return;
   spdlog::warn("handoff to pid {} failed in phase {}: {}; resuming everything here", child_pid_, to_str(phase_), why);
@@ -437,7 +445,9 @@ void Parent::abort(const std::string& why, bool tell_peer) {
     ++resumed;
   }
   if (resumed) server_.metrics().inc(proxy::series("baton_handoff_tunnels_total", {{"result", "resumed"}}), resumed);
-  server_.set_state(proxy::ServeState::serving);
+  // A drain that called the handoff off keeps its own state (and closes the
+  // listener itself after drain.delay_ms).
+  if (server_.state() != proxy::ServeState::draining) server_.set_state(proxy::ServeState::serving);
   server_.resume_accepting();
   phase_ = ParentPhase::idle;
   spdlog::info("handoff: resumed {} tunnels; accepting again", resumed);

@@ -79,6 +79,10 @@ class Parent {
   [[nodiscard]] std::string listen();
   ParentPhase phase() const { return phase_; }
   const HandoffStats& stats() const { return stats_; }
+  // Calls a handoff in progress off (a drain starts: it is never handed
+  // over): the new process is told why, every exported tunnel resumes here.
+  // No effect when idle or committed.
+  void cancel(const std::string& why);
 
  private:
   static void accept_cb(uv_poll_t* p, int status, int events);
