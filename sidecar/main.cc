@@ -34,6 +34,7 @@
 #include "client/status_http.h"
 #include "util/bytes.h"
 #include "util/json.h"
+#include "util/log_format.h"
 
 namespace {
 
@@ -49,7 +50,7 @@ usage:
                 [--token T | --token-file F] [--ca FILE] [--cert FILE --key FILE]
                 [--server-name NAME] [--client-id ID] [--max-reconnects N]
                 [--connect-timeout-ms MS] [--dead-after-ms MS] [--status-listen HOST:PORT]
-                [--log-level L] [--log-format F]
+                [--max-waiting N] [--log-level L] [--log-format F]
       Open a tunnel and forward each local connection on LISTEN to ROUTE.
       The token may also come from the BATON_TOKEN environment variable.
       Reconnects (rotating through the --server list, with backoff) when the
@@ -57,12 +58,18 @@ usage:
       failed tries in a row (default 0: never). Prints {"event":"ready",...},
       then {"event":"session",...} for every session that comes up.
       --connect-timeout-ms (default 10000): dial + TLS + WELCOME, and how long
-      a local connection waits for a session before it is reset.
+      a local connection waits (for a session, or for the server's stream
+      open rate) before it is reset.
+      --max-waiting N (default 4096): local connections waiting at once;
+      one more is reset at once.
       --dead-after-ms (default 10000): TCP keepalive/TCP_USER_TIMEOUT bound.
       --server-name (default: the host of --server): the name the server's
       certificate must hold; an IP address is matched against its IP names.
       --status-listen: GET /status there answers the client's state as JSON.
-  baton check -c FILE        Validate a configuration (and load its TLS files).
+  baton check -c FILE [--strict]
+      Validate a configuration and load its TLS files. Certificates that
+      peers will refuse (expired, not yet valid, weak) or that expire within
+      14 days are warnings; --strict makes them exit 1.
   baton certs --out DIR [--name DNS]... [--ip ADDR]...
       Write a development CA, server and client certificates and a ticket key.
   baton drain [-c FILE | --admin HOST:PORT] [--wait]
@@ -77,33 +84,9 @@ usage:
   baton hash-token           Read a token on stdin, print the sha256 hex for the config.
   baton version
 
-exit status: 0 ok, 1 failure (status: admin API unreachable or in error), 2 usage or
-configuration error, 3 rejected by the server
+exit status: 0 ok, 1 failure (status: admin API unreachable or in error; check --strict:
+a certificate warning), 2 usage or configuration error, 3 rejected by the server
 )";
-
-// Log lines as JSON need the message escaped; spdlog's pattern cannot do it.
-class JsonEscapedMessage : public spdlog::custom_flag_formatter {
- public:
-  void format(const spdlog::details::log_msg& msg, const std::tm&, spdlog::memory_buf_t& dest) override {
-    for (char c : msg.payload) {
-      switch (c) {
-        case '"': dest.append(std::string_view("\\\"")); break;
-        case '\\': dest.append(std::string_view("\\\\")); break;
-        case '\n': dest.append(std::string_view("\\n")); break;
-        case '\t': dest.append(std::string_view("\\t")); break;
-        default:
-          if (static_cast<unsigned char>(c) < 0x20) {
-            char buf[8];
-            snprintf(buf, sizeof buf, "\\u%04x", c);
-            dest.append(std::string_view(buf));
-          } else {
-            dest.push_back(c);
-          }
-      }
-    }
-  }
-  std::unique_ptr<custom_flag_formatter> clone() const override { return std::make_unique<JsonEscapedMessage>(); }
-};
 
 bool setup_logging(const std::string& level, const std::string& format) {
   auto logger = std::make_shared<spdlog::logger>("baton", std::make_shared<spdlog::sinks::stderr_sink_mt>());
@@ -113,16 +96,13 @@ bool setup_logging(const std::string& level, const std::string& format) {
     return false;
   }
   logger->set_level(lvl);
-  if (format == "json") {
-    auto f = std::make_unique<spdlog::pattern_formatter>();
-    f->add_flag<JsonEscapedMessage>('*').set_pattern(R"({"time":"%Y-%m-%dT%H:%M:%S.%e%z","level":"%l","msg":"%*"})");
-    logger->set_formatter(std::move(f));
-  } else if (format == "text") {
-    logger->set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
-  } else {
+  // Both formats escape control characters and invalid UTF-8 (util/log_format.h).
+  auto formatter = baton::util::make_log_formatter(format);
+  if (!formatter) {
     std::fprintf(stderr, "baton: unknown log format \"%s\" (expected text or json)\n", format.c_str());
     return false;
   }
+  logger->set_formatter(std::move(formatter));
   spdlog::set_default_logger(logger);
   return true;
 }
@@ -160,23 +140,7 @@ int usage_error(const std::string& msg) {
 
 std::string json_string(const std::string& s) { return baton::util::json_quote(s); }
 
-std::string client_counters_json(const baton::ClientCounters& c) {
-  return "{\"sessions_opened\":" + std::to_string(c.sessions_opened) + ",\"reconnects\":" + std::to_string(c.reconnects) +
-         ",\"full_handshakes\":" + std::to_string(c.full_handshakes) +
-         ",\"resumed_handshakes\":" + std::to_string(c.resumed_handshakes) +
-         ",\"drains_followed\":" + std::to_string(c.drains_followed) +
-         ",\"failed_tries\":" + std::to_string(c.failed_tries) +
-         ",\"streams_replayed\":" + std::to_string(c.streams_replayed) + "}";
-}
-
-std::string client_status_json(const baton::ClientStatus& s) {
-  return "{\"state\":" + json_string(s.state) + ",\"session\":" + std::to_string(s.session) +
-         ",\"server\":" + json_string(s.server) + ",\"server_id\":" + json_string(s.server_id) +
-         ",\"resumed\":" + (s.resumed ? "true" : "false") + ",\"session_age_ms\":" + std::to_string(s.session_age_ms) +
-         ",\"dialing\":" + json_string(s.dialing) + ",\"old_sessions\":" + std::to_string(s.old_sessions) +
-         ",\"streams\":" + std::to_string(s.streams) + ",\"waiting\":" + std::to_string(s.waiting) +
-         ",\"counters\":" + client_counters_json(s.counters) + "}\n";
-}
+std::string client_status_json(const baton::ClientStatus& s) { return baton::client::status_json(s); }
 
 // Milliseconds since the Unix epoch, for event lines read by other programs.
 uint64_t unix_time_ms() {
@@ -496,6 +460,7 @@ int cmd_connect(Args& a) {
     if (a.take("--max-reconnects", num, err)) num_flag = "--max-reconnects", num_dst = &o.max_reconnects;
     else if (a.take("--connect-timeout-ms", num, err)) num_flag = "--connect-timeout-ms", num_dst = &o.connect_timeout_ms, num_min = 100;
     else if (a.take("--dead-after-ms", num, err)) num_flag = "--dead-after-ms", num_dst = &o.dead_after_ms;
+    else if (a.take("--max-waiting", num, err)) num_flag = "--max-waiting", num_dst = &o.max_waiting, num_min = 1;
     if (num_flag) {
       char* end = nullptr;
       unsigned long v = std::strtoul(num.c_str(), &end, 10);
@@ -618,9 +583,14 @@ int cmd_connect(Args& a) {
 
 int cmd_check(Args& a) {
   std::string cfg_path;
-  bool err = false;
+  bool err = false, strict = false;
   while (a.more() && !err) {
     if (a.take("-c", cfg_path, err) || a.take("--config", cfg_path, err)) continue;
+    if (a.v[a.i] == "--strict") {
+      strict = true;
+      ++a.i;
+      continue;
+    }
     return usage_error("check: unknown argument " + a.v[a.i]);
   }
   if (err) return kExitUsage;
@@ -632,16 +602,23 @@ int cmd_check(Args& a) {
   uv_loop_t loop;
   uv_loop_init(&loop);
   auto server = baton::proxy::Server::create(&loop, cfg, error);
+  // Certificates that load but that peers will refuse (docs/configuration.md "Certificate checks").
+  std::vector<std::string> warnings;
+  if (server) warnings = server->tls().warnings();
   server.reset();
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
   if (!error.empty()) {
-    std::fprintf(stderr, "%s: %s\n", cfg_path.c_str(), error.c_str());
+    // Errors about a file the configuration names start with file:line:column already.
+    if (error.rfind(cfg_path + ":", 0) == 0) std::fprintf(stderr, "%s\n", error.c_str());
+    else std::fprintf(stderr, "%s: %s\n", cfg_path.c_str(), error.c_str());
     return kExitUsage;
   }
-  std::printf("%s: ok (%zu routes, %zu tokens, listen %s)\n", cfg_path.c_str(), cfg.routes.size(), cfg.tokens.size(),
-              cfg.listen.to_string().c_str());
-  return kExitOk;
+  for (const std::string& w : warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
+  std::printf("%s: ok (%zu routes, %zu tokens, listen %s)%s\n", cfg_path.c_str(), cfg.routes.size(),
+              cfg.tokens.size(), cfg.listen.to_string().c_str(),
+              warnings.empty() ? "" : (", " + std::to_string(warnings.size()) + " warning(s)").c_str());
+  return strict && !warnings.empty() ? kExitFailure : kExitOk;
 }
 
 int cmd_certs(Args& a) {

@@ -16,7 +16,20 @@
 // DRAIN was still on the way is reset by the server unprocessed; the client
 // keeps a copy of what it sent on a stream until the server ACKs it (at most
 // 256 KiB, the initial window), so such a stream is sent again, bytes and
-// all, on the next session: the local application never sees it. Every reconnect offers the last TLS
+// all, on the next session: the local application never sees it.
+//
+// Bursts: the server limits how fast a session opens streams (a token bucket)
+// and how many are open at once, and refuses a stream beyond them unprocessed
+// (RST before it reads any of it). The client paces its opens to the limits
+// the server announces in WELCOME (keeping half of its burst in reserve for
+// network jitter) and holds local connections beyond them in the waiting
+// queue; a stream refused anyway (an older server that announces nothing, a
+// changed limit) is sent again on the same session after a short backoff,
+// bytes and all. Refusals are told apart from resets of processed streams
+// (unknown route, failed upstream connect) by a Ping sent right after the
+// SYNs (docs/protocol.md 4). A local connection is reset only when it could
+// not be opened within connect_timeout_ms, or when max_waiting are already
+// waiting. Every reconnect offers the last TLS
 // session ticket. Only REJECT 1 (version) and 2 (unauthorized), or giving up
 // (max_reconnects; or no server reachable at all before the first session),
 // stop the client: on_closed.
@@ -53,7 +66,13 @@ struct ClientOptions {
   std::string cert_file;    // optional client certificate (mTLS)
   std::string key_file;
   std::vector<ClientForward> forwards;
-  uint32_t connect_timeout_ms = 10000;  // TCP + TLS + WELCOME; also how long a local connection waits for a session
+  // TCP + TLS + WELCOME; also the longest a local connection waits (for a
+  // session, for the open pacing, for the retries of a refused open) before it is reset.
+  uint32_t connect_timeout_ms = 10000;
+  // Local connections that may wait at once (for a session or the open
+  // pacing); one more is reset at once. Refused opens waiting for their
+  // retry come on top (at most the streams that were open).
+  uint32_t max_waiting = 4096;
   // Give up (on_closed) when this many tries in a row have failed; 0 = never.
   // A try is one dial of one address (TCP connect, TLS, HELLO) that ends
   // before WELCOME, a REJECT 3 or 4 included; a session that comes up
@@ -76,6 +95,17 @@ struct ClientCounters {
   // Streams the server refused unprocessed (opened while its DRAIN / Go Away
   // was on the way) and that were sent again on another session.
   uint64_t streams_replayed = 0;
+  // Opens that waited for the client's pacing (the server's stream_open_rate
+  // and stream_open_burst) or for a free stream (its max_streams).
+  uint64_t opens_deferred = 0;
+  // Streams the server refused at their SYN, unprocessed, without Go Away
+  // (beyond its open rate or stream limit), and refused opens sent again.
+  uint64_t opens_refused = 0;
+  uint64_t opens_retried = 0;
+  // Local connections reset because they could not be opened within
+  // connect_timeout_ms, or at once because max_waiting were already waiting.
+  uint64_t waiting_expired = 0;
+  uint64_t waiting_overflow = 0;
 };
 
 // One session that became ready (the first one too).
@@ -103,7 +133,15 @@ struct ClientStatus {
   std::string dialing;      // "host:port" being dialed ("" when none)
   size_t old_sessions = 0;  // replaced or draining sessions still finishing streams
   size_t streams = 0;       // open on all sessions
-  size_t waiting = 0;       // local connections waiting for a session
+  size_t waiting = 0;       // local connections waiting (for a session, the open pacing or a retry)
+  size_t waiting_limit = 0; // max_waiting
+  // The limits of the session new streams go to, from its WELCOME (0: not
+  // announced: an older server), and the pace the client keeps to them.
+  uint32_t server_open_rate = 0;
+  uint32_t server_open_burst = 0;
+  uint32_t server_max_streams = 0;
+  uint32_t open_rate = 0;   // streams/s the client opens at most (0: not paced)
+  uint32_t open_burst = 0;  // ... and at once
   ClientCounters counters;
 };
 
@@ -147,14 +185,14 @@ class Client {
   void stop();
 
   // Relays an already connected TCP socket `fd` over a new stream to `route`.
-  // Takes ownership of fd. While no session is ready the socket waits (at most
-  // connect_timeout_ms, then it is reset). False (fd closed) if the client is
+  // Takes ownership of fd. While no session is ready, or the open pacing holds
+  // it, the socket waits (at most connect_timeout_ms, then it is reset). False (fd closed) if the client is
   // stopped.
   bool open_stream(int fd, const std::string& route);
 
   // Streams currently open on all sessions (the current one and draining ones).
   size_t stream_count() const;
-  // Local connections waiting for a session.
+  // Local connections waiting (for a session, the open pacing or a retry).
   size_t waiting_count() const;
   const ClientCounters& counters() const;
   ClientStatus status() const;

@@ -87,6 +87,12 @@ const Family kFamilies[] = {
      "Refusals by limit: max_tunnels, max_streams_per_tunnel, stream_open_rate, handshake_queue, fd_exhausted."},
     {"baton_drain_state", "gauge", "0 serving, 1 notifying clients, 2 waiting for streams to end, 3 done."},
     {"baton_lifecycle_requests_total", "counter", "GET /drain on the lifecycle listener by result: drain, unauthorized."},
+    {"baton_admin_requests_rejected_total", "counter",
+     "Admin and lifecycle connections closed by a limit, by listener and reason: deadline (request not complete "
+     "within 2 s), answer_deadline (answer not taken within 2 s), per_client (a 5th slow connection from one "
+     "address), capacity (128 connections), head_too_large (16 KiB)."},
+    {"baton_admin_connections", "gauge",
+     "Open admin and lifecycle connections by listener and state: reading, slow, handling, writing."},
     {"baton_ready", "gauge", "1 while /readyz answers 200."},
     {"baton_restart_epoch", "gauge", "Hot restarts since the first process of this lineage (0 = first)."},
     {"baton_handoff_tunnels_total", "counter",
@@ -95,6 +101,9 @@ const Family kFamilies[] = {
     {"baton_process_open_fds", "gauge", "Open file descriptors of this process."},
     {"baton_limit_usage_ratio", "gauge", "How full each limit is (1 = at the limit)."},
     {"baton_uptime_seconds", "gauge", "Seconds since this process started."},
+    {"baton_tls_certificate_expiry_seconds", "gauge",
+     "Earliest notAfter (unix time) of the certificates in a TLS file: cert=\"server\" (tls.cert), "
+     "\"client_ca\" (tls.client_ca)."},
 };
 
 }  // namespace
@@ -275,6 +284,17 @@ void Admin::async_cb(uv_async_t* a) {
   }
 }
 
+void Admin::post(std::function<void()> fn) {
+  auto job = std::make_shared<Job>();
+  job->fn = std::move(fn);
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (stopping_) return;
+    jobs_.push_back(std::move(job));
+  }
+  uv_async_send(async_);
+}
+
 bool Admin::on_loop(std::function<void()> fn, uint32_t timeout_ms) {
   auto job = std::make_shared<Job>();
   job->fn = std::move(fn);
@@ -288,15 +308,26 @@ bool Admin::on_loop(std::function<void()> fn, uint32_t timeout_ms) {
   return job->cv.wait_for(lk, std::chrono::milliseconds(timeout_ms), [&] { return job->done; });
 }
 
+// cpp-httplib's server with its connection handling replaced: it binds the
+// socket and gives it to the listener's Gate, whose workers call back into
+// the server's own request processing (parsing, routing, handlers, the
+// answer) with the request complete in memory (docs/design.md "The admin's
+// request gate").
+class Admin::HttpServer : public httplib::Server {
+ public:
+  bool handle(httplib::Stream& strm, bool close, bool& closed) { return process_request(strm, close, closed, nullptr); }
+  // The socket bind_to_port made (listening), handed to the gate; this
+  // server's own accept loop (listen_after_bind) never runs.
+  int release_socket() { return svr_sock_.exchange(INVALID_SOCKET); }
+};
+
 namespace {
 
-// Settings both listeners share: several workers, every wait on a client
-// bounded, small bodies only.
-void configure(httplib::Server& srv, size_t workers) {
-  srv.new_task_queue = [workers] { return new httplib::ThreadPool(workers); };
+// Settings both listeners share. Time limits and keep-alive are the gate's
+// (admin/gate.h); cpp-httplib only parses, routes and renders.
+void configure(httplib::Server& srv) {
   srv.set_payload_max_length(4096);
-  srv.set_read_timeout(1, 0);
-  srv.set_write_timeout(1, 0);
+  // Only for the Keep-Alive header cpp-httplib writes: the gate applies both.
   srv.set_keep_alive_timeout(1);
   srv.set_keep_alive_max_count(100);
   srv.set_socket_options([](socket_t sock) {
@@ -308,7 +339,52 @@ void configure(httplib::Server& srv, size_t workers) {
 
 }  // namespace
 
-std::string Admin::serve(httplib::Server& srv, std::thread& th, const config::HostPort& listen, const char* what,
+std::unique_ptr<Gate> Admin::make_gate(HttpServer& srv, const char* listener, uint32_t workers, uint32_t reserved,
+                                       Gate::Priority priority) {
+  GateLimits limits;
+  limits.workers = workers;
+  limits.reserved_workers = reserved;
+  std::string name = listener;
+  auto report = [this, name](const std::array<uint64_t, kCloseReasons>& n) {
+    // The metrics are loop state: the increments ride a job, nobody waits.
+    std::vector<std::pair<std::string, uint64_t>> inc;
+    for (size_t r = 0; r < n.size(); ++r)
+      if (n[r])
+        inc.emplace_back(proxy::series("baton_admin_requests_rejected_total",
+                                       {{"listener", name}, {"reason", to_str(CloseReason(r))}}),
+                         n[r]);
+    post([this, inc] {
+      for (const auto& [series, v] : inc) server_.metrics().inc(series, v);
+    });
+  };
+  return std::make_unique<Gate>(
+      name, limits,
+      [&srv](httplib::Stream& strm, bool close, bool& closed) { return srv.handle(strm, close, closed); },
+      std::move(priority), std::move(report));
+}
+
+void Admin::add_gate_gauges(Snapshot& s) {
+  auto add = [&s](const char* listener, const Gate* g) {
+    if (!g) return;
+    Admission::Counts n = g->counts();
+    for (auto [state, v] : {std::pair<const char*, uint32_t>{"reading", n.reading},
+                            {"slow", n.slow},
+                            {"handling", n.handling},
+                            {"writing", n.writing}})
+      s.gauges.emplace_back(proxy::series("baton_admin_connections", {{"listener", listener}, {"state", state}}),
+                            double(v));
+  };
+  const Gate *admin, *lifecycle;
+  {
+    std::lock_guard<std::mutex> g(mu_);  // start_lifecycle may set one while requests run
+    admin = gate_.get();
+    lifecycle = lifecycle_gate_.get();
+  }
+  add("admin", admin);
+  add("lifecycle", lifecycle);
+}
+
+std::string Admin::serve(HttpServer& srv, Gate& gate, const config::HostPort& listen, const char* what,
                          std::string& address) {
   std::string host = listen.host;
   if (host.size() > 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
@@ -327,30 +403,42 @@ std::string Admin::serve(httplib::Server& srv, std::thread& th, const config::Ho
   sigemptyset(&block);
   for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGCHLD, SIGPIPE}) sigaddset(&block, sig);
   pthread_sigmask(SIG_BLOCK, &block, &old);
-  th = std::thread([&srv] { srv.listen_after_bind(); });
+  std::string error = gate.start(srv.release_socket());
   pthread_sigmask(SIG_SETMASK, &old, nullptr);
-  // httplib's stop() does nothing before its accept loop runs, and the loop
-  // would then run forever: wait (bounded) until it does. httplib offers no
-  // event for this in 0.11.
-  for (int i = 0; i < 2000 && !srv.is_running(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  return "";
+  return error.empty() ? "" : std::string(what) + ": " + error;
 }
 
 std::string Admin::start(const config::HostPort& listen) {
-  http_ = std::make_unique<httplib::Server>();
-  // Probes must answer within 1 s even while idle or slow connections hold
-  // workers: several workers, and every wait on a client bounded by 1 s.
-  configure(*http_, 8);
+  http_ = std::make_unique<HttpServer>();
+  configure(*http_);
+  // Probes must answer within 1 s whatever other clients do: they go ahead
+  // of other requests, and 2 of the 8 workers take nothing else.
+  auto gate = make_gate(*http_, "admin", 8, 2, [](const RequestFrame& f) {
+    return (f.method == "GET" || f.method == "HEAD") && (f.path == "/healthz" || f.path == "/readyz");
+  });
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    gate_ = std::move(gate);
+  }
   routes();
-  return serve(*http_, thread_, listen, "admin", address_);
+  return serve(*http_, *gate_, listen, "admin", address_);
 }
 
 std::string Admin::start_lifecycle(const config::Lifecycle& lc, uint32_t grace_ms) {
   if (!lc.listen) return "";
-  lifecycle_ = std::make_unique<httplib::Server>();
-  configure(*lifecycle_, 4);
+  lifecycle_ = std::make_unique<HttpServer>();
+  configure(*lifecycle_);
+  // GET /drain with the token holds its worker until the drain is over: it
+  // may use 3 of the 4 workers; every other answer here is immediate.
+  auto gate = make_gate(*lifecycle_, "lifecycle", 4, 1, [](const RequestFrame& f) {
+    return !(f.path == "/drain" && (f.method == "GET" || f.method == "HEAD"));
+  });
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    lifecycle_gate_ = std::move(gate);
+  }
   lifecycle_routes(lc, grace_ms);
-  return serve(*lifecycle_, lifecycle_thread_, *lc.listen, "lifecycle", lifecycle_address_);
+  return serve(*lifecycle_, *lifecycle_gate_, *lc.listen, "lifecycle", lifecycle_address_);
 }
 
 void Admin::stop() {
@@ -360,10 +448,8 @@ void Admin::stop() {
     stopping_ = true;
   }
   stop_cv_.notify_all();
-  if (lifecycle_) lifecycle_->stop();
-  if (lifecycle_thread_.joinable()) lifecycle_thread_.join();
-  if (http_) http_->stop();
-  if (thread_.joinable()) thread_.join();
+  if (lifecycle_gate_) lifecycle_gate_->stop();
+  if (gate_) gate_->stop();
   // Requests still waiting time out on their own (they hold the job alive).
   std::lock_guard<std::mutex> g(mu_);
   jobs_.clear();
@@ -391,10 +477,10 @@ void Admin::routes() {
     else unavailable(res);
   });
   http_->Get("/readyz", [this, json, unavailable](const httplib::Request&, httplib::Response& res) {
-    auto box = std::make_shared<proxy::ServeState>(proxy::ServeState::starting);
-    if (!on_loop([this, box] { *box = server_.state(); })) return unavailable(res);
-    proxy::ServeState st = *box;
-    bool ready = st == proxy::ServeState::serving;
+    auto box = std::make_shared<std::pair<proxy::ServeState, bool>>(proxy::ServeState::starting, false);
+    if (!on_loop([this, box] { *box = {server_.state(), server_.ready()}; })) return unavailable(res);
+    proxy::ServeState st = box->first;
+    bool ready = box->second;
     json(res, ready ? 200 : 503,
          std::string("{\"ready\":") + (ready ? "true" : "false") + ",\"state\":" + json_str(proxy::to_str(st)) + "}");
   });
@@ -403,9 +489,10 @@ void Admin::routes() {
     if (!snapshot(s)) return unavailable(res);
     json(res, 200, render_stats_json(s));
   });
-  http_->Get("/metrics", [snapshot, unavailable](const httplib::Request&, httplib::Response& res) {
+  http_->Get("/metrics", [this, snapshot, unavailable](const httplib::Request&, httplib::Response& res) {
     Snapshot s;
     if (!snapshot(s)) return unavailable(res);
+    add_gate_gauges(s);
     res.status = 200;
     res.set_content(render_prometheus(s), "text/plain; version=0.0.4; charset=utf-8");
   });
@@ -430,8 +517,7 @@ void Admin::routes() {
       [post_drain, json](const httplib::Request& req, httplib::Response& res) {
         // The size limit applies to Content-Length only: refuse chunked bodies
         // before httplib reads them into memory.
-        if (req.has_header("Transfer-Encoding")) {
-          res.set_header("Connection", "close");
+        if (req.has_header("Transfer-Encoding")) {  // the gate closes the connection after this
           json(res, 413, "{\"error\":\"request bodies must have a Content-Length (at most 4096 bytes)\"}");
           return httplib::Server::HandlerResponse::Handled;
         }
@@ -506,8 +592,7 @@ void Admin::lifecycle_routes(const config::Lifecycle& lc, uint32_t grace_ms) {
   });
   lifecycle_->set_pre_routing_handler(httplib::Server::HandlerWithResponse(
       [json](const httplib::Request& req, httplib::Response& res) {
-        if (req.has_header("Transfer-Encoding")) {
-          res.set_header("Connection", "close");
+        if (req.has_header("Transfer-Encoding")) {  // the gate closes the connection after this
           json(res, 413, "{\"error\":\"request bodies are not accepted here\"}");
           return httplib::Server::HandlerResponse::Handled;
         }

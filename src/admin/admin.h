@@ -17,6 +17,13 @@
 // state. A request posts a job through a uv_async_t and waits (at most 1 s)
 // for the loop to run it; the job copies what the answer needs (a Snapshot)
 // and the rendering happens back on the HTTP thread.
+//
+// Connections (both listeners): an admin::Gate (admin/gate.h) accepts and
+// reads every request without blocking on one I/O thread, closes requests
+// not complete within 2 s, bounds slow connections per source address (4)
+// and connections per listener (128), and hands complete requests to
+// workers that run cpp-httplib's routing, probes first (docs/operations.md
+// "Limits of the admin API").
 #pragma once
 
 #include <uv.h>
@@ -31,13 +38,11 @@
 #include <thread>
 #include <vector>
 
+#include "admin/gate.h"
 #include "config/config.h"
 #include "proxy/metrics.h"
 #include "proxy/server.h"
 
-namespace httplib {
-class Server;
-}
 
 namespace baton::admin {
 
@@ -83,14 +88,15 @@ class Admin {
 
   // Binds host:port (port 0: any) with SO_REUSEPORT, so the new process of a
   // hot restart can bind while the old one still answers, then starts the
-  // HTTP thread. Returns "" or an error.
+  // HTTP threads (its Gate). Returns "" or an error.
   [[nodiscard]] std::string start(const config::HostPort& listen);
   // Starts the lifecycle listener (see above). Returns "" or an error.
   [[nodiscard]] std::string start_lifecycle(const config::Lifecycle& lc, uint32_t grace_ms);
   // "host:port" actually bound.
   const std::string& address() const { return address_; }
   const std::string& lifecycle_address() const { return lifecycle_address_; }
-  // Loop thread: stops the HTTP thread and answers pending requests 503.
+  // Loop thread: closes both listeners and their connections and joins
+  // the HTTP threads (a request waiting for the loop gives up within 1 s).
   void stop();
 
  private:
@@ -100,24 +106,33 @@ class Admin {
     std::condition_variable cv;
     bool done = false;
   };
+  class HttpServer;
   // HTTP thread: runs fn on the loop, waiting at most timeout_ms. False on timeout/stop.
   bool on_loop(std::function<void()> fn, uint32_t timeout_ms = 1000);
+  // Any thread: runs fn on the loop some time later; nobody waits. Dropped
+  // once stopping.
+  void post(std::function<void()> fn);
+  // The gate of a listener named `listener` ("admin", "lifecycle") serving `srv`.
+  std::unique_ptr<Gate> make_gate(HttpServer& srv, const char* listener, uint32_t workers, uint32_t reserved,
+                                  Gate::Priority priority);
+  // The admin's own gauges (connections of both listeners), appended to a snapshot.
+  void add_gate_gauges(Snapshot& s);
   static void async_cb(uv_async_t* a);
   void routes();
   void lifecycle_routes(const config::Lifecycle& lc, uint32_t grace_ms);
-  // Binds `srv` (SO_REUSEPORT), starts its accept loop on `th` with process
+  // Binds `srv` (SO_REUSEPORT) and starts `gate` on its socket with process
   // signals blocked; "" or an error naming `what` and the address.
-  std::string serve(httplib::Server& srv, std::thread& th, const config::HostPort& listen, const char* what,
+  std::string serve(HttpServer& srv, Gate& gate, const config::HostPort& listen, const char* what,
                     std::string& address);
 
   uv_loop_t* loop_;
   proxy::Server& server_;
   uv_async_t* async_ = nullptr;
-  std::unique_ptr<httplib::Server> http_;
-  std::thread thread_;
+  std::unique_ptr<HttpServer> http_;
+  std::unique_ptr<Gate> gate_;
   std::string address_;
-  std::unique_ptr<httplib::Server> lifecycle_;
-  std::thread lifecycle_thread_;
+  std::unique_ptr<HttpServer> lifecycle_;
+  std::unique_ptr<Gate> lifecycle_gate_;
   std::string lifecycle_address_;
   std::condition_variable stop_cv_;  // wakes lifecycle requests waiting for the drain (with mu_)
   std::mutex mu_;

@@ -9,8 +9,10 @@
 #include <algorithm>
 #include <cmath>
 #include <deque>
+#include <list>
 #include <optional>
 #include <random>
+#include <unordered_map>
 
 #include "config/config.h"
 #include "mux/control.h"
@@ -20,6 +22,7 @@
 #include "proxy/link.h"
 #include "tls/context.h"
 #include "util/bytes.h"
+#include "util/text.h"
 
 namespace baton {
 
@@ -33,6 +36,19 @@ constexpr double kBackoffFactor = 1.5;
 constexpr uint32_t kBackoffCapMs = 5000;
 // REJECT 4 (draining) answers retried at once before backing off.
 constexpr size_t kImmediateDrainRetries = 3;
+// A refused open is sent again after a pause drawn from [d/2, d], d starting
+// here and doubling per refusal of the same connection, capped.
+constexpr uint32_t kRefusedBackoffInitialMs = 50;
+constexpr uint32_t kRefusedBackoffCapMs = 1000;
+// Marker pings (see ClientLink::mark) in flight at once. The server answers a
+// flood of more than 64 pings in one read with a protocol error, and the
+// session keeps 16 pending pings at most (heartbeats need some too).
+constexpr size_t kMaxMarkers = 8;
+// A marker unanswered this long no longer holds back opens (they go out
+// unmarked: a refusal of theirs resets the local connection).
+constexpr uint64_t kMarkerPatienceMs = 1000;
+// Marker ping values have this bit set; heartbeat pings count up from 1.
+constexpr uint32_t kMarkerBit = 0x80000000u;
 
 // Where one dial goes.
 struct Target {
@@ -64,6 +80,69 @@ class ClientLink : public Link {
     return phase() == LinkPhase::serving && !draining && !session().go_away_received();
   }
 
+  // --- open pacing (the server's limits from WELCOME, docs/protocol.md 3) ---
+  //
+  // The server refuses a stream beyond a token bucket (stream_open_rate per
+  // second, stream_open_burst at once, full when the session starts) or
+  // beyond max_streams open data streams. The client keeps its own bucket at
+  // the same rate but half the size: the other half absorbs SYNs that reach
+  // the server closer together than they were sent (burst / 2 / rate: 1 s at
+  // the defaults). An older server announces nothing: no pacing; what it
+  // refuses is sent again after a backoff (Client::Impl::came_back).
+  uint32_t server_rate = 0, server_burst = 0, server_max_streams = 0;
+  uint32_t pace_rate = 0, pace_burst = 0;
+  void set_limits(const mux::Welcome& w, uint64_t now) {
+    server_rate = w.stream_open_rate.value_or(0);
+    server_burst = w.stream_open_burst.value_or(0);
+    server_max_streams = w.max_streams.value_or(0);
+    pace_rate = server_rate;
+    pace_burst = server_rate ? std::max<uint32_t>(1, (server_burst ? server_burst : server_rate) / 2) : 0;
+    tokens_ = pace_burst;
+    tokens_ms_ = now;
+  }
+  // Data streams open (the control stream not counted), as the server counts them.
+  size_t data_streams() const { return session().stream_count() > 0 ? session().stream_count() - 1 : 0; }
+  enum class Hold : uint8_t { none, streams, rate };
+  // What keeps a new stream from being opened now; for Hold::rate, *at is
+  // when the next token comes.
+  Hold hold(uint64_t now, uint64_t* at) {
+    if (server_max_streams && data_streams() >= server_max_streams) return Hold::streams;
+    if (!pace_rate) return Hold::none;
+    refill(now);
+    if (tokens_ >= 1.0) return Hold::none;
+    *at = now + uint64_t(std::ceil((1.0 - tokens_) * 1000.0 / pace_rate));
+    return Hold::rate;
+  }
+  void take_token() {
+    if (pace_rate) tokens_ -= 1.0;
+  }
+  // The server refused a stream: its bucket is empty now (or its streams
+  // full), so ours is too.
+  void refused() { tokens_ = std::min(tokens_, 0.0); }
+
+  // --- refusals (docs/protocol.md 4) ---
+  //
+  // The server refuses a stream at its SYN, before it reads any of its
+  // bytes; it resets a stream it processed (unknown route, upstream refused)
+  // only after reading the preamble. It handles frames in order and answers
+  // a Ping where it stands, so a Ping sent right after a batch of SYNs and
+  // before their preambles splits the two: an RST that comes before the
+  // Ping's answer is a refusal. mark() sends that Ping; with kMaxMarkers in
+  // flight the caller waits for an answer (may_mark), and past
+  // kMarkerPatienceMs sends the batch unmarked (its refusals then reset the
+  // local connections, as before).
+  bool may_mark(uint64_t now) const {
+    return markers_.size() < kMaxMarkers || now >= markers_.front().sent_ms + kMarkerPatienceMs;
+  }
+  uint64_t marker_patience_end() const { return markers_.empty() ? 0 : markers_.front().sent_ms + kMarkerPatienceMs; }
+  void mark(std::vector<uint32_t> ids, uint64_t now) {
+    if (markers_.size() >= kMaxMarkers) return;
+    uint32_t value = kMarkerBit | (++marker_seq_ & ~kMarkerBit);
+    if (!session().ping(value, now)) return;
+    for (uint32_t id : ids) unanswered_[id] = value;
+    markers_.push_back({value, now, std::move(ids)});
+  }
+
  protected:
   void on_secure() override;
   void on_control_data() override;
@@ -83,8 +162,25 @@ class ClientLink : public Link {
   void on_handshake_failed() override {
     if (const tls::Handshake* h = handshake()) handshake_error_ = h->error();
   }
+  bool peer_refused(uint32_t id) const override { return unanswered_.count(id) != 0; }
+  void on_ping_answered(uint32_t value, uint64_t sent_at_ms) override;
 
  private:
+  struct Marker {
+    uint32_t value;
+    uint64_t sent_ms;
+    std::vector<uint32_t> ids;  // streams whose SYN went right before it
+  };
+  std::deque<Marker> markers_;
+  std::unordered_map<uint32_t, uint32_t> unanswered_;  // stream id -> its marker, until answered
+  uint32_t marker_seq_ = 0;
+  double tokens_ = 0;
+  uint64_t tokens_ms_ = 0;
+  void refill(uint64_t now) {
+    if (now > tokens_ms_) tokens_ = std::min<double>(pace_burst, tokens_ + double(now - tokens_ms_) * pace_rate / 1000.0);
+    tokens_ms_ = now;
+  }
+
   // Why the session ended, as precisely as the TLS layer knows it.
   std::string close_reason(const char* reason) const;
 
@@ -113,7 +209,8 @@ struct Client::Impl {
   Target dial_target;
   uv_timer_t* retry_timer = nullptr;   // backoff wait, or TCP connect timeout while dialing
   bool retry_waiting = false;
-  uv_timer_t* wait_timer = nullptr;    // expiry of waiting local connections
+  uv_timer_t* wait_timer = nullptr;    // expiry of waiting local connections, the next token, a retry
+  uv_idle_t* pump_idle = nullptr;      // opens waiting connections once per loop iteration (schedule_pump)
 
   struct Waiting {
     net::Tcp* tcp;
@@ -121,8 +218,18 @@ struct Client::Impl {
     uint64_t deadline;
     util::ByteQueue sent;  // a replayed stream: bytes to send first
     bool eof = false;      // ... and the local side had half-closed
+    uint64_t since = 0;       // uv_now() when it (last) joined the queue
+    uint64_t not_before = 0;  // a refused open: not sent again before
+    uint32_t refusals = 0;    // times the server refused it
+    bool fresh = false;       // a new local connection (max_waiting counts these)
   };
-  std::deque<Waiting> waiting;
+  // In arrival order, replays and refused opens first. A list: entries
+  // backing off stay where they are while later ones are taken.
+  std::list<Waiting> waiting;
+  size_t fresh_waiting = 0;      // of them, new local connections (Waiting::fresh)
+  uint64_t paced_at = 0;         // uv_now() when pump() last held an open back (opens_deferred)
+  uint64_t pump_again_at = 0;    // pump() held opens back until then (0: until an event)
+  uint64_t overflow_logged_ms = 0;
 
   std::vector<std::pair<net::Listener*, std::string>> listeners;
   bool ready_sent = false;
@@ -156,7 +263,20 @@ struct Client::Impl {
     t = nullptr;
   }
   static void retry_cb(uv_timer_t* t) { static_cast<Impl*>(t->data)->retry_fired(); }
-  static void wait_cb(uv_timer_t* t) { static_cast<Impl*>(t->data)->expire_waiting(); }
+  static void wait_cb(uv_timer_t* t) {
+    auto* i = static_cast<Impl*>(t->data);
+    i->expire_waiting();
+    i->pump();
+  }
+  // Opens what can be opened, once the current callbacks are over: the
+  // local connections accepted in one loop iteration go out as one batch
+  // (SYNs, one marker ping, preambles).
+  void schedule_pump() {
+    if (!stopped && pump_idle) uv_idle_start(pump_idle, [](uv_idle_t* h) {
+      uv_idle_stop(h);
+      static_cast<Impl*>(h->data)->pump();
+    });
+  }
 
   // --- giving up ---
 
@@ -165,9 +285,15 @@ struct Client::Impl {
     close_listeners();
     free_timer(retry_timer);
     free_timer(wait_timer);
+    if (pump_idle) {
+      uv_idle_stop(pump_idle);
+      uv_close(reinterpret_cast<uv_handle_t*>(pump_idle), [](uv_handle_t* h) { delete reinterpret_cast<uv_idle_t*>(h); });
+      pump_idle = nullptr;
+    }
     retry_waiting = false;
     for (Waiting& w : waiting) w.tcp->close(true);
     waiting.clear();
+    fresh_waiting = 0;
     if (resolve) {
       resolve->cancel();
       resolve = nullptr;
@@ -328,6 +454,10 @@ struct Client::Impl {
     l->n = counters.sessions_opened;
     l->server_id = w.server_id;
     l->ready_ms = uv_now(loop);
+    l->set_limits(w, l->ready_ms);
+    if (l->pace_rate)
+      spdlog::debug("session {}: server limits {} streams/s, {} at once, {} open; opening at most {}/s, {} at once",
+                    l->n, l->server_rate, l->server_burst, l->server_max_streams, l->pace_rate, l->pace_burst);
     if (active) {
       ClientLink* prev = active;
       old.push_back(prev);
@@ -371,7 +501,7 @@ struct Client::Impl {
     info.counters = counters;
     if (events.on_session) events.on_session(info);
     if (stopped) return;
-    flush_waiting();
+    pump();
   }
 
   void rejected(ClientLink* l, const mux::Reject& r) {
@@ -468,38 +598,151 @@ struct Client::Impl {
     submit(tcp, route);
   }
 
-  // A local connection to relay: now if a session takes streams, else it
-  // waits. `replay`: a stream the server refused unprocessed, whose bytes go
-  // first; it goes ahead of connections that arrived later.
-  void submit(net::Tcp* tcp, const std::string& route, util::ByteQueue sent = {}, bool eof = false,
-              bool replay = false) {
+  // A new local connection to relay: it joins the queue and goes out with
+  // the next batch (this loop iteration), or waits for a session, the open
+  // pacing or a free stream, at most connect_timeout_ms.
+  void submit(net::Tcp* tcp, const std::string& route) {
     if (stopped) {
       tcp->close(true);
       return;
     }
-    if (replay) counters.streams_replayed++;
-    if ((waiting.empty() || replay) && active && active->usable()) {
-      if (relay(tcp, route, sent, eof)) return;
+    uint64_t now = uv_now(loop);
+    if (fresh_waiting >= opts.max_waiting) {
+      counters.waiting_overflow++;
+      if (now >= overflow_logged_ms + 1000) {
+        overflow_logged_ms = now;
+        spdlog::warn("local connection reset: {} are already waiting (max_waiting; {} reset so far)",
+                     fresh_waiting, counters.waiting_overflow);
+      }
+      tcp->close(true);
+      return;
     }
+    Waiting w{tcp, route, now + opts.connect_timeout_ms, {}, false};
+    w.fresh = true;
+    enqueue(std::move(w), false);
+  }
+
+  void enqueue(Waiting w, bool front) {
+    w.since = uv_now(loop);
+    if (w.fresh) ++fresh_waiting;
     if (active && !active->usable() && !active->draining && !dial_in_progress() && !retry_waiting) {
       // The server said Go Away without DRAIN: replace the session as for a
       // drain. (After DRAIN a replacement is already under way, or a retry
       // to the next server is scheduled: leave that alone.)
       dial(active->target);
     }
-    Waiting w{tcp, route, uv_now(loop) + opts.connect_timeout_ms, std::move(sent), eof};
-    if (replay) waiting.push_front(std::move(w));
+    if (front) waiting.push_front(std::move(w));
     else waiting.push_back(std::move(w));
+    schedule_pump();
+  }
+
+  // Takes an entry out of the queue (the caller opens or resets it).
+  Waiting take(std::list<Waiting>::iterator it) {
+    Waiting w = std::move(*it);
+    waiting.erase(it);
+    if (w.fresh) --fresh_waiting;
+    return w;
+  }
+
+  // A stream of `link` came back unprocessed (Bridge::try_replay): after Go
+  // Away it goes to the next session (a replay, with a new wait); refused at
+  // its SYN (docs/protocol.md 4) it goes again after a backoff, within the
+  // local connection's first deadline.
+  void came_back(ClientLink* link, Waiting w) {
+    uint64_t now = uv_now(loop);
+    if (link->session().go_away_received()) {
+      counters.streams_replayed++;
+      w.deadline = now + opts.connect_timeout_ms;
+      w.not_before = 0;
+      w.refusals = 0;  // a new session, a new bucket
+      enqueue(std::move(w), true);
+      return;
+    }
+    counters.opens_refused++;
+    link->refused();
+    w.refusals++;
+    uint32_t d = std::min<uint64_t>(kRefusedBackoffCapMs, uint64_t(kRefusedBackoffInitialMs) << std::min<uint32_t>(w.refusals - 1, 16));
+    w.not_before = now + std::uniform_int_distribution<uint32_t>(d / 2, d)(rng);
+    spdlog::debug("stream to {} refused by the server at its SYN (refusal {}); again in {} ms", w.route, w.refusals,
+                  w.not_before - now);
+    enqueue(std::move(w), true);
+  }
+
+  // Opens streams for waiting connections while the active session takes
+  // them: its open pacing and stream limit allow, and a marker ping can
+  // follow their SYNs. One batch: every SYN, then the marker, then each
+  // stream's preamble and bytes.
+  void pump() {
+    if (stopped) return;
+    pump_again_at = 0;
+    ClientLink* link = active;
+    if (link && link->usable() && !waiting.empty()) {
+      Link::EntryGuard g(link);
+      uint64_t now = uv_now(loop);
+      struct Opened {
+        Waiting w;
+        uint32_t id;
+      };
+      std::vector<Opened> batch;
+      bool held = false;
+      if (!link->may_mark(now)) {
+        // Too many markers in flight: the next answer (or the patience) brings the batch.
+        held = true;
+        pump_again_at = link->marker_patience_end();
+      }
+      for (auto it = waiting.begin(); !held && it != waiting.end();) {
+        if (it->not_before > now) {
+          ++it;
+          continue;
+        }
+        uint64_t at = 0;
+        ClientLink::Hold h = link->hold(now, &at);
+        if (h != ClientLink::Hold::none) {
+          held = true;
+          if (h == ClientLink::Hold::rate) pump_again_at = at;  // Hold::streams: a bridge's end brings it
+          break;
+        }
+        uint32_t id = link->session().open();
+        if (id == 0) {  // this side's own stream limit: likewise
+          held = true;
+          break;
+        }
+        link->take_token();
+        Waiting w = take(it++);
+        if (paced_at && w.since <= paced_at && w.not_before <= paced_at) counters.opens_deferred++;
+        if (w.refusals) counters.opens_retried++;
+        batch.push_back({std::move(w), id});
+      }
+      if (held) paced_at = now;
+      if (!batch.empty()) {
+        std::vector<uint32_t> ids;
+        ids.reserve(batch.size());
+        for (const Opened& o : batch) ids.push_back(o.id);
+        link->mark(std::move(ids), now);
+        for (Opened& o : batch) start_stream(link, std::move(o.w), o.id);
+        link->flush();
+      }
+    }
     rearm_wait_timer();
   }
 
-  void flush_waiting() {
-    while (!waiting.empty() && active && active->usable()) {
-      Waiting w = std::move(waiting.front());
-      waiting.pop_front();
-      if (!relay(w.tcp, w.route, w.sent, w.eof)) w.tcp->close(true);
-    }
-    rearm_wait_timer();
+  // Stream `id` (its SYN sent) for `w`: the preamble, then `w.sent` (a replay or
+  // retry), then the local connection's bytes.
+  void start_stream(ClientLink* link, Waiting w, uint32_t id) {
+    std::vector<uint8_t> pre;
+    mux::encode_preamble(w.route, pre);
+    (void)link->session().write(id, pre);  // fits: a new stream has a 256 KiB window
+    uv_tcp_nodelay(w.tcp->handle(), 1);
+    auto b = std::make_unique<proxy::Bridge>(*link, id, w.tcp, w.route, std::move(w.sent), w.eof);
+    b->on_replay = [this, link, deadline = w.deadline, refusals = w.refusals](
+                       net::Tcp* local, const std::string& r, util::ByteQueue bytes, bool local_eof) {
+      Waiting back{local, r, deadline, std::move(bytes), local_eof};
+      back.refusals = refusals;
+      came_back(link, std::move(back));
+    };
+    // A stream that ends frees a place under the server's max_streams.
+    b->on_finished = [this](proxy::Bridge&) { schedule_pump(); };
+    link->add_bridge(id, std::move(b));
   }
 
   void rearm_wait_timer() {
@@ -509,8 +752,12 @@ struct Client::Impl {
       return;
     }
     uint64_t now = uv_now(loop);
-    uint64_t first = waiting.front().deadline;
-    for (const Waiting& w : waiting) first = std::min(first, w.deadline);  // replays sit in front
+    uint64_t first = UINT64_MAX;
+    for (const Waiting& w : waiting) {
+      first = std::min(first, w.deadline);
+      if (w.not_before > now) first = std::min(first, w.not_before);
+    }
+    if (pump_again_at) first = std::min(first, pump_again_at);
     uint64_t d = first > now ? first - now : 0;
     uv_timer_start(wait_timer, wait_cb, d, 0);
   }
@@ -523,33 +770,17 @@ struct Client::Impl {
         ++it;
         continue;
       }
-      it->tcp->close(true);
-      it = waiting.erase(it);
+      Waiting w = take(it++);
+      w.tcp->close(true);
       ++n;
     }
-    if (n) spdlog::warn("{} local connection(s) reset: no session within {} ms", n, opts.connect_timeout_ms);
+    counters.waiting_expired += n;
+    if (n && active && active->usable())
+      spdlog::warn("{} local connection(s) reset: not opened within {} ms (the server's stream limits)", n,
+                   opts.connect_timeout_ms);
+    else if (n)
+      spdlog::warn("{} local connection(s) reset: no session within {} ms", n, opts.connect_timeout_ms);
     rearm_wait_timer();
-  }
-
-  // Opens a stream on the active session for `tcp`; `sent` (a replay) goes
-  // right after the preamble. False (nothing taken) if no session takes it.
-  bool relay(net::Tcp* tcp, const std::string& route, util::ByteQueue& sent, bool eof) {
-    ClientLink* link = active;
-    if (!link || !link->usable()) return false;
-    Link::EntryGuard g(link);
-    uint32_t id = link->session().open();
-    if (id == 0) return false;
-    std::vector<uint8_t> pre;
-    mux::encode_preamble(route, pre);
-    (void)link->session().write(id, pre);  // fits: a new stream has a 256 KiB window
-    uv_tcp_nodelay(tcp->handle(), 1);
-    auto b = std::make_unique<proxy::Bridge>(*link, id, tcp, route, std::move(sent), eof);
-    b->on_replay = [this](net::Tcp* local, const std::string& r, util::ByteQueue bytes, bool local_eof) {
-      submit(local, r, std::move(bytes), local_eof, true);
-    };
-    link->add_bridge(id, std::move(b));
-    link->flush();
-    return true;
   }
 };
 
@@ -580,6 +811,13 @@ void ClientLink::on_control_data() {
       return;
     }
     session().consumed(1, r.used);
+    // The server's strings are shown (logs, events), never interpreted raw: escaped once, here.
+    if (m.welcome) m.welcome->server_id = util::printable(m.welcome->server_id);
+    if (m.reject) m.reject->reason = util::printable(m.reject->reason);
+    if (m.drain) {
+      m.drain->reason = util::printable(m.drain->reason);
+      m.drain->reconnect_hint = util::printable(m.drain->reconnect_hint);
+    }
     if (m.welcome && phase() == LinkPhase::awaiting_hello) {
       set_phase(LinkPhase::serving);
       heartbeat_ms = m.welcome->heartbeat_ms;
@@ -618,6 +856,19 @@ void ClientLink::on_role_deadline() {
 
 void ClientLink::on_last_bridge_gone() { owner_.link_idle(this); }
 
+void ClientLink::on_ping_answered(uint32_t value, uint64_t) {
+  if (!(value & kMarkerBit)) return;
+  auto it = std::find_if(markers_.begin(), markers_.end(), [&](const Marker& m) { return m.value == value; });
+  if (it == markers_.end()) return;
+  // Answers come in order; one that overtook an earlier marker's (a peer
+  // answering from another thread) ends that one's window too: fewer
+  // streams count as refused, never more.
+  for (auto m = markers_.begin(); m != std::next(it); ++m)
+    for (uint32_t id : m->ids) unanswered_.erase(id);
+  markers_.erase(markers_.begin(), std::next(it));
+  owner_.schedule_pump();  // opens held back for a marker
+}
+
 std::string ClientLink::close_reason(const char* reason) const {
   if (!handshake_error_.empty()) return std::string(reason) + ": " + handshake_error_;
   // The server closed the connection mid-handshake without an alert.
@@ -652,6 +903,7 @@ std::string Client::start() {
     if (!hp) return "bad --server address \"" + s + "\": expected host:port";
     i.servers.push_back(*hp);
   }
+  if (i.opts.max_waiting == 0) return "max_waiting must be at least 1";
   for (const ClientForward& f : i.opts.forwards) {
     if (!config::parse_host_port(f.listen, true)) return "bad forward address \"" + f.listen + "\": expected host:port";
     if (f.route.empty() || f.route.size() > 255) return "bad route name \"" + f.route + "\"";
@@ -661,6 +913,8 @@ std::string Client::start() {
     gethostname(host, sizeof host - 1);
     i.opts.client_id = host;
   }
+  if (i.opts.client_id.size() > 128 || !util::valid_utf8(i.opts.client_id))
+    return "bad client id " + util::quoted(i.opts.client_id) + ": at most 128 bytes of UTF-8 (docs/protocol.md 3)";
   tls::ClientTlsOptions t;
   t.ca_file = i.opts.ca_file;
   t.cert_file = i.opts.cert_file;
@@ -668,8 +922,12 @@ std::string Client::start() {
   std::string err;
   i.tls = tls::Context::make_client(t, err);
   if (!i.tls) return err;
+  for (const std::string& w : i.tls->warnings()) spdlog::warn("{}", w);
   i.retry_timer = i.make_timer();
   i.wait_timer = i.make_timer();
+  i.pump_idle = new uv_idle_t;
+  uv_idle_init(i.loop, i.pump_idle);
+  i.pump_idle->data = &i;
   i.dial(i.target_of(i.servers[0]));
   return "";
 }
@@ -725,6 +983,14 @@ ClientStatus Client::status() const {
   s.old_sessions = i.old.size();
   s.streams = stream_count();
   s.waiting = i.waiting.size();
+  s.waiting_limit = i.opts.max_waiting;
+  if (a) {
+    s.server_open_rate = a->server_rate;
+    s.server_open_burst = a->server_burst;
+    s.server_max_streams = a->server_max_streams;
+    s.open_rate = a->pace_rate;
+    s.open_burst = a->pace_burst;
+  }
   s.counters = i.counters;
   return s;
 }

@@ -2,10 +2,44 @@
 
 #include <unistd.h>
 
+#include "baton/client.h"
 #include "net/listener.h"
 #include "net/tcp.h"
+#include "util/json.h"
 
 namespace baton::client {
+
+namespace {
+
+std::string counters_json(const ClientCounters& c) {
+  return "{\"sessions_opened\":" + std::to_string(c.sessions_opened) + ",\"reconnects\":" + std::to_string(c.reconnects) +
+         ",\"full_handshakes\":" + std::to_string(c.full_handshakes) +
+         ",\"resumed_handshakes\":" + std::to_string(c.resumed_handshakes) +
+         ",\"drains_followed\":" + std::to_string(c.drains_followed) +
+         ",\"failed_tries\":" + std::to_string(c.failed_tries) +
+         ",\"streams_replayed\":" + std::to_string(c.streams_replayed) +
+         ",\"opens_deferred\":" + std::to_string(c.opens_deferred) +
+         ",\"opens_refused\":" + std::to_string(c.opens_refused) +
+         ",\"opens_retried\":" + std::to_string(c.opens_retried) +
+         ",\"waiting_expired\":" + std::to_string(c.waiting_expired) +
+         ",\"waiting_overflow\":" + std::to_string(c.waiting_overflow) + "}";
+}
+
+}  // namespace
+
+std::string status_json(const ClientStatus& s) {
+  auto q = [](const std::string& v) { return util::json_quote(v); };
+  return "{\"state\":" + q(s.state) + ",\"session\":" + std::to_string(s.session) + ",\"server\":" + q(s.server) +
+         ",\"server_id\":" + q(s.server_id) + ",\"resumed\":" + (s.resumed ? "true" : "false") +
+         ",\"session_age_ms\":" + std::to_string(s.session_age_ms) + ",\"dialing\":" + q(s.dialing) +
+         ",\"old_sessions\":" + std::to_string(s.old_sessions) + ",\"streams\":" + std::to_string(s.streams) +
+         ",\"waiting\":" + std::to_string(s.waiting) + ",\"waiting_limit\":" + std::to_string(s.waiting_limit) +
+         ",\"limits\":{\"stream_open_rate\":" + std::to_string(s.server_open_rate) +
+         ",\"stream_open_burst\":" + std::to_string(s.server_open_burst) +
+         ",\"max_streams\":" + std::to_string(s.server_max_streams) +
+         "},\"pacing\":{\"rate\":" + std::to_string(s.open_rate) + ",\"burst\":" + std::to_string(s.open_burst) +
+         "},\"counters\":" + counters_json(s.counters) + "}\n";
+}
 
 bool parse_request_line(const std::string& head, std::string& method, std::string& path) {
   size_t eol = head.find("\r\n");

@@ -14,9 +14,12 @@
 #include <memory>
 #include <string>
 
-namespace baton::net {
+namespace baton {
+struct ClientStatus;
+namespace net {
 class Listener;
 }
+}  // namespace baton
 
 namespace baton::client {
 
@@ -56,5 +59,8 @@ class StatusHttp {
 // Parses the request line of an HTTP/1.x head: method and path (query cut).
 // False if `head` is not a request line this endpoint understands.
 bool parse_request_line(const std::string& head, std::string& method, std::string& path);
+
+// The body of GET /status (docs/client.md): one JSON object and a newline.
+std::string status_json(const ClientStatus& s);
 
 }  // namespace baton::client

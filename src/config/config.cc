@@ -238,6 +238,12 @@ class Loader {
     auto it = marks_.find(path);
     return it == marks_.end() ? fallback : it->second;
   }
+  // "file:line:column: key" of a value, for errors found after loading
+  // (a certificate file that cannot be read).
+  std::string origin(const Entry& e, const std::string& path) const {
+    const Mark m = mark_of((is_null(e.value) ? e.key_node : e.value)->start_mark);
+    return name_ + ":" + std::to_string(m.line) + ":" + std::to_string(m.column) + ": " + path;
+  }
   void remember(const std::string& path, const Entry& e) {
     marks_[path] = mark_of((is_null(e.value) ? e.key_node : e.value)->start_mark);
   }
@@ -452,15 +458,19 @@ bool Loader::load_tls(const Entry& e, Config& cfg) {
     if (f.key == "cert") {
       have_cert = true;
       ok = get_path(f, p, cfg.tls.cert_file);
+      cfg.tls.cert_origin = origin(f, p);
     } else if (f.key == "key") {
       have_key = true;
       ok = get_path(f, p, cfg.tls.key_file);
+      cfg.tls.key_origin = origin(f, p);
     } else if (f.key == "client_ca") {
       if (!is_null(f.value)) ok = get_path(f, p, cfg.tls.client_ca_file);
+      cfg.tls.client_ca_origin = origin(f, p);
     } else if (f.key == "require_client_cert") {
       ok = get_bool(f, p, cfg.tls.require_client_cert);
     } else if (f.key == "ticket_key") {
       if (!is_null(f.value)) ok = get_path(f, p, cfg.tls.ticket_key_file);
+      cfg.tls.ticket_key_origin = origin(f, p);
     } else if (f.key == "ticket_lifetime_s") {
       ok = get_u32(f, p, 1, kMaxTicketLifetime_s, cfg.tls.ticket_lifetime_s);
     }

@@ -42,6 +42,9 @@ struct TlsSettings {
   bool require_client_cert = false; // only with client_ca_file
   std::string ticket_key_file;      // empty: random ticket key per process (a warning is logged)
   uint32_t ticket_lifetime_s = 86400;
+  // Where each file was named, for the messages of whoever reads it:
+  // "baton.yaml:4:9: tls.cert" (file:line:column of the value, then the key).
+  std::string cert_origin, key_origin, client_ca_origin, ticket_key_origin;
 };
 
 struct Limits {

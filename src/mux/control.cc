@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "util/bytes.h"
+#include "util/text.h"
 
 namespace baton::mux {
 
@@ -111,6 +112,8 @@ const char* decode_hello(std::span<const uint8_t> body, Hello& m) {
       case tag::token: m.token = to_string(f.value); return nullptr;
       case tag::client_id:
         if (f.value.size() > kMaxClientId) return "HELLO client_id is longer than 128 bytes";
+        // docs/protocol.md 3 says UTF-8; what is not cannot be shown or logged faithfully.
+        if (!util::valid_utf8(util::as_chars(f.value))) return "HELLO client_id is not valid UTF-8";
         m.client_id = to_string(f.value);
         return nullptr;
       default: return nullptr;
@@ -127,6 +130,11 @@ const char* decode_welcome(std::span<const uint8_t> body, Welcome& m) {
         return nullptr;
       case tag::server_id: m.server_id = to_string(f.value); return nullptr;
       case tag::heartbeat_ms: return take_u32(f, m.heartbeat_ms, "WELCOME heartbeat_ms is not 4 bytes");
+      case tag::stream_open_rate:
+        return take_u32(f, m.stream_open_rate.emplace(), "WELCOME stream_open_rate is not 4 bytes");
+      case tag::stream_open_burst:
+        return take_u32(f, m.stream_open_burst.emplace(), "WELCOME stream_open_burst is not 4 bytes");
+      case tag::max_streams: return take_u32(f, m.max_streams.emplace(), "WELCOME max_streams is not 4 bytes");
       default: return nullptr;
     }
   });
@@ -171,8 +179,13 @@ void encode(const Hello& m, std::vector<uint8_t>& out) {
 void encode(const Welcome& m, std::vector<uint8_t>& out) {
   MessageWriter w(ControlType::welcome, out);
   w.fixed(tag::session_id, m.session_id.data(), m.session_id.size());
-  w.str(tag::server_id, m.server_id, kU32Field);
+  const size_t limits = kU32Field * (size_t(m.stream_open_rate.has_value()) + m.stream_open_burst.has_value() +
+                                     m.max_streams.has_value());
+  w.str(tag::server_id, m.server_id, kU32Field + limits);
   w.u32(tag::heartbeat_ms, m.heartbeat_ms);
+  if (m.stream_open_rate) w.u32(tag::stream_open_rate, *m.stream_open_rate);
+  if (m.stream_open_burst) w.u32(tag::stream_open_burst, *m.stream_open_burst);
+  if (m.max_streams) w.u32(tag::max_streams, *m.max_streams);
 }
 
 void encode(const Reject& m, std::vector<uint8_t>& out) {

@@ -27,6 +27,11 @@ constexpr uint8_t reason = 0x0a;
 constexpr uint8_t grace_ms = 0x0b;
 constexpr uint8_t reconnect_hint = 0x0c;
 constexpr uint8_t retry_after_ms = 0x0d;
+// WELCOME, optional (an extension a version-1 client ignores): the server's
+// limits on the client's data streams (docs/protocol.md 3 and 4).
+constexpr uint8_t stream_open_rate = 0x0e;
+constexpr uint8_t stream_open_burst = 0x0f;
+constexpr uint8_t max_streams = 0x10;
 }  // namespace tag
 
 enum class RejectCode : uint16_t { unsupported_version = 1, unauthorized = 2, overloaded = 3, draining = 4 };
@@ -34,12 +39,21 @@ enum class RejectCode : uint16_t { unsupported_version = 1, unauthorized = 2, ov
 struct Hello {
   std::optional<uint16_t> version;  // absent = malformed HELLO
   std::string token;                // bytes, may be empty
-  std::string client_id;            // UTF-8, <= 128 bytes
+  std::string client_id;            // valid UTF-8 (decode checks it), <= 128 bytes; may hold control characters
 };
+// The strings of WELCOME, REJECT and DRAIN (server_id, reason,
+// reconnect_hint) are decoded as sent, whatever the bytes: a receiver shows
+// them only through util::printable() (baton connect does).
 struct Welcome {
   std::array<uint8_t, 16> session_id{};
   std::string server_id;
   uint32_t heartbeat_ms = 0;
+  // Optional (absent from an older server): streams the client may open per
+  // second and at once (the server's token bucket), and data streams open at
+  // once. Beyond them the server refuses a stream unprocessed (RST).
+  std::optional<uint32_t> stream_open_rate = std::nullopt;
+  std::optional<uint32_t> stream_open_burst = std::nullopt;
+  std::optional<uint32_t> max_streams = std::nullopt;
 };
 struct Reject {
   uint16_t code = 0;
@@ -52,9 +66,10 @@ struct Drain {
   std::string reconnect_hint;  // empty = not sent
 };
 
-// Encoders append one whole message to out. Fields go out in the order of the
-// table in docs/protocol.md section 3; Hello.version, Reject.retry_after_ms and
-// Drain.reconnect_hint are omitted when absent/empty, token, client_id, reason
+// Encoders append one whole message to out. Precondition for HELLO:
+// client_id is valid UTF-8 (else the server refuses the HELLO as malformed). Fields go out in the order of the
+// table in docs/protocol.md section 3; Hello.version, Reject.retry_after_ms,
+// the optional Welcome limits and Drain.reconnect_hint are omitted when absent/empty, token, client_id, reason
 // and server_id are always sent (possibly empty). Precondition: all fields fit
 // the u16 message length (client_id <= 128 bytes, the strings short); if they
 // do not, string values are cut so that the output stays well formed and
@@ -77,7 +92,7 @@ struct ControlMessage {
 enum class DecodeStatus : uint8_t {
   message = 0,     // *msg is filled, `used` bytes were taken
   need_more = 1,   // not a whole message yet; nothing taken
-  malformed = 2,   // a known field has the wrong size, client_id > 128 bytes, or fields overrun the message
+  malformed = 2,   // a known field has the wrong size, client_id > 128 bytes or not valid UTF-8, or fields overrun the message
 };
 
 const char* to_str(DecodeStatus s);

@@ -74,10 +74,11 @@ class Bridge : public net::TcpHandler {
   // The stream is gone (reset by peer, closed, or the link is ending): close TCP.
   void stream_gone(bool reset_tcp);
   // Client side: the server provably never processed this stream (it reset
-  // it after Go Away, or closed the session cleanly after Go Away). If the
+  // it after Go Away or refused it at its SYN, see Link::peer_refused, or
+  // closed the session cleanly after Go Away). If the
   // server had not ACKed it yet and on_replay is set, the local connection
   // and every byte already sent on the stream go to on_replay, to be sent
-  // again on another session, and true is returned (the bridge is done).
+  // again (on another session after Go Away), and true is returned (the bridge is done).
   // False: nothing happened; the caller ends the bridge as usual.
   [[nodiscard]] bool try_replay();
   // The link is closing. If the peer had finished the stream (FIN received),

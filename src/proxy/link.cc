@@ -375,8 +375,9 @@ void Link::on_stream_reset(uint32_t id) {
     return;
   }
   if (Bridge* b = bridge(id)) {
-    // After Go Away the peer resets new streams unprocessed (docs/protocol.md 6).
-    if (!(session_ && session_->go_away_received() && b->try_replay())) {
+    // After Go Away the peer resets new streams unprocessed (docs/protocol.md 6),
+    // and at any time those beyond its limits (peer_refused).
+    if (!(session_ && (session_->go_away_received() || peer_refused(id)) && b->try_replay())) {
       if (b->on_reset) b->on_reset(*b, "client");
       b->stream_gone(true);
     }

@@ -144,6 +144,11 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   virtual void on_last_bridge_gone() {}
   // The session refused a stream: max_streams reached.
   virtual void on_streams_limit() {}
+  // The peer reset stream `id` (no Go Away received): true when the role
+  // knows the peer refused it without processing any of it (the client:
+  // docs/protocol.md 4, refused streams); the bridge is then offered
+  // Bridge::try_replay() as after Go Away.
+  virtual bool peer_refused(uint32_t id) const { (void)id; return false; }
   // The TLS handshake failed or timed out (close follows).
   virtual void on_handshake_failed() {}
   // A closing link's last bytes were not taken within flush_timeout_ms: the

@@ -1,5 +1,7 @@
 #include "proxy/metrics.h"
 
+#include "util/text.h"
+
 namespace baton::proxy {
 
 void Histogram::observe(double seconds) {
@@ -47,7 +49,8 @@ std::string series(std::string_view family, std::initializer_list<std::pair<std:
     first = false;
     s += k;
     s += "=\"";
-    for (char c : v) {
+    // The text format wants UTF-8 label values: a stray byte becomes U+FFFD.
+    for (char c : util::to_valid_utf8(v)) {
       if (c == '\\') s += "\\\\";
       else if (c == '"') s += "\\\"";
       else if (c == '\n') s += "\\n";

@@ -44,7 +44,8 @@ struct Metrics {
 };
 
 // `family{k1="v1",k2="v2"}` with label values escaped as Prometheus wants
-// (backslash, double quote, newline). No labels: just `family`.
+// (backslash, double quote, newline) and made valid UTF-8 (a byte that is
+// not part of valid UTF-8 becomes U+FFFD). No labels: just `family`.
 std::string series(std::string_view family, std::initializer_list<std::pair<std::string_view, std::string_view>> labels = {});
 
 }  // namespace baton::proxy

@@ -66,15 +66,22 @@ std::unique_ptr<Server> Server::create(uv_loop_t* loop, const config::Config& cf
   o.client_ca_file = cfg.tls.client_ca_file;
   o.require_client_cert = cfg.tls.require_client_cert;
   o.ticket_lifetime_s = cfg.tls.ticket_lifetime_s;
+  o.cert_origin = cfg.tls.cert_origin;
+  o.key_origin = cfg.tls.key_origin;
+  o.client_ca_origin = cfg.tls.client_ca_origin;
   if (!cfg.tls.ticket_key_file.empty()) {
     error = tls::load_ticket_keys(cfg.tls.ticket_key_file, o.ticket_keys);
-    if (!error.empty()) return nullptr;
+    if (!error.empty()) {
+      if (!cfg.tls.ticket_key_origin.empty()) error = cfg.tls.ticket_key_origin + ": " + error;
+      return nullptr;
+    }
   } else if (inherited_ticket_keys.empty()) {
     spdlog::warn("tls.ticket_key is not set: session tickets are valid for this process and its hot restarts only");
   }
   o.inherited_ticket_keys = inherited_ticket_keys;
   s->tls_ = tls::Context::make_server(o, error);
   if (!s->tls_) return nullptr;
+  for (const std::string& w : s->tls_->warnings()) spdlog::warn("{}", w);
   s->server_id_ = cfg.server_id;
   if (s->server_id_.empty()) {
     char host[256] = "";
@@ -370,7 +377,7 @@ std::vector<Gauge> Server::gauges() const {
     drain = p == "notifying" ? 1 : p == "done" ? 3 : 2;
   }
   g.emplace_back("baton_drain_state", drain);
-  g.emplace_back("baton_ready", state_ == ServeState::serving ? 1.0 : 0.0);
+  g.emplace_back("baton_ready", ready() ? 1.0 : 0.0);
   g.emplace_back("baton_restart_epoch", double(epoch_));
   g.emplace_back("baton_process_resident_bytes", double(resident_bytes()));
   const size_t fds = open_fds();  // one scan of /proc/self/fd for both gauges
@@ -383,6 +390,8 @@ std::vector<Gauge> Server::gauges() const {
   g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "max_streams_per_tunnel"}}),
                  double(max_streams) / l.max_streams_per_tunnel);
   g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "open_files"}}), double(fds) / fd_limit);
+  for (const tls::CertExpiry& e : tls_->expiries())
+    g.emplace_back(series("baton_tls_certificate_expiry_seconds", {{"cert", e.cert}}), double(e.not_after));
   return g;
 }
 

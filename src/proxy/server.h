@@ -81,6 +81,9 @@ class Server {
   void tunnel_serving(bool on) { on ? ++serving_ : --serving_; }
   // A tunnel left its TLS handshake (done, failed or closed): the next queued one starts.
   void handshake_finished(Tunnel* t);
+  // /readyz: serving and holding an open listener (never "ready" while the
+  // listener is closed: a handoff in progress, a drain, a failed resume).
+  bool ready() const { return state_ == ServeState::serving && listener_ != nullptr; }
   bool accepting_paused() const { return listener_ && listener_->paused(); }
 
   const config::Config& config() const { return cfg_; }

@@ -6,6 +6,7 @@
 #include "proxy/bridge.h"
 #include "proxy/server.h"
 #include "util/bytes.h"
+#include "util/text.h"
 
 namespace baton::proxy {
 
@@ -100,11 +101,11 @@ void Tunnel::on_secure() {
     server_.metrics().observe("baton_handshake_seconds", double(uv_hrtime() - handshake_started_ns_) / 1e9);
   release_handshake_slot();
   if (!peer_info().cert_subject.empty())
-    spdlog::debug("tunnel {}: client certificate {}", peer(), peer_info().cert_subject);
+    spdlog::debug("tunnel {}: client certificate {}", peer(), util::quoted(peer_info().cert_subject));
 }
 
 void Tunnel::on_closed(const char* reason) {
-  if (counted_) spdlog::info("tunnel {} ({}): closed: {}", peer(), client_id_, reason);
+  if (counted_) spdlog::info("tunnel {} ({}): closed: {}", peer(), util::quoted(client_id_), reason);
   release_handshake_slot();
   set_counted(false);
 }
@@ -151,7 +152,7 @@ void Tunnel::on_peer_stream(uint32_t id) {
 void Tunnel::route_stream(Bridge& br, const std::string& route) {
   const config::Route* r = server_.config().find_route(route);
   if (!r) {
-    spdlog::debug("tunnel {}: stream {}: unknown route \"{}\"", peer(), br.id(), route);
+    spdlog::debug("tunnel {}: stream {}: unknown route {}", peer(), br.id(), util::quoted(route));
     server_.metrics().inc(series("baton_streams_total", {{"route", "(unknown)"}, {"result", "unknown_route"}}));
     session().reset(br.id());
     br.stream_gone(true);
@@ -193,7 +194,7 @@ void Tunnel::drain(const std::string& reason, uint32_t grace_ms, const std::stri
   send_control(msg);
   session().go_away(mux::GoAwayCode::normal);
   drain_deadline_ms_ = uv_now(loop()) + grace_ms;
-  spdlog::info("tunnel {} ({}): draining ({}, grace {} ms, {} streams)", peer(), client_id_, reason, grace_ms,
+  spdlog::info("tunnel {} ({}): draining ({}, grace {} ms, {} streams)", peer(), util::quoted(client_id_), reason, grace_ms,
                bridge_count());
   if (bridge_count() == 0) {
     close("drained", false);
@@ -302,8 +303,11 @@ void Tunnel::on_control_data() {
     mux::DecodeResult r = mux::decode(*in, m);
     if (r.status == mux::DecodeStatus::need_more) return;
     if (r.status == mux::DecodeStatus::malformed) {
-      spdlog::info("tunnel {}: malformed control message: {}", peer(), r.error ? r.error : "?");
-      if (phase() == LinkPhase::awaiting_hello) reject(1, "malformed HELLO");
+      const std::string_view why = r.error ? r.error : "?";
+      spdlog::info("tunnel {}: malformed control message: {}", peer(), why);
+      // The client is told why: "malformed HELLO: client_id is not valid UTF-8".
+      if (phase() == LinkPhase::awaiting_hello)
+        reject(1, "malformed HELLO: " + std::string(why.starts_with("HELLO ") ? why.substr(6) : why));
       else cut("protocol_error", "malformed control message", true, mux::GoAwayCode::protocol_error);
       return;
     }
@@ -350,15 +354,20 @@ void Tunnel::handle_hello(const HelloView& hv) {
   w.session_id = session_id_;
   w.server_id = server_.server_id();
   w.heartbeat_ms = cfg.limits.heartbeat_ms;
+  w.stream_open_rate = cfg.limits.stream_open_rate;  // docs/protocol.md 3: the client paces its opens to them
+  w.stream_open_burst = cfg.limits.stream_open_burst;
+  w.max_streams = cfg.limits.max_streams_per_tunnel;
   std::vector<uint8_t> msg;
   mux::encode(w, msg);
   set_phase(LinkPhase::serving);
   rearm_timer();
   set_counted(true);
   server_.metrics().inc(series("baton_tunnels_total", {{"result", "established"}}));
-  spdlog::info("tunnel {}: welcome client \"{}\" (token {}{}{}), session {}", peer(), client_id_,
+  // Peer values (client_id, certificate subject) go through util::quoted: escaped, never raw.
+  spdlog::info("tunnel {}: welcome client {} (token {}{}{}), session {}", peer(), util::quoted(client_id_),
                token_name.empty() ? "-" : token_name, peer_info().cert_subject.empty() ? "" : ", cert ",
-               peer_info().cert_subject, util::to_hex(session_id_).substr(0, 8));
+               peer_info().cert_subject.empty() ? std::string() : util::quoted(peer_info().cert_subject),
+               util::to_hex(session_id_).substr(0, 8));
   send_control(msg);
 }
 

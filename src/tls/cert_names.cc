@@ -6,6 +6,8 @@
 
 #include <cstring>
 
+#include "util/text.h"
+
 namespace baton::tls {
 
 namespace {
@@ -36,12 +38,9 @@ bool dns_matches(const mbedtls_x509_buf& cert_name, std::string_view name) {
   return rest.size() == cert_name.len - 1 && equal_nocase(cert_name.p + 1, rest);
 }
 
-// A name from the peer's certificate, printable: it ends up in logs.
+// A name from the peer's certificate, escaped (util::printable): it ends up in logs.
 std::string text_of(const mbedtls_x509_buf& b) {
-  std::string s(reinterpret_cast<const char*>(b.p), b.len);
-  for (char& c : s)
-    if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) > 0x7e) c = '?';
-  return s;
+  return util::printable(std::string_view(reinterpret_cast<const char*>(b.p), b.len));
 }
 
 std::string ip_text(const mbedtls_x509_buf& b) {

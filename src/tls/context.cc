@@ -3,6 +3,9 @@
 #include "tls/record.h"
 
 #include <algorithm>
+#include <ctime>
+
+#include "tls/cert_files.h"
 
 #include <mbedtls/error.h>
 
@@ -99,34 +102,43 @@ std::string Context::init_common() {
   return "";
 }
 
-static std::string load_pair(mbedtls_x509_crt* crt, mbedtls_pk_context* key, const std::string& cert_file,
-                             const std::string& key_file, mbedtls_ctr_drbg_context* rng) {
-  int ret = mbedtls_x509_crt_parse_file(crt, cert_file.c_str());
-  if (ret != 0) return cert_file + ": cannot load certificate: " + mbedtls_error_text(ret);
-  ret = mbedtls_pk_parse_keyfile(key, key_file.c_str(), nullptr);
-  if (ret != 0) return key_file + ": cannot load private key: " + mbedtls_error_text(ret);
-  (void)rng;
-  ret = mbedtls_pk_check_pair(&crt->pk, key);
-  if (ret != 0) return key_file + ": private key does not match " + cert_file;
+namespace {
+
+std::string load_pair(mbedtls_x509_crt* crt, mbedtls_pk_context* key, const FileRef& cert, const FileRef& keyf) {
+  if (std::string e = load_certificates(crt, cert); !e.empty()) return e;
+  if (std::string e = load_private_key(key, keyf); !e.empty()) return e;
+  if (mbedtls_pk_check_pair(&crt->pk, key) != 0)
+    return keyf.prefix() + ": the private key does not match the certificate in " + cert.path;
   return "";
 }
+
+// Checks the certificates of one file now, and keeps its expiry for the metric.
+void check_file(const mbedtls_x509_crt* chain, const FileRef& f, CertUse use, const char* metric_name,
+                std::vector<std::string>& warnings, std::vector<CertExpiry>& expiries) {
+  for (const std::string& p : certificate_problems(chain, int64_t(::time(nullptr)), use, kCertExpirySoon_s))
+    warnings.push_back(f.prefix() + ": " + p);
+  expiries.push_back({metric_name, earliest_not_after(chain)});
+}
+
+}  // namespace
 
 std::unique_ptr<Context> Context::make_server(const ServerTlsOptions& o, std::string& error) {
   std::unique_ptr<Context> c(new Context(Side::server));
   if (!(error = c->init_common()).empty()) return nullptr;
-  if (!(error = load_pair(&c->cert_, &c->key_, o.cert_file, o.key_file, &c->drbg_)).empty()) return nullptr;
+  const FileRef cert{o.cert_file, o.cert_origin, "the server certificate chain"};
+  const FileRef key{o.key_file, o.key_origin, "the server private key"};
+  if (!(error = load_pair(&c->cert_, &c->key_, cert, key)).empty()) return nullptr;
   int ret = mbedtls_ssl_conf_own_cert(&c->conf_, &c->cert_, &c->key_);
   if (ret != 0) {
     error = "server certificate: " + mbedtls_error_text(ret);
     return nullptr;
   }
   c->has_own_cert_ = true;
+  check_file(&c->cert_, cert, CertUse::own_chain, "server", c->warnings_, c->expiries_);
   if (!o.client_ca_file.empty()) {
-    ret = mbedtls_x509_crt_parse_file(&c->ca_, o.client_ca_file.c_str());
-    if (ret != 0) {
-      error = o.client_ca_file + ": cannot load client CA: " + mbedtls_error_text(ret);
-      return nullptr;
-    }
+    const FileRef ca{o.client_ca_file, o.client_ca_origin, "the CA certificates for client certificates"};
+    if (!(error = load_certificates(&c->ca_, ca)).empty()) return nullptr;
+    check_file(&c->ca_, ca, CertUse::trust, "client_ca", c->warnings_, c->expiries_);
     mbedtls_ssl_conf_ca_chain(&c->conf_, &c->ca_, nullptr);
     mbedtls_ssl_conf_authmode(&c->conf_, o.require_client_cert ? MBEDTLS_SSL_VERIFY_REQUIRED
                                                                : MBEDTLS_SSL_VERIFY_OPTIONAL);
@@ -153,23 +165,26 @@ std::unique_ptr<Context> Context::make_server(const ServerTlsOptions& o, std::st
 std::unique_ptr<Context> Context::make_client(const ClientTlsOptions& o, std::string& error) {
   std::unique_ptr<Context> c(new Context(Side::client));
   if (!(error = c->init_common()).empty()) return nullptr;
-  std::string ca = o.ca_file.empty() ? "/etc/ssl/certs/ca-certificates.crt" : o.ca_file;
-  int ret = mbedtls_x509_crt_parse_file(&c->ca_, ca.c_str());
-  if (ret < 0) {  // > 0: some certificates in a bundle could not be parsed; the rest are usable
-    error = ca + ": cannot load CA certificates: " + mbedtls_error_text(ret);
-    return nullptr;
-  }
+  const bool system_bundle = o.ca_file.empty();
+  const FileRef ca{system_bundle ? "/etc/ssl/certs/ca-certificates.crt" : o.ca_file, o.ca_origin,
+                   "the CA certificates that sign the server's certificate"};
+  // Some certificates of a bundle may not parse; the rest are usable.
+  if (!(error = load_certificates(&c->ca_, ca, true)).empty()) return nullptr;
+  if (!system_bundle) check_file(&c->ca_, ca, CertUse::trust, "ca", c->warnings_, c->expiries_);
   mbedtls_ssl_conf_ca_chain(&c->conf_, &c->ca_, nullptr);
   mbedtls_ssl_conf_authmode(&c->conf_, MBEDTLS_SSL_VERIFY_REQUIRED);
   mbedtls_ssl_conf_session_tickets(&c->conf_, MBEDTLS_SSL_SESSION_TICKETS_ENABLED);
   if (!o.cert_file.empty()) {
-    if (!(error = load_pair(&c->cert_, &c->key_, o.cert_file, o.key_file, &c->drbg_)).empty()) return nullptr;
-    ret = mbedtls_ssl_conf_own_cert(&c->conf_, &c->cert_, &c->key_);
+    const FileRef cert{o.cert_file, o.cert_origin, "the client certificate"};
+    const FileRef key{o.key_file, o.key_origin, "the client private key"};
+    if (!(error = load_pair(&c->cert_, &c->key_, cert, key)).empty()) return nullptr;
+    int ret = mbedtls_ssl_conf_own_cert(&c->conf_, &c->cert_, &c->key_);
     if (ret != 0) {
       error = "client certificate: " + mbedtls_error_text(ret);
       return nullptr;
     }
     c->has_own_cert_ = true;
+    check_file(&c->cert_, cert, CertUse::own_chain, "client", c->warnings_, c->expiries_);
   }
   return c;
 }

@@ -4,6 +4,7 @@
 // session tickets, ALPN "baton/1" accepted.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -26,6 +27,9 @@ struct ServerTlsOptions {
   std::string cert_file;
   std::string key_file;
   std::string client_ca_file;  // empty: no client certificates
+  // Where each file was named, for messages ("baton.yaml:4:9: tls.cert";
+  // tls/cert_files.h FileRef::origin). Empty: messages name the path only.
+  std::string cert_origin, key_origin, client_ca_origin;
   bool require_client_cert = false;
   std::vector<TicketKey> ticket_keys;  // empty: one random key for this process
   std::vector<TicketKey> inherited_ticket_keys;  // from the previous process (handoff): opened, and seal when ticket_keys is empty
@@ -36,11 +40,28 @@ struct ClientTlsOptions {
   std::string ca_file;    // empty: the system bundle /etc/ssl/certs/ca-certificates.crt
   std::string cert_file;  // optional client certificate (mTLS)
   std::string key_file;
+  std::string ca_origin, cert_origin, key_origin;  // as in ServerTlsOptions, e.g. "--cert"
 };
+
+// A certificate file's earliest notAfter, for the
+// baton_tls_certificate_expiry_seconds{cert=NAME} gauge.
+struct CertExpiry {
+  std::string cert;       // "server", "client_ca" (server side); "client", "ca" (client side)
+  int64_t not_after = 0;  // unix seconds
+};
+
+// Certificates expiring within this long get a warning at load.
+constexpr int64_t kCertExpirySoon_s = 14 * 86400;
 
 class Context {
  public:
   // Return nullptr and set `error` (naming the file and mbedTLS's reason) on failure.
+  // A path that is not a readable regular file (a directory, a FIFO, a
+  // device) is an error too. Certificates that load but that peers will
+  // refuse (expired, not yet valid, weak keys or signatures;
+  // tls/cert_files.h) or that expire within kCertExpirySoon_s are not: they
+  // come back in warnings(), for the caller to log. The system CA bundle a
+  // client uses without ca_file is not checked.
   static std::unique_ptr<Context> make_server(const ServerTlsOptions& o, std::string& error);
   static std::unique_ptr<Context> make_client(const ClientTlsOptions& o, std::string& error);
   ~Context();
@@ -55,6 +76,11 @@ class Context {
   mbedtls_ctr_drbg_context* rng() { return &drbg_; }
   // Server: the session ticket keys in use (the first seals), for handoff.
   const std::vector<TicketKey>& ticket_keys() const { return ticket_keys_; }
+  // One sentence per problem found in the certificate files at load, each
+  // starting with the file's origin and path.
+  const std::vector<std::string>& warnings() const { return warnings_; }
+  // The earliest notAfter of each certificate file loaded (own chain first).
+  const std::vector<CertExpiry>& expiries() const { return expiries_; }
 
  private:
   explicit Context(Side side);
@@ -70,6 +96,8 @@ class Context {
   mbedtls_x509_crt ca_;
   std::unique_ptr<TicketSealer> tickets_;
   std::vector<TicketKey> ticket_keys_;
+  std::vector<std::string> warnings_;
+  std::vector<CertExpiry> expiries_;
 };
 
 // mbedTLS's message for an error code, e.g. "X509 - Certificate verification failed".

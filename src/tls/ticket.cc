@@ -4,28 +4,36 @@
 
 #include <cstring>
 #include <ctime>
-#include <fstream>
 
 #include "util/bytes.h"
+#include "util/file.h"
 
 namespace baton::tls {
 
 std::string load_ticket_keys(const std::string& path, std::vector<TicketKey>& out) {
-  std::ifstream f(path);
-  if (!f) return path + ": cannot open ticket key file";
-  std::string line;
+  std::vector<unsigned char> bytes;
+  std::string problem = util::read_regular_file(path, 1u << 20, bytes);
+  if (!problem.empty()) return path + ": " + problem + " (expected a ticket key file: lines of 64 hex digits)";
+  std::string_view text(reinterpret_cast<const char*>(bytes.data()), bytes.size());
   unsigned lineno = 0;
   out.clear();
-  while (std::getline(f, line)) {
+  std::string error;
+  while (!text.empty() && error.empty()) {
     ++lineno;
-    while (!line.empty() && (line.back() == '\r' || line.back() == ' ' || line.back() == '\t')) line.pop_back();
+    const size_t nl = text.find('\n');
+    std::string_view line = text.substr(0, nl);
+    text = nl == std::string_view::npos ? std::string_view() : text.substr(nl + 1);
+    while (!line.empty() && (line.back() == '\r' || line.back() == ' ' || line.back() == '\t')) line.remove_suffix(1);
     size_t start = line.find_first_not_of(" \t");
-    if (start == std::string::npos || line[start] == '#') continue;
+    if (start == std::string_view::npos || line[start] == '#') continue;
     TicketKey k;
-    if (!util::from_hex(std::string_view(line).substr(start), k))
-      return path + ":" + std::to_string(lineno) + ": expected 64 hex digits (a 32-byte ticket key)";
-    out.push_back(k);
+    if (!util::from_hex(line.substr(start), k))
+      error = path + ":" + std::to_string(lineno) + ": expected 64 hex digits (a 32-byte ticket key)";
+    else
+      out.push_back(k);
   }
+  util::wipe(bytes);
+  if (!error.empty()) return error;
   if (out.empty()) return path + ": no ticket key in file (expected lines of 64 hex digits)";
   return "";
 }

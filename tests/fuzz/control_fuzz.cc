@@ -12,7 +12,7 @@
 // Properties, beyond "no crash, no leak, no undefined behaviour":
 //   - a message takes 3..input bytes, need_more only for a truncated one,
 //     malformed always names the problem and takes nothing;
-//   - a decoded HELLO's client_id is at most 128 bytes;
+//   - a decoded HELLO's client_id is at most 128 bytes of valid UTF-8;
 //   - every decoded message of a known type re-encodes to bytes that decode
 //     again and re-encode to the very same bytes (round trip);
 //   - an encoder always writes exactly one well-formed message: integer
@@ -30,6 +30,7 @@
 #include "mux/control.h"
 #include "script.h"
 #include "util/byte_queue.h"
+#include "util/text.h"
 
 using namespace baton;
 using fuzz::require;
@@ -97,7 +98,9 @@ void control_stream(fuzz::ScriptReader& r) {
     require(a.used >= 3 && a.used <= rest.size(), "a message takes 3..input bytes");
     require(size_t(rest[1] << 8 | rest[2]) + 3 == a.used, "a message takes exactly its length");
     require(from_queue.type == rest[0], "the type is the first byte");
-    if (from_queue.hello) require(from_queue.hello->client_id.size() <= 128, "client_id <= 128 bytes");
+    if (from_queue.hello)
+      require(from_queue.hello->client_id.size() <= 128 && util::valid_utf8(from_queue.hello->client_id),
+              "client_id: <= 128 bytes of UTF-8");
     round_trip(from_queue);
     q.pop(a.used);
     rest = rest.subspan(a.used);
@@ -129,8 +132,15 @@ void encoder(fuzz::ScriptReader& r) {
       mux::Hello h;
       if (r.u8() & 1) h.version = r.u16();
       h.token = text(r, length(r));
-      h.client_id = text(r, std::min<size_t>(length(r), 128));  // the encoder's precondition
+      h.client_id = text(r, std::min<size_t>(length(r), 128));  // the encoder's precondition: <= 128 bytes...
       mux::encode(h, out);
+      if (!util::valid_utf8(h.client_id)) {  // ...of UTF-8: else the decoder says the HELLO is malformed
+        mux::ControlMessage bad;
+        const mux::DecodeResult res = mux::decode(out, bad);
+        require(res.status == mux::DecodeStatus::malformed && res.used == 0 && res.error,
+                "a client_id that is not UTF-8 makes the HELLO malformed");
+        return;
+      }
       m = decode_whole(out);
       require(m.hello && m.hello->version == h.version && m.hello->client_id == h.client_id,
               "HELLO version and client_id survive");
@@ -144,12 +154,21 @@ void encoder(fuzz::ScriptReader& r) {
       for (auto& b : w.session_id) b = r.u8();
       w.server_id = text(r, length(r));
       w.heartbeat_ms = r.u32();
+      const bool limits = r.u8() & 1;
+      if (limits) {
+        w.stream_open_rate = r.u32();
+        w.stream_open_burst = r.u32();
+        w.max_streams = r.u32();
+      }
       mux::encode(w, out);
       m = decode_whole(out);
       require(m.welcome && m.welcome->session_id == w.session_id && m.welcome->heartbeat_ms == w.heartbeat_ms,
               "WELCOME session_id and heartbeat_ms survive");
+      require(m.welcome->stream_open_rate == w.stream_open_rate && m.welcome->stream_open_burst == w.stream_open_burst &&
+                  m.welcome->max_streams == w.max_streams,
+              "WELCOME stream limits survive");
       require(is_prefix(m.welcome->server_id, w.server_id), "WELCOME server_id is cut, never changed");
-      fits = 19 + 3 + w.server_id.size() + 7 <= kMaxFields;
+      fits = 19 + 3 + w.server_id.size() + 7 + (limits ? 21 : 0) <= kMaxFields;
       if (fits) require(m.welcome->server_id == w.server_id, "WELCOME server_id survives when it fits");
       break;
     }

@@ -223,6 +223,8 @@ void control_seeds() {
   V long_id = V{0x01, 0, 132, 0x03, 0, 129};
   long_id.resize(long_id.size() + 129, 'c');
   write("control", "client_id_129.bin", stream(5, long_id));
+  // Not UTF-8 (issue 17 item 6): a malformed HELLO.
+  write("control", "client_id_not_utf8.bin", stream(5, V{0x01, 0, 7, 0x03, 0, 4, 0xff, 0xfe, 0xc0, 0xaf}));
   write("control", "bad_field_size.bin", stream(9, V{0x02, 0, 6, 0x07, 0, 3, 1, 2, 3}));
   write("control", "field_overrun.bin", stream(9, V{0x04, 0, 4, 0x0a, 0, 9, 'r'}));
   // Encoder scripts: type, then values (see control_fuzz.cc encoder()).

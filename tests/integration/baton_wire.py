@@ -35,7 +35,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 # ---------------------------------------------------------------------------
 # Section 2: yamux framing
@@ -193,8 +193,9 @@ def decode_message(buf: bytes) -> Optional[Tuple[int, List[Tuple[int, bytes]], i
     return type_, decode_fields(bytes(buf[3:3 + ln])), 3 + ln
 
 
-def hello_message(token: Optional[bytes] = b"", client_id: Optional[str] = "pytest", version: Optional[int] = 1,
-                  extra_fields: Optional[List[Tuple[int, bytes]]] = None) -> bytes:
+def hello_message(token: Optional[bytes] = b"", client_id: Optional[Union[str, bytes]] = "pytest",
+                  version: Optional[int] = 1, extra_fields: Optional[List[Tuple[int, bytes]]] = None) -> bytes:
+    """client_id: a str is sent UTF-8 encoded, bytes as they are (e.g. invalid UTF-8)."""
     fields = []
     if version is not None:
         fields.append((TAG_VERSION, struct.pack(">H", version)))
@@ -203,7 +204,7 @@ def hello_message(token: Optional[bytes] = b"", client_id: Optional[str] = "pyte
             token = token.encode()
         fields.append((TAG_TOKEN, token))
     if client_id is not None:
-        fields.append((TAG_CLIENT_ID, client_id.encode()))
+        fields.append((TAG_CLIENT_ID, client_id.encode() if isinstance(client_id, str) else bytes(client_id)))
     fields.extend(extra_fields or [])
     return encode_message(MSG_HELLO, fields)
 

@@ -54,6 +54,9 @@ DOCUMENTED_FAMILIES = {
     "baton_process_open_fds": "gauge",
     "baton_limit_usage_ratio": "gauge",
     "baton_uptime_seconds": "gauge",
+    "baton_admin_requests_rejected": "counter",  # baton_admin_requests_rejected_total
+    "baton_admin_connections": "gauge",
+    "baton_tls_certificate_expiry_seconds": "gauge",
 }
 
 

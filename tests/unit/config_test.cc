@@ -593,3 +593,15 @@ TEST(ConfigErrors, EnumsAndMisc) {
 }
 
 }  // namespace
+
+// Where each TLS file was named, for the messages of whoever reads it later
+// (a directory as tls.cert: docs/configuration.md "Certificate checks").
+TEST(Config, TlsFileOrigins) {
+  Config c = ok(lines({"tls:", "  cert: server.crt", "  key:   server.key", "  client_ca: ca.crt",
+                       "  require_client_cert: true", "  ticket_key: ticket.key", "auth:", "  require_token: false",
+                       "routes:", "  echo: 127.0.0.1:7000"}));
+  EXPECT_EQ(c.tls.cert_origin, "baton.yaml:2:9: tls.cert");
+  EXPECT_EQ(c.tls.key_origin, "baton.yaml:3:10: tls.key");
+  EXPECT_EQ(c.tls.client_ca_origin, "baton.yaml:4:14: tls.client_ca");
+  EXPECT_EQ(c.tls.ticket_key_origin, "baton.yaml:6:15: tls.ticket_key");
+}

@@ -394,6 +394,28 @@ std::string random_string(std::mt19937& rng, size_t max) {
   for (char& c : s) c = char(rng());
   return s;
 }
+// Random valid UTF-8 of at most `max` bytes (a client_id must be UTF-8), any code point but surrogates.
+std::string random_utf8(std::mt19937& rng, size_t max) {
+  std::string s;
+  const size_t want = rng() % (max + 1);
+  while (true) {
+    uint32_t cp = rng() % 4 == 0 ? rng() % 0x80 : rng() % 0x110000;
+    if (cp >= 0xd800 && cp <= 0xdfff) continue;
+    std::string c;
+    if (cp < 0x80) {
+      c = {char(cp)};
+    } else if (cp < 0x800) {
+      c = {char(0xc0 | cp >> 6), char(0x80 | (cp & 0x3f))};
+    } else if (cp < 0x10000) {
+      c = {char(0xe0 | cp >> 12), char(0x80 | ((cp >> 6) & 0x3f)), char(0x80 | (cp & 0x3f))};
+    } else {
+      c = {char(0xf0 | cp >> 18), char(0x80 | ((cp >> 12) & 0x3f)), char(0x80 | ((cp >> 6) & 0x3f)),
+           char(0x80 | (cp & 0x3f))};
+    }
+    if (s.size() + c.size() > want) return s;
+    s += c;
+  }
+}
 }  // namespace
 
 TEST(MuxControl, RandomRoundTrips) {
@@ -401,7 +423,7 @@ TEST(MuxControl, RandomRoundTrips) {
   for (int i = 0; i < 300; ++i) {
     ControlMessage m;
     Hello h{rng() % 2 ? std::optional<uint16_t>(uint16_t(rng())) : std::nullopt, random_string(rng, 300),
-            random_string(rng, 128)};
+            random_utf8(rng, 128)};
     V b = enc(h);
     ASSERT_EQ(decode(b, m).status, DecodeStatus::message);
     ASSERT_TRUE(m.hello);
@@ -545,4 +567,86 @@ TEST(MuxPreamble, LongestName) {
   V cut;
   encode_preamble(std::string(300, 'n'), cut);
   EXPECT_EQ(cut, out);
+}
+
+// docs/protocol.md 3: client_id is UTF-8. Bytes that are not (issue 17 item
+// 6: ff fe c0 af) make the HELLO malformed, which the server answers with
+// REJECT 1; valid UTF-8 passes whatever it holds (control characters are
+// escaped where it is written, not refused here).
+TEST(MuxControl, ClientIdMustBeUtf8) {
+  for (const std::string& bad : {std::string("\xff\xfe\xc0\xaf"), std::string("edge\xc3"), std::string("\xed\xa0\x80")}) {
+    const V in = message(0x01, cat({field(0x01, {0, 1}), field(0x03, str(bad))}));
+    ControlMessage m;
+    DecodeResult r = dec(in, m);
+    ASSERT_EQ(r.status, DecodeStatus::malformed);
+    EXPECT_EQ(r.used, 0u);
+    EXPECT_STREQ(r.error, "HELLO client_id is not valid UTF-8");
+    EXPECT_FALSE(m.hello);
+  }
+  for (const std::string& ok : {std::string("edge\n2024 forged\x1b[2J\0", 21), std::string("h\xc3\xa9 \xe2\x82\xac")}) {
+    const V in = message(0x01, cat({field(0x01, {0, 1}), field(0x03, str(ok))}));
+    ControlMessage m;
+    ASSERT_EQ(dec(in, m).status, DecodeStatus::message);
+    EXPECT_EQ(m.hello->client_id, ok);
+  }
+}
+
+// The server's strings reach a client as sent: the client escapes them (util::printable) before showing them.
+TEST(MuxControl, ServerStringsAreNotCheckedForUtf8) {
+  const V in = message(0x04, cat({field(0x0a, str("bye\n\xff")), field(0x0b, {0, 0, 0, 1})}));
+  ControlMessage m;
+  ASSERT_EQ(dec(in, m).status, DecodeStatus::message);
+  EXPECT_EQ(m.drain->reason, "bye\n\xff");
+}
+
+// docs/protocol.md 3: WELCOME may carry the server's stream limits, three
+// optional u32 fields after heartbeat_ms (tags 0x0e, 0x0f, 0x10, unused by
+// any message before). A WELCOME without them (an older server) decodes as
+// before, with the limits absent; an older client skips them as unknown tags.
+TEST(MuxControl, WelcomeStreamLimitsLiteral) {
+  Welcome w = sample_welcome();
+  w.stream_open_rate = 200;
+  w.stream_open_burst = 400;
+  w.max_streams = 1024;
+  const V limits = cat({field(0x0e, {0x00, 0x00, 0x00, 0xc8}), field(0x0f, {0x00, 0x00, 0x01, 0x90}),
+                        field(0x10, {0x00, 0x00, 0x04, 0x00})});
+  const V want = message(0x02, cat({V(kWelcomeBytes.begin() + 3, kWelcomeBytes.end()), limits}));
+  EXPECT_EQ(enc(w), want);
+  ControlMessage m;
+  ASSERT_EQ(dec(want, m).status, DecodeStatus::message);
+  ASSERT_TRUE(m.welcome);
+  EXPECT_EQ(m.welcome->heartbeat_ms, 15000u);
+  EXPECT_EQ(m.welcome->stream_open_rate, std::optional<uint32_t>(200));
+  EXPECT_EQ(m.welcome->stream_open_burst, std::optional<uint32_t>(400));
+  EXPECT_EQ(m.welcome->max_streams, std::optional<uint32_t>(1024));
+
+  ASSERT_EQ(dec(kWelcomeBytes, m).status, DecodeStatus::message);  // an older server
+  EXPECT_FALSE(m.welcome->stream_open_rate || m.welcome->stream_open_burst || m.welcome->max_streams);
+  EXPECT_EQ(enc(sample_welcome()), kWelcomeBytes);  // absent limits are not sent
+}
+
+TEST(MuxControl, WelcomeStreamLimitsOfTheWrongSizeAreMalformed) {
+  for (uint8_t tag : {0x0e, 0x0f, 0x10}) {
+    const V in = message(0x02, cat({V(kWelcomeBytes.begin() + 3, kWelcomeBytes.end()), field(tag, {0, 1})}));
+    ControlMessage m;
+    DecodeResult r = dec(in, m);
+    EXPECT_EQ(r.status, DecodeStatus::malformed) << int(tag);
+    EXPECT_FALSE(m.welcome);
+  }
+}
+
+// The string before them is cut, never the limits.
+TEST(MuxControl, WelcomeStreamLimitsSurviveAnOversizedServerId) {
+  for (size_t n = 65500; n <= 65535; ++n) {
+    Welcome w{{}, std::string(n, 's'), 15000};
+    w.stream_open_rate = 7;
+    w.stream_open_burst = 8;
+    w.max_streams = 9;
+    ControlMessage m;
+    ASSERT_EQ(decode(enc(w), m).status, DecodeStatus::message) << n;
+    EXPECT_EQ(m.welcome->heartbeat_ms, 15000u);
+    EXPECT_EQ(m.welcome->stream_open_rate, std::optional<uint32_t>(7));
+    EXPECT_EQ(m.welcome->stream_open_burst, std::optional<uint32_t>(8));
+    EXPECT_EQ(m.welcome->max_streams, std::optional<uint32_t>(9));
+  }
 }
