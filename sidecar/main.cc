@@ -287,15 +287,12 @@ int cmd_serve(Args& a) {
       child.reset();
       spdlog::info("took over {} tunnels from pid {} in {} ms (epoch {})", takeover.tunnels, takeover.old_pid,
                    takeover.elapsed_ms, server->epoch());
-    } else if (int probe = baton::handoff::connect_handoff(cfg.handoff_socket, error); probe >= 0 || !error.empty()) {
-      // The connection closed without a word, but the socket still answers:
-      // the old process is alive and refused this one (its refusal can be
-      // lost when it closes before reading our hello). Starting fresh would
-      // be a second server beside it.
-      if (probe >= 0) ::close(probe);
-      spdlog::error("takeover failed: {}; the old process is still there (another new process may be taking over, "
-                    "or it is draining): not starting a second server",
-                    takeover.error);
+    } else if (std::string why; baton::handoff::old_process_alive(cfg.handoff_socket, 1000, why)) {
+      // The connection closed without a word, but the old process is still
+      // there and refused this one (its refusal is lost when it closes
+      // before reading our hello). Starting fresh would be a second server.
+      spdlog::error("takeover failed: {}; the old process is still there ({}): not starting a second server",
+                    takeover.error, why);
       child.reset();
       uv_run(loop, UV_RUN_NOWAIT);
       return kExitFailure;

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <spdlog/spdlog.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -71,6 +72,40 @@ int connect_handoff(const std::string& path, std::string& error) {
     return -1;
   }
   return fd;
+}
+
+bool old_process_alive(const std::string& path, uint32_t wait_ms, std::string& reason) {
+  std::string error;
+  int fd = connect_handoff(path, error);
+  if (fd < 0) {
+    reason = error;
+    return !error.empty();  // nobody listens: gone; any other failure: assume it is there
+  }
+  // An exiting process still completes a connect until its listener is
+  // closed, then resets it: wait for what comes.
+  pollfd p{fd, POLLIN, 0};
+  int n = ::poll(&p, 1, int(wait_ms));
+  bool alive = true;
+  if (n == 0) {
+    reason = "it accepts a new process (idle)";
+  } else {
+    uint8_t buf[4096];
+    ssize_t got = ::recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+    if (got <= 0) {
+      alive = false;  // closed or reset without a word: it is going away
+    } else {
+      Header h;
+      std::string perr;
+      reason = "it refused a new process";
+      if (parse_header({buf, size_t(got)}, h, perr) == ParseStatus::ok && h.type == MsgType::refuse &&
+          size_t(got) >= kHeaderSize + h.body_length) {
+        std::string why;
+        if (decode_reason({buf + kHeaderSize, h.body_length}, why).empty()) reason += ": " + why;
+      }
+    }
+  }
+  ::close(fd);
+  return alive;
 }
 
 Parent::Parent(uv_loop_t* loop, proxy::Server& server, ParentOptions opts,

@@ -128,4 +128,11 @@ class Parent {
 // refused), or -1 with `error` set for anything else.
 int connect_handoff(const std::string& path, std::string& error);
 
+// After a handoff connection closed without a word (the refusal of a busy or
+// draining old process can be lost that way): is the old process still
+// there? Connects again and waits up to wait_ms: a refusal (its reason goes
+// to `reason`) or a connection held open mean alive; nobody listening, or a
+// close or reset without a word (a process on its way out), mean gone.
+[[nodiscard]] bool old_process_alive(const std::string& path, uint32_t wait_ms, std::string& reason);
+
 }  // namespace baton::handoff

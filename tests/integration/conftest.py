@@ -114,6 +114,7 @@ class BatonProcess:
         self.pid = self.proc.pid
         self.ready: Optional[dict] = None
         self.exit_status: Optional[int] = None
+        self._drain_thread: Optional[threading.Thread] = None
 
     def wait_ready(self, timeout: float = 10.0) -> dict:
         obj, rest = read_json_line(self.proc, scaled(timeout))
@@ -134,7 +135,8 @@ class BatonProcess:
                 out.flush()
             out.close()
 
-        threading.Thread(target=drain, daemon=True).start()
+        self._drain_thread = threading.Thread(target=drain, daemon=True)
+        self._drain_thread.start()
         return obj
 
     def alive(self) -> bool:
@@ -177,6 +179,18 @@ class BatonProcess:
             self._stderr.close()
         except OSError:
             pass
+        # The stdout pipe too: the test node keeps this object for the whole
+        # session, and a session of several hundred processes would otherwise
+        # push the runner's descriptors past select()'s 1024. The reader
+        # thread ends at the pipe's EOF first (the process is gone).
+        if self.proc.poll() is not None and self.proc.stdout is not None:
+            if self._drain_thread is not None:
+                self._drain_thread.join(5)
+            if self._drain_thread is None or not self._drain_thread.is_alive():
+                try:
+                    self.proc.stdout.close()
+                except OSError:
+                    pass
 
     def stderr_text(self, tail: int = 200000) -> str:
         try:
