@@ -152,8 +152,9 @@ def test_sighups_during_a_restart_are_not_lost(server_factory, tunnel_factory, t
 def test_idle_drain_with_no_delay_exits_zero_50_times(server_factory, trigger):
     """The crash on drain (a drain that ends inside POST /drain destroyed the
     admin under its own callback): an idle process with drain.delay_ms 0
-    exits 0 through each trigger, 50 runs in a row (also under ASan/TSan)."""
-    for i in range(50):
+    exits 0 through each trigger, 50 runs in a row (release and ASan; 10
+    under TSan, whose pass checks the threads rather than the count)."""
+    for i in range(10 if os.environ.get("BATON_TEST_TSAN") == "1" else 50):
         srv = server_factory(extra=DRAIN % 5000)
         if trigger == "POST /drain":
             r = Admin(srv).request("POST", "/drain")
