@@ -38,6 +38,10 @@ GOPATH = os.environ.get("BATON_TEST_GOPATH", "/usr/share/gocode")
 ECDSA_SUITES = ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305"]
 RSA_SUITES = ["ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-RSA-CHACHA20-POLY1305"]
 ALL_SUITES = ECDSA_SUITES + RSA_SUITES
+# The acceptance runs use every suite in the release pass; under ASan/TSan
+# (the same record-layer and session code, much slower) one GCM suite with
+# the ECDSA certificate and ChaCha20 with the RSA one keep CI inside its time.
+ACC_SUITES = [ECDSA_SUITES[0], RSA_SUITES[2]] if SANITIZED else ALL_SUITES
 
 # The acceptance criteria: 200 streams x 64 KiB, 20 runs; 20 streams x 1 MiB.
 # Under ASan/TSan the same paths with fewer bytes and half the runs.
@@ -329,7 +333,7 @@ def test_hello_and_welcome(server_factory, go):
     assert_session_healthy(res)
 
 
-@pytest.mark.parametrize("suite", ALL_SUITES)
+@pytest.mark.parametrize("suite", ACC_SUITES)
 def test_acceptance_200_streams_64k_fin_at_once_20_runs(serve_for_suite, go, suite):
     """Acceptance: 200 streams opened at once from 200 goroutines (a gate
     releases them together, so their SYNs reach baton out of id order), each
@@ -348,7 +352,7 @@ def test_acceptance_200_streams_64k_fin_at_once_20_runs(serve_for_suite, go, sui
 
 
 @pytest.mark.parametrize("fin_delay_ms", [0, 200])
-@pytest.mark.parametrize("suite", ALL_SUITES)
+@pytest.mark.parametrize("suite", ACC_SUITES)
 def test_acceptance_20_streams_1mib_fin_after_last_write(serve_for_suite, go, suite, fin_delay_ms):
     """Acceptance: 20 streams x 1 MiB opened at once, FIN 0 ms and 200 ms
     after the last write, reading all along: the whole echo, then FIN."""
