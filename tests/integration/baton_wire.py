@@ -262,6 +262,18 @@ SUITES = ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384", "ECD
 CURVES = ["P-256", "X25519"]
 
 
+def server_listener(cert: str, key: str) -> Tuple[ssl.SSLContext, socket.socket]:
+    """For test servers that speak the protocol themselves: a TLS 1.2 server
+    context with this certificate and a socket listening on 127.0.0.1:0."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    return ctx, lsock
+
+
 def client_context(ca: Optional[str] = None, cert: Optional[str] = None, key: Optional[str] = None,
                    ciphers: Optional[str] = None, curve: Optional[str] = None, alpn: Optional[List[str]] = None,
                    min_version=ssl.TLSVersion.TLSv1_2, max_version=ssl.TLSVersion.TLSv1_2,

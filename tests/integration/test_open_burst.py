@@ -18,7 +18,7 @@ import time
 import urllib.request
 
 import baton_wire as bw
-from conftest import SANITIZED, Admin, TOKEN, scaled
+from conftest import SANITIZED, Admin, scaled
 
 RATE_REJECTIONS = "baton_overload_rejections_total"
 
@@ -257,12 +257,7 @@ class OlderServer:
 
     def __init__(self, certs, burst, rate):
         self.burst, self.rate = burst, rate
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        self.ctx.load_cert_chain(str(certs.server_crt), str(certs.server_key))
-        self.lsock = socket.socket()
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(8)
+        self.ctx, self.lsock = bw.server_listener(str(certs.server_crt), str(certs.server_key))
         self.addr = self.lsock.getsockname()
         self.refused = 0
         self.admitted = 0

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
-import ssl
 import struct
 import subprocess
 import threading
@@ -157,12 +155,7 @@ class ScriptedServer:
 
     def __init__(self, certs, mode):
         self.mode = mode
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        self.ctx.load_cert_chain(str(certs.server_crt), str(certs.server_key))
-        self.lsock = socket.socket()
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(8)
+        self.ctx, self.lsock = bw.server_listener(str(certs.server_crt), str(certs.server_key))
         self.addr = self.lsock.getsockname()
         self.served = threading.Event()
         self.error = None

@@ -39,12 +39,7 @@ class ScriptedServer:
 
     def __init__(self, certs, mode, hint):
         self.mode, self.hint = mode, hint
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        self.ctx.load_cert_chain(str(certs.server_crt), str(certs.server_key))
-        self.lsock = socket.socket()
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(8)
+        self.ctx, self.lsock = bw.server_listener(str(certs.server_crt), str(certs.server_key))
         self.addr = self.lsock.getsockname()
         self.received = b""     # bytes of the data stream (preamble included)
         self.refused = threading.Event()
