@@ -189,6 +189,25 @@ struct Signals {
   }
 };
 
+// Process signals are taken by the loop thread only. libuv's threadpool
+// (uv_getaddrinfo for upstreams) starts its threads on first use, and they
+// inherit the mask of the thread that starts them: start the pool now, with
+// the signals blocked. Otherwise a SIGTERM can be delivered to a pool thread
+// and reach the loop only after the loop has gone on for a while (in a hot
+// restart, possibly past the commit it was meant to prevent).
+void start_threadpool_without_signals(uv_loop_t* loop) {
+  sigset_t block, old;
+  sigemptyset(&block);
+  for (int s : {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGCHLD, SIGPIPE}) sigaddset(&block, s);
+  pthread_sigmask(SIG_BLOCK, &block, &old);
+  uv_work_t work;
+  bool done = false;
+  work.data = &done;
+  if (uv_queue_work(loop, &work, [](uv_work_t*) {}, [](uv_work_t* w, int) { *static_cast<bool*>(w->data) = true; }) == 0)
+    while (!done) uv_run(loop, UV_RUN_ONCE);
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+}
+
 int load_config(const std::string& path, baton::config::Config& out) {
   auto r = baton::config::load_file(path);
   if (auto* e = std::get_if<baton::config::ConfigError>(&r)) {
@@ -246,9 +265,22 @@ int cmd_serve(Args& a) {
   disable_core_dumps();
 
   uv_loop_t* loop = uv_default_loop();
+  start_threadpool_without_signals(loop);
   std::string error;
   std::unique_ptr<baton::proxy::Server> server;
   baton::handoff::ChildResult takeover;
+  // SIGTERM and SIGINT from the start: one that comes while this process is
+  // taking over calls the takeover off (the old process keeps everything),
+  // or, if the old one committed first, is acted on once this process
+  // serves (docs/operations.md "When lifecycle events meet").
+  Signals sig;
+  int early_signal = 0;
+  std::unique_ptr<baton::handoff::Child> child;
+  sig.start(loop, [&](int signum) {
+    if (!early_signal) early_signal = signum;
+    if (child)
+      child->abandon(std::string("received ") + (signum == SIGTERM ? "SIGTERM" : "SIGINT") + " while taking over");
+  });
   int hfd = no_takeover ? -1 : baton::handoff::connect_handoff(cfg.handoff_socket, error);
   if (hfd < 0 && !error.empty()) {
     spdlog::error("{} (use --no-takeover to start without taking over)", error);
@@ -258,7 +290,7 @@ int cmd_serve(Args& a) {
     // A live baton answers on the handoff socket: take its listener and tunnels.
     spdlog::info("taking over from the baton on {}", cfg.handoff_socket);
     bool done = false;
-    auto child = std::make_unique<baton::handoff::Child>(
+    child = std::make_unique<baton::handoff::Child>(
         loop, hfd, cfg.handoff_timeout_ms * 3,
         [&](const std::vector<baton::tls::TicketKey>& keys, std::string& e) {
           return baton::proxy::Server::create(loop, cfg, e, keys);
@@ -275,6 +307,12 @@ int cmd_serve(Args& a) {
       child.reset();
       uv_run(loop, UV_RUN_NOWAIT);
       return kExitFailure;
+    }
+    if (!takeover.ok && takeover.abandoned) {
+      spdlog::info("takeover called off: {}; the old process keeps serving", takeover.error);
+      child.reset();
+      uv_run(loop, UV_RUN_NOWAIT);
+      return kExitOk;
     }
     if (!takeover.ok && !takeover.old_gone) {
       spdlog::error("takeover failed: {}; the old process keeps serving", takeover.error);
@@ -305,6 +343,10 @@ int cmd_serve(Args& a) {
       hfd = -1;
     }
   }
+  if (!server && early_signal) {
+    spdlog::info("received {} while starting: not serving", early_signal == SIGTERM ? "SIGTERM" : "SIGINT");
+    return kExitOk;
+  }
   if (!server) {
     server = baton::proxy::Server::create(loop, cfg, error);
     if (!server) {
@@ -327,7 +369,6 @@ int cmd_serve(Args& a) {
   std::unique_ptr<baton::handoff::Parent> parent;
   std::unique_ptr<baton::admin::Admin> admin;
   std::unique_ptr<baton::drain::Drainer> drainer;
-  Signals sig;
   std::function<void()> check_exit = [&]() {
     parent.reset();
     admin.reset();  // the successor answers on the admin port now
@@ -379,6 +420,9 @@ int cmd_serve(Args& a) {
   auto stop_now = [&]() {
     if (!server) return;
     drainer->stop();
+    // A restart under way is called off first: the new process is told and
+    // exits instead of starting what this one exported.
+    if (parent) parent->cancel("this process is stopping at once");
     parent.reset();
     admin.reset();
     if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(&exit_timer))) {
@@ -408,7 +452,7 @@ int cmd_serve(Args& a) {
   });
   // Handlers before the ready line: whoever reads it may signal at once.
   // SIGTERM: drain, then exit. SIGINT, or SIGTERM again: exit at once.
-  sig.start(loop, [&](int signum) {
+  sig.fn = [&](int signum) {
     if (!server) return;
     if (signum == SIGTERM && drainer->phase() == baton::drain::DrainPhase::idle && !handed_over) {
       drain_trigger = "SIGTERM";
@@ -417,12 +461,18 @@ int cmd_serve(Args& a) {
     }
     spdlog::info("received {}, closing {} tunnels now", signum == SIGTERM ? "SIGTERM" : "SIGINT", server->tunnel_count());
     stop_now();
-  });
+  };
   print_line("{\"event\":\"ready\",\"listen\":" + json_string(server->listen_address()) +
              ",\"pid\":" + std::to_string(getpid()) + ",\"epoch\":" + std::to_string(server->epoch()) +
              ",\"takeover\":" + (hfd >= 0 ? "true" : "false") + ",\"tunnels\":" + std::to_string(takeover.tunnels) +
              ",\"admin\":" + json_string(admin->address()) +
              (cfg.lifecycle.listen ? ",\"lifecycle\":" + json_string(admin->lifecycle_address()) : std::string()) + "}");
+  if (early_signal) {
+    // Came while taking over, after the old process had committed: this
+    // process owns the tunnels, so the signal means what it always means.
+    spdlog::info("acting on the {} that came during the takeover", early_signal == SIGTERM ? "SIGTERM" : "SIGINT");
+    sig.fn(early_signal);
+  }
   uv_run(loop, UV_RUN_DEFAULT);
   uv_close(reinterpret_cast<uv_handle_t*>(&stop_timer), nullptr);
   parent.reset();
@@ -496,6 +546,7 @@ int cmd_connect(Args& a) {
   disable_core_dumps();
 
   uv_loop_t* loop = uv_default_loop();
+  start_threadpool_without_signals(loop);
   int exit_code = kExitOk;
   Signals sig;
   baton::Client* client_ptr = nullptr;

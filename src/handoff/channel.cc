@@ -52,11 +52,11 @@ void Channel::poll_cb(uv_poll_t* p, int status, int events) {
   auto* c = static_cast<Channel*>(p->data);
   if (c->closed_) return;
   if (!c->deferred_error_.empty()) {
-    c->fail(c->deferred_error_);
+    c->fail_after_reading(c->deferred_error_);
     return;
   }
   if (status < 0) {
-    c->fail(std::string("handoff socket error: ") + uv_strerror(status));
+    c->fail_after_reading(std::string("handoff socket error: ") + uv_strerror(status));
     return;
   }
   if (events & UV_WRITABLE) c->do_write();
@@ -92,7 +92,7 @@ void Channel::do_write(bool from_send) {
         events_ = 0;  // make update_events() re-arm the poll
         return;
       }
-      fail(std::string("handoff socket write: ") + std::strerror(errno));
+      fail_after_reading(std::string("handoff socket write: ") + std::strerror(errno));
       return;
     }
     o.offset += size_t(w);
@@ -103,7 +103,13 @@ void Channel::do_write(bool from_send) {
 }
 
 void Channel::do_read() {
-  for (int round = 0; round < 64 && !closed_; ++round) {
+  // Back to the loop as soon as a read has delivered a message: a message
+  // that arrives while this one is handled waits for the next poll, so that
+  // whatever that poll also brings (a SIGTERM, a drain) is seen between the
+  // two. (Reading on to EAGAIN let a whole handoff, server state to commit,
+  // run inside one callback while a signal waited behind it.)
+  const uint64_t delivered_before = delivered_;
+  for (int round = 0; round < 64 && !closed_ && (delivered_ == delivered_before || reading_rest_); ++round) {
     size_t at = in_.size();
     in_.resize(at + kReadChunk);
     iovec iov{in_.data() + at, kReadChunk};
@@ -179,6 +185,7 @@ void Channel::deliver() {
       in_fds_.pop_front();
     }
     pos += kHeaderSize + h.body_length;
+    ++delivered_;
     if (!close_when_sent_) on_message_(m);
     for (int fd : m.fds)
       if (fd >= 0) ::close(fd);  // whatever the handler did not take
@@ -193,6 +200,16 @@ void Channel::deliver() {
 void Channel::close_when_sent() {
   close_when_sent_ = true;  // and no more callbacks
   if (out_.empty()) close();
+}
+
+void Channel::fail_after_reading(const std::string& why) {
+  // The other process went away or is going: what it sent before (an abort
+  // with its reason) is still readable and says more than the write error.
+  if (closed_) return;
+  reading_rest_ = true;
+  do_read();
+  reading_rest_ = false;
+  if (!closed_) fail(why);
 }
 
 void Channel::fail(const std::string& why) {

@@ -59,6 +59,7 @@ class Channel {
   void do_write(bool from_send = false);
   void do_read();
   void fail(const std::string& why);
+  void fail_after_reading(const std::string& why);
   void deliver();
 
   struct Out {
@@ -87,6 +88,8 @@ class Channel {
   // over state the error handler tears down).
   std::string deferred_error_;
   bool delivering_ = false;
+  uint64_t delivered_ = 0;  // messages handed to on_message (do_read returns after any)
+  bool reading_rest_ = false;  // fail_after_reading: read on to the end
   bool close_when_sent_ = false;
 };
 

@@ -78,6 +78,11 @@ void Child::on_message(Message& m) {
       if (phase_ == ChildPhase::awaiting_server_state) return handle_server_state(m);
       break;
     case MsgType::batch:
+      if (phase_ == ChildPhase::awaiting_tunnels && abandoning_) {
+        // Sent before the old process read our abort: not acknowledged, so
+        // it cannot commit; it resumes them (these fds are copies).
+        return;
+      }
       if (phase_ == ChildPhase::awaiting_tunnels) return handle_batch(m);
       break;
     case MsgType::commit:
@@ -87,6 +92,10 @@ void Child::on_message(Message& m) {
     case MsgType::refuse: {
       std::string reason;
       (void)decode_reason(m.body, reason);
+      if (abandoning_) {
+        give_up(abandon_why_ + "; the old process resumed everything (" + reason + ")", false);
+        return;
+      }
       give_up("the old process called the handoff off: " + reason, false);
       return;
     }
@@ -103,6 +112,7 @@ void Child::on_closed(const std::string& why) {
     // it handed over, so this process carries on with it.
     spdlog::warn("handoff: the old process went away before committing ({}); starting the {} tunnels it handed over",
                  why, adopted_.size());
+    if (abandoning_) server_->resume_accepting();
     for (proxy::Tunnel* t : adopted_) t->start_adopted();
     result_.tunnels = adopted_.size();
     adopted_.clear();
@@ -111,6 +121,23 @@ void Child::on_closed(const std::string& why) {
   }
   result_.old_gone = adopted_.empty();
   give_up(why, false);
+}
+
+void Child::abandon(const std::string& why) {
+  if (phase_ >= ChildPhase::done || abandoning_) return;
+  result_.abandoned = true;
+  if (phase_ == ChildPhase::awaiting_server_state) {
+    give_up(why, true);
+    return;
+  }
+  abandoning_ = true;
+  abandon_why_ = why;
+  spdlog::warn("handoff: {}: calling the takeover off; waiting for the old process to take back {} tunnels", why,
+               adopted_.size());
+  server_->stop_accepting();
+  std::vector<uint8_t> msg;
+  encode_abort(why, msg);
+  channel_->send(std::move(msg));
 }
 
 void Child::handle_server_state(Message& m) {
@@ -146,7 +173,7 @@ void Child::handle_server_state(Message& m) {
 }
 
 void Child::handle_batch(Message& m) {
-  test_stop_at("batch");
+  if (result_.batches == 0) test_stop_at("batch");  // the first batch only
   Batch b;
   BatchResult r = decode_batch(m.body, m.fds, b);
   BatchAck ack;
@@ -179,7 +206,7 @@ void Child::handle_batch(Message& m) {
   std::vector<uint8_t> msg;
   encode_batch_ack(ack, msg);
   channel_->send(std::move(msg));
-  test_stop_at("ack");
+  if (result_.batches == 1) test_stop_at("ack");
 }
 
 void Child::handle_commit(Message& m) {
@@ -187,6 +214,12 @@ void Child::handle_commit(Message& m) {
   std::string err = decode_commit(m.body, c);
   if (!err.empty()) spdlog::warn("handoff: malformed commit ({}); taking over anyway", err);
   else server_->metrics().add_delta(c.metrics, base_metrics_);
+  if (abandoning_) {
+    // Our abort crossed this commit: the tunnels are ours after all, and so
+    // is the listener (the caller then drains or stops, as asked).
+    spdlog::warn("handoff: the old process committed before it read our abort: taking over after all");
+    server_->resume_accepting();
+  }
   for (proxy::Tunnel* t : adopted_) t->start_adopted();
   result_.tunnels = adopted_.size();
   server_->metrics().inc(proxy::series("baton_handoff_tunnels_total", {{"result", "received"}}), adopted_.size());

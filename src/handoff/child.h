@@ -45,6 +45,9 @@ struct ChildResult {
   bool old_gone = false;
   // Not ok because the process on the socket belongs to another user.
   bool foreign = false;
+  // abandon() was called. If ok all the same, the old process had committed
+  // before it read our abort (or went away): the tunnels are this process's.
+  bool abandoned = false;
 };
 
 class Child {
@@ -60,6 +63,16 @@ class Child {
   // After done(ok): the server, serving every adopted tunnel.
   std::unique_ptr<proxy::Server> take_server() { return std::move(server_); }
   ChildPhase phase() const { return phase_; }
+
+  // The caller wants out (SIGTERM or SIGINT during the takeover). Before any
+  // tunnel has arrived: abort and done(false) at once. After: stop accepting,
+  // send abort, take no further batch, and keep what was adopted until the
+  // old process answers, because its commit may already be on the way:
+  //   its abort  -> it resumed everything: let go, done(false)
+  //   commit     -> the tunnels are ours: start them, done(ok)
+  //   silence    -> it is gone and cannot resume them: start them, done(ok)
+  // result.abandoned tells the caller to stop (drain) once it has them.
+  void abandon(const std::string& why);
 
  private:
   void on_message(Message& m);
@@ -80,6 +93,8 @@ class Child {
   std::unique_ptr<proxy::Server> server_;
   std::vector<proxy::Tunnel*> adopted_;  // not started until commit
   ChildPhase phase_ = ChildPhase::awaiting_server_state;
+  bool abandoning_ = false;  // abort sent, waiting for the old process's answer
+  std::string abandon_why_;
   ChildResult result_;
   proxy::Metrics base_metrics_;  // the old process's metrics when this one took them
   uint64_t started_ms_;

@@ -114,12 +114,16 @@ Parent::Parent(uv_loop_t* loop, proxy::Server& server, ParentOptions opts,
   timer_ = new uv_timer_t;
   uv_timer_init(loop_, timer_);
   timer_->data = this;
+  commit_idle_ = new uv_idle_t;
+  uv_idle_init(loop_, commit_idle_);
+  commit_idle_->data = this;
 }
 
 Parent::~Parent() {
   if (channel_) channel_->close();
   stop_listening();
   uv_close(reinterpret_cast<uv_handle_t*>(timer_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+  uv_close(reinterpret_cast<uv_handle_t*>(commit_idle_), [](uv_handle_t* h) { delete reinterpret_cast<uv_idle_t*>(h); });
   for (auto& [seq, ts] : in_flight_)
     for (auto& t : ts) proxy::close_fds(t);
   for (auto& t : acked_) proxy::close_fds(t);
@@ -200,6 +204,7 @@ void Parent::on_accept() {
   phase_ = ParentPhase::awaiting_hello;
   server_.set_state(proxy::ServeState::handing_over);
   child_takes_tunnels_ = true;
+  stop_commit_wait();
   stats_ = {};
   stats_.started_ms = uv_now(loop_);
   spdlog::info("handoff: new process {} connected", child_pid_);
@@ -250,7 +255,9 @@ void Parent::on_message(Message& m) {
     case MsgType::refuse: {
       std::string reason;
       (void)decode_reason(m.body, reason);
-      abort("new process gave up: " + reason, false);
+      // Answered with an abort of our own: a new process that called the
+      // takeover off (Child::abandon) tells "resumed here" from "gone".
+      abort("new process gave up: " + reason, true);
       return;
     }
     default: break;
@@ -342,9 +349,25 @@ void Parent::pump() {
   bool more = child_takes_tunnels_ && !server_.exportable_tunnels().empty();
   size_t handshaking = server_.handshaking_tunnels();
   if (!more && handshaking == 0) {
+    // Commit only after one more poll of the loop, not inside this callback:
+    // a SIGTERM that came with the last acknowledgement (its libuv handler
+    // writes a pipe that the next poll reads) starts its drain, and so calls
+    // the handoff off, before anything is committed. An idle handle runs
+    // before each poll (and keeps that poll from blocking): commit on its
+    // second run. (Not a timer: after a long callback uv_now is stale, and a
+    // short timer fires before the poll.)
+    if (!commit_ready_) {
+      if (!uv_is_active(reinterpret_cast<uv_handle_t*>(commit_idle_))) {
+        commit_idle_runs_ = 0;
+        uv_idle_start(commit_idle_, commit_idle_cb);
+      }
+      return;
+    }
+    commit_ready_ = false;
     commit();
     return;
   }
+  stop_commit_wait();
   // Handshakes in progress: look again soon. They get half the step timeout
   // (a client stuck in its handshake must not hold the restart hostage, nor
   // make the new process give up); then they are closed and will reconnect.
@@ -353,6 +376,19 @@ void Parent::pump() {
     spdlog::warn("handoff: closed {} tunnels still in their TLS handshake after {} ms", n, opts_.step_timeout_ms / 2);
   }
   arm(2);
+}
+
+void Parent::commit_idle_cb(uv_idle_t* h) {
+  auto* p = static_cast<Parent*>(h->data);
+  if (++p->commit_idle_runs_ < 2) return;  // the first run comes before the poll we wait for
+  uv_idle_stop(h);
+  p->commit_ready_ = true;
+  p->pump();
+}
+
+void Parent::stop_commit_wait() {
+  uv_idle_stop(commit_idle_);
+  commit_ready_ = false;
 }
 
 void Parent::send_batch(std::vector<proxy::TunnelState> tunnels) {
@@ -462,6 +498,7 @@ void Parent::abort(const std::string& why, bool tell_peer) {
     channel_ = nullptr;
   }
   uv_timer_stop(timer_);
+  stop_commit_wait();
   // Everything exported comes back, through the same path as in a new process.
   size_t resumed = 0;
   std::vector<proxy::TunnelState> all = std::move(acked_);

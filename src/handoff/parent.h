@@ -99,6 +99,8 @@ class Parent {
   void drain_local(const std::string& why);
   void arm(uint32_t ms);
   static void timer_cb(uv_timer_t* t);
+  static void commit_idle_cb(uv_idle_t* h);
+  void stop_commit_wait();
   void stop_listening();
 
   static constexpr size_t kWindow = 4;         // batches in flight
@@ -111,6 +113,11 @@ class Parent {
   int listen_fd_ = -1;
   uv_poll_t* listen_poll_ = nullptr;
   uv_timer_t* timer_ = nullptr;
+  // Every tunnel acknowledged: the commit waits for one poll of the loop
+  // (see pump()), counted by this idle handle's runs.
+  uv_idle_t* commit_idle_ = nullptr;
+  int commit_idle_runs_ = 0;
+  bool commit_ready_ = false;
   Channel* channel_ = nullptr;
   ParentPhase phase_ = ParentPhase::idle;
   int child_pid_ = 0;

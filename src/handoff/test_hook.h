@@ -3,7 +3,8 @@
 // when the environment variable `env` names `step`, this process stops itself
 // (SIGSTOP) there, so a test can act (kill -9 the other process, ...) at exactly
 // that point and then SIGCONT or kill it. No effect otherwise.
-//   BATON_TEST_HANDOFF_STOP_AT        the new process: hello, listening, batch, ack
+//   BATON_TEST_HANDOFF_STOP_AT        the new process: hello, listening, batch
+//                                     (the first, not handled), ack (the first sent)
 //   BATON_TEST_HANDOFF_PARENT_STOP_AT the old process: hello (received, not
 //                                     handled), listening (likewise), batch
 //                                     (the first batch sent), commit (every
