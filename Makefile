@@ -8,7 +8,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?=
 MESON_OPTS ?= --buildtype=debugoptimized
 
-.PHONY: all deps test-deps build asan tsan run test test-unit test-integration fuzz bench clean
+.PHONY: all deps test-deps build asan tsan test-needs-asan test-needs-tsan run test test-unit test-integration fuzz bench clean
 
 all: build
 
@@ -39,6 +39,13 @@ $(TSAN)/build.ninja:
 
 tsan: deps $(TSAN)/build.ninja
 	ninja -C $(TSAN)
+
+# Only what scripts/test.sh runs (the binary, unit tests, two bench tools).
+test-needs-asan: deps $(ASAN)/build.ninja
+	ninja -C $(ASAN) test-needs
+
+test-needs-tsan: deps $(TSAN)/build.ninja
+	ninja -C $(TSAN) test-needs
 
 run: build
 	@scripts/demo.sh $(BUILD)

@@ -40,7 +40,7 @@ run_suite() {  # name build-dir extra-env...
   local name=$1 dir=$2
   shift 2
   echo "=== $name: unit tests ($dir)"
-  env "$@" meson test -C "$dir" --suite unit --print-errorlogs 2>&1 | tee "$log/$name-unit.txt" | grep -E '^ *[0-9]+/[0-9]+ |^(Ok|Fail|Timeout):'
+  env "$@" meson test -C "$dir" --no-rebuild --suite unit --print-errorlogs 2>&1 | tee "$log/$name-unit.txt" | grep -E '^ *[0-9]+/[0-9]+ |^(Ok|Fail|Timeout):'
   count_meson "$log/$name-unit.txt"
   echo "=== $name: integration tests"
   env "$@" BATON_BIN="$PWD/$dir/baton" /usr/bin/python3 -m pytest tests/integration -q -p no:cacheprovider > "$log/$name-integration.txt" 2>&1
@@ -61,7 +61,7 @@ run_suite release "$BUILD"
 
 if [ "${BATON_SKIP_ASAN:-0}" != 1 ]; then
   echo "=== building with AddressSanitizer + UndefinedBehaviorSanitizer ($ASAN_BUILD)"
-  if make --no-print-directory asan ASAN="$ASAN_BUILD" > "$log/asan-build.txt" 2>&1; then
+  if make --no-print-directory test-needs-asan ASAN="$ASAN_BUILD" > "$log/asan-build.txt" 2>&1; then
     # Smaller transfers under ASan: the same paths, a fraction of the bytes.
     run_suite asan "$ASAN_BUILD" \
       ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
@@ -74,7 +74,7 @@ fi
 
 if [ "${BATON_SKIP_TSAN:-0}" != 1 ]; then
   echo "=== building with ThreadSanitizer ($TSAN_BUILD)"
-  if make --no-print-directory tsan TSAN="$TSAN_BUILD" > "$log/tsan-build.txt" 2>&1; then
+  if make --no-print-directory test-needs-tsan TSAN="$TSAN_BUILD" > "$log/tsan-build.txt" 2>&1; then
     # The admin HTTP threads and the event loop share a process; any report
     # fails the test that started the process (conftest.py _teardown).
     # BATON_TEST_TSAN=1 skips the two tests that signal a process the moment
@@ -89,11 +89,12 @@ if [ "${BATON_SKIP_TSAN:-0}" != 1 ]; then
 fi
 
 if [ "${BATON_SKIP_FUZZ:-0}" != 1 ]; then
-  # Every libFuzzer target for BATON_FUZZ_SECONDS each (7 targets: about two
-  # minutes, plus a minute to build them the first time); one pass or fail per target.
+  # Every libFuzzer target for BATON_FUZZ_SECONDS each, two at a time (7
+  # targets: about a minute, plus a minute to build them the first time); one
+  # pass or fail per target.
   fuzz_seconds=${BATON_FUZZ_SECONDS:-15}
-  echo "=== fuzz: every target, ${fuzz_seconds} s each (tests/fuzz/run.sh)"
-  tests/fuzz/run.sh "$fuzz_seconds" > "$log/fuzz.txt" 2>&1
+  echo "=== fuzz: every target, ${fuzz_seconds} s each, two at a time (tests/fuzz/run.sh)"
+  FUZZ_JOBS=${FUZZ_JOBS:-2} tests/fuzz/run.sh "$fuzz_seconds" > "$log/fuzz.txt" 2>&1
   fuzz_status=$?
   grep -E '^fuzz: [a-z_]+: (ok|FAILED)' "$log/fuzz.txt"
   fuzz_ok=$(grep -cE '^fuzz: [a-z_]+: ok' "$log/fuzz.txt")

@@ -23,7 +23,8 @@
 # crashes to $FUZZ_BUILD/artifacts/, the whole libFuzzer output to
 # $FUZZ_BUILD/logs/TARGET.log. Replay a crash with
 #   build-fuzz/TARGET_fuzz build-fuzz/artifacts/TARGET-crash-<sha1>
-# Environment: FUZZ_BUILD (default build-fuzz), CXX_FUZZ (default clang++).
+# Environment: FUZZ_BUILD (default build-fuzz), CXX_FUZZ (default clang++),
+# FUZZ_JOBS (targets run at once, default 1).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${FUZZ_BUILD:-build-fuzz}
@@ -187,8 +188,25 @@ done
 
 build_targets "${chosen[@]}" || { echo "fuzz: build FAILED"; exit 1; }
 failed=0
+# FUZZ_JOBS targets at a time (default 1); each one's output is printed whole,
+# in target order, once it has ended.
+jobs=${FUZZ_JOBS:-1}
+outdir=$(mktemp -d)
+pids=()
+started=()
+finish_one() {  # waits for the oldest running target and prints its output
+  wait "${pids[0]}" || failed=$((failed + 1))
+  cat "$outdir/${started[0]}.out"
+  pids=("${pids[@]:1}")
+  started=("${started[@]:1}")
+}
 for t in "${chosen[@]}"; do
-  run_target "$t" "$seconds" "${flags[@]}" || failed=$((failed + 1))
+  run_target "$t" "$seconds" "${flags[@]}" > "$outdir/$t.out" 2>&1 &
+  pids+=($!)
+  started+=("$t")
+  [ ${#pids[@]} -lt "$jobs" ] || finish_one
 done
-echo "fuzz: ${#chosen[@]} targets, $failed failed"
+while [ ${#pids[@]} -gt 0 ]; do finish_one; done
+rm -rf "$outdir"
+echo "fuzz: ${#chosen[@]} targets, $failed failed""
 [ $failed -eq 0 ]
