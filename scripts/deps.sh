@@ -25,6 +25,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(
   build-essential pkg-config meson ninja-build
   libuv1-dev libmbedtls-dev libssl-dev libyaml-dev libcpp-httplib-dev libspdlog-dev libgtest-dev
+  libcli11-dev nlohmann-json3-dev
   python3 python3-pytest python3-prometheus-client
   clang libclang-rt-dev llvm
   iproute2 procps haproxy stunnel4 nginx libnginx-mod-stream gnuplot-nox

@@ -9,7 +9,7 @@
 //                                     handled), listening (likewise), batch
 //                                     (the first batch sent), commit (every
 //                                     batch acknowledged, commit not sent)
-//   BATON_TEST_STOP_AT                sidecar/main.cc: signals_off (on the way
+//   BATON_TEST_STOP_AT                sidecar/common.cc: signals_off (on the way
 //                                     out, SIGTERM and SIGINT just ignored)
 
 #include <spdlog/spdlog.h>
