@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -78,8 +79,11 @@ bool setup_logging(const std::string& level, const std::string& format);
 // Loads and validates FILE; prints the error (file:line:column) and returns
 // kExitUsage, or kExitOk.
 int load_config(const std::string& path, config::Config& out);
-// One line to stdout, flushed (the JSON event lines other programs read).
-void print_line(const std::string& s);
+// An event line: one JSON object (members in the order given) on one line of
+// stdout, flushed; read by other programs (the tests, the hot-restarter).
+// Bytes that are not UTF-8 become U+FFFD.
+using Event = nlohmann::ordered_json;
+void print_event(const Event& e);
 // Milliseconds since the Unix epoch, for event lines.
 uint64_t unix_time_ms();
 // The soft descriptor limit raised to the hard one; core files off (a core

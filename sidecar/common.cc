@@ -9,6 +9,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <nlohmann/json.hpp>
 
 #include "handoff/test_hook.h"
 #include "sidecar/cli.h"
@@ -50,8 +51,9 @@ int load_config(const std::string& path, config::Config& out) {
   return kExitOk;
 }
 
-void print_line(const std::string& s) {
-  std::fputs((s + "\n").c_str(), stdout);
+void print_event(const Event& e) {
+  std::string line = e.dump(-1, ' ', false, Event::error_handler_t::replace) + "\n";
+  std::fputs(line.c_str(), stdout);
   std::fflush(stdout);
 }
 

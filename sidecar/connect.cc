@@ -8,6 +8,7 @@
 
 #include <cstdio>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "baton/client.h"
@@ -15,13 +16,8 @@
 #include "config/config.h"
 #include "sidecar/cli.h"
 #include "util/bytes.h"
-#include "util/json.h"
 
 namespace baton::cli {
-
-namespace {
-std::string json_string(const std::string& s) { return util::json_quote(s); }
-}  // namespace
 
 int run_connect(ConnectOptions opts) {
   ClientOptions& o = opts.client;
@@ -62,39 +58,44 @@ int run_connect(ConnectOptions opts) {
   std::unique_ptr<client::StatusHttp> status_http;
   ClientEvents ev;
   ev.on_ready = [&](const ClientReady& r) {
-    std::string fw;
+    Event e{{"event", "ready"}, {"forwards", Event::array()}};
     for (auto& [addr, route] : r.forwards) {
-      if (!fw.empty()) fw += ",";
-      fw += "{\"listen\":" + json_string(addr) + ",\"route\":" + json_string(route) + "}";
+      e["forwards"].push_back({{"listen", addr}, {"route", route}});
       spdlog::info("forwarding {} -> route \"{}\"", addr, route);
     }
     spdlog::info("tunnel up (server \"{}\", heartbeat {} ms)", r.server_id, r.heartbeat_ms);
-    print_line("{\"event\":\"ready\",\"forwards\":[" + fw + "],\"session_id\":\"" +
-               util::to_hex(r.session_id) + "\",\"server_id\":" + json_string(r.server_id) +
-               (status_http ? ",\"status\":" + json_string(status_http->address()) : std::string()) + "}");
+    e["session_id"] = util::to_hex(r.session_id);
+    e["server_id"] = r.server_id;
+    if (status_http) e["status"] = status_http->address();
+    print_event(e);
   };
   ev.on_session = [&](const ClientSessionInfo& si) {
     if (si.n > 1)
       spdlog::info("session {} up to {} (server \"{}\", {})", si.n, si.server, si.server_id,
                    si.resumed ? "resumed" : "full handshake");
-    print_line("{\"event\":\"session\",\"n\":" + std::to_string(si.n) + ",\"server\":" + json_string(si.server) +
-               ",\"server_id\":" + json_string(si.server_id) + ",\"session_id\":\"" +
-               util::to_hex(si.session_id) + "\",\"resumed\":" + (si.resumed ? "true" : "false") +
-               ",\"reconnects\":" + std::to_string(si.counters.reconnects) +
-               ",\"resumed_handshakes\":" + std::to_string(si.counters.resumed_handshakes) +
-               ",\"drains_followed\":" + std::to_string(si.counters.drains_followed) +
-               ",\"streams_replayed\":" + std::to_string(si.counters.streams_replayed) +
-               ",\"time_ms\":" + std::to_string(unix_time_ms()) + "}");
+    print_event({{"event", "session"},
+                 {"n", si.n},
+                 {"server", si.server},
+                 {"server_id", si.server_id},
+                 {"session_id", util::to_hex(si.session_id)},
+                 {"resumed", si.resumed},
+                 {"reconnects", si.counters.reconnects},
+                 {"resumed_handshakes", si.counters.resumed_handshakes},
+                 {"drains_followed", si.counters.drains_followed},
+                 {"streams_replayed", si.counters.streams_replayed},
+                 {"time_ms", unix_time_ms()}});
   };
   ev.on_session_lost = [&](uint64_t n, const std::string& why) {
     spdlog::warn("session {} lost: {}; reconnecting", n, why);
-    print_line("{\"event\":\"session_lost\",\"n\":" + std::to_string(n) + ",\"reason\":" + json_string(why) +
-               ",\"time_ms\":" + std::to_string(unix_time_ms()) + "}");
+    print_event({{"event", "session_lost"}, {"n", n}, {"reason", why}, {"time_ms", unix_time_ms()}});
   };
   ev.on_drain = [&](uint64_t n, const std::string& reason, uint32_t grace_ms, const std::string& target) {
-    print_line("{\"event\":\"drain\",\"n\":" + std::to_string(n) + ",\"reason\":" + json_string(reason) +
-               ",\"grace_ms\":" + std::to_string(grace_ms) + ",\"target\":" + json_string(target) +
-               ",\"time_ms\":" + std::to_string(unix_time_ms()) + "}");
+    print_event({{"event", "drain"},
+                 {"n", n},
+                 {"reason", reason},
+                 {"grace_ms", grace_ms},
+                 {"target", target},
+                 {"time_ms", unix_time_ms()}});
   };
   ev.on_reject = [&](uint16_t code, const std::string& reason) {
     static const char* names[] = {"?", "unsupported version", "unauthorized", "overloaded", "draining"};

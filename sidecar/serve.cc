@@ -8,6 +8,7 @@
 
 #include <cstdlib>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "admin/admin.h"
@@ -17,13 +18,8 @@
 #include "handoff/parent.h"
 #include "proxy/server.h"
 #include "sidecar/cli.h"
-#include "util/json.h"
 
 namespace baton::cli {
-
-namespace {
-std::string json_string(const std::string& s) { return util::json_quote(s); }
-}  // namespace
 
 int run_serve(const ServeOptions& opts) {
   config::Config cfg;
@@ -165,9 +161,11 @@ int run_serve(const ServeOptions& opts) {
   parent = std::make_unique<handoff::Parent>(loop, *server, po, [&](const handoff::HandoffStats& st) {
     handed_over = true;
     handed_over_ms = uv_now(loop);
-    print_line("{\"event\":\"handed_over\",\"pid\":" + std::to_string(getpid()) + ",\"tunnels\":" +
-               std::to_string(st.tunnels_sent) + ",\"draining\":" + std::to_string(st.tunnels_drained) +
-               ",\"ms\":" + std::to_string(st.committed_ms - st.started_ms) + "}");
+    print_event({{"event", "handed_over"},
+                 {"pid", getpid()},
+                 {"tunnels", st.tunnels_sent},
+                 {"draining", st.tunnels_drained},
+                 {"ms", st.committed_ms - st.started_ms}});
     uv_timer_start(&exit_timer, [](uv_timer_t* t) { (*static_cast<std::function<void()>*>(t->data))(); }, 0, 10);
   });
   error = parent->listen();
@@ -233,11 +231,15 @@ int run_serve(const ServeOptions& opts) {
     spdlog::info("received {}, closing {} tunnels now", signum == SIGTERM ? "SIGTERM" : "SIGINT", server->tunnel_count());
     stop_now();
   };
-  print_line("{\"event\":\"ready\",\"listen\":" + json_string(server->listen_address()) +
-             ",\"pid\":" + std::to_string(getpid()) + ",\"epoch\":" + std::to_string(server->epoch()) +
-             ",\"takeover\":" + (hfd >= 0 ? "true" : "false") + ",\"tunnels\":" + std::to_string(takeover.tunnels) +
-             ",\"admin\":" + json_string(admin->address()) +
-             (cfg.lifecycle.listen ? ",\"lifecycle\":" + json_string(admin->lifecycle_address()) : std::string()) + "}");
+  Event ready{{"event", "ready"},
+              {"listen", server->listen_address()},
+              {"pid", getpid()},
+              {"epoch", server->epoch()},
+              {"takeover", hfd >= 0},
+              {"tunnels", takeover.tunnels},
+              {"admin", admin->address()}};
+  if (cfg.lifecycle.listen) ready["lifecycle"] = admin->lifecycle_address();
+  print_event(ready);
   if (early_signal) {
     // Came while taking over, after the old process had committed: this
     // process owns the tunnels, so the signal means what it always means.
