@@ -208,5 +208,5 @@ for t in "${chosen[@]}"; do
 done
 while [ ${#pids[@]} -gt 0 ]; do finish_one; done
 rm -rf "$outdir"
-echo "fuzz: ${#chosen[@]} targets, $failed failed""
+echo "fuzz: ${#chosen[@]} targets, $failed failed"
 [ $failed -eq 0 ]
