@@ -180,7 +180,7 @@ std::string render_drain_json(const Snapshot& s) {
   bool draining = s.state == proxy::ServeState::draining;
   std::string o = "{\"draining\":" + std::string(draining ? "true" : "false");
   o += ",\"state\":" + json_str(proxy::to_str(s.state));
-  o += ",\"phase\":" + json_str(s.drain_phase);
+  o += ",\"phase\":" + json_str(proxy::to_str(s.drain_phase));
   o += ",\"grace_ms\":" + num(s.drain_grace_ms);
   o += ",\"elapsed_ms\":" + num(double(s.drain_elapsed_ms));
   o += ",\"tunnels_left\":" + num(double(s.tunnels_active));
@@ -575,7 +575,7 @@ void Admin::lifecycle_routes(const config::Lifecycle& lc, uint32_t grace_ms) {
     // application container's TERM until the hook returns.
     auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(uint64_t(grace_ms) + 5000);
     Snapshot s = *box;
-    while (s.drain_phase != "done") {
+    while (s.drain_phase != proxy::DrainPhase::done) {
       {
         std::unique_lock<std::mutex> lk(mu_);
         stop_cv_.wait_for(lk, std::chrono::milliseconds(100), [this] { return stopping_; });

@@ -66,7 +66,7 @@ struct Snapshot {
   config::Limits limits;
   uint32_t drain_grace_ms = 0;
   uint64_t drain_elapsed_ms = 0;  // since POST /drain (0 when not draining)
-  std::string drain_phase;
+  proxy::DrainPhase drain_phase = proxy::DrainPhase::idle;
   uint64_t tunnels_active = 0;
   uint64_t tunnels_total = 0;     // including handshakes and closing ones
 };

@@ -26,13 +26,7 @@
 
 namespace baton::drain {
 
-enum class DrainPhase : uint8_t {
-  idle = 0,
-  notifying = 1,  // sending DRAIN notices, spread over spread_ms
-  waiting = 2,    // every tunnel told; waiting for their streams to end
-  done = 3,
-};
-const char* to_str(DrainPhase p);
+using proxy::DrainPhase;  // declared with the server, which reports it
 
 class Drainer {
  public:
@@ -51,6 +45,10 @@ class Drainer {
  private:
   static void tick_cb(uv_timer_t* t);
   void tick();
+  // When tick() must run next, in ms since the start (> elapsed): the next
+  // notice, the end of drain.delay_ms, or the end of grace. A tunnel that
+  // ends calls tick() through the server's on_tunnel_gone.
+  uint64_t next_deadline(uint64_t elapsed) const;
   void finish(const std::string& why);
 
   uv_loop_t* loop_;

@@ -48,6 +48,16 @@ const char* to_str(ServeState s) {
   return "?";
 }
 
+const char* to_str(DrainPhase p) {
+  switch (p) {
+    case DrainPhase::idle: return "idle";
+    case DrainPhase::notifying: return "notifying";
+    case DrainPhase::waiting: return "waiting";
+    case DrainPhase::done: return "done";
+  }
+  return "?";
+}
+
 Server::Server(uv_loop_t* loop, const config::Config& cfg) : loop_(loop), cfg_(cfg) {
   started_ms_ = uv_now(loop_);
   tick_ = new uv_timer_t;
@@ -289,7 +299,7 @@ void Server::start_drain() {
     drain_handler_();
     return;
   }
-  drain_phase_ = "waiting";
+  drain_phase_ = DrainPhase::waiting;
   size_t n = 0;
   for (Tunnel* t : std::unordered_set<Tunnel*>(tunnels_)) {
     if (t->phase() != LinkPhase::serving) continue;
@@ -372,10 +382,8 @@ std::vector<Gauge> Server::gauges() const {
   g.emplace_back("baton_streams_active", double(active_streams()));
   // 0 serving, 1 notifying clients, 2 waiting for streams to end, 3 done
   double drain = 0;
-  if (state_ == ServeState::draining) {
-    std::string p = drain_phase_;
-    drain = p == "notifying" ? 1 : p == "done" ? 3 : 2;
-  }
+  if (state_ == ServeState::draining)
+    drain = drain_phase_ == DrainPhase::notifying ? 1 : drain_phase_ == DrainPhase::done ? 3 : 2;
   g.emplace_back("baton_drain_state", drain);
   g.emplace_back("baton_ready", ready() ? 1.0 : 0.0);
   g.emplace_back("baton_restart_epoch", double(epoch_));
@@ -419,6 +427,7 @@ void Server::forget(Tunnel* t) {
       handshake_queue_.erase(it);
       break;
     }
+  if (on_tunnel_gone_) on_tunnel_gone_();
 }
 
 void Server::stop() {

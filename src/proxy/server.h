@@ -33,6 +33,16 @@ enum class ServeState : uint8_t {
 };
 const char* to_str(ServeState s);
 
+// Where a drain is (src/drain drives it; /drain, /stats and baton_drain_state
+// report it). Declared here because the server reports it.
+enum class DrainPhase : uint8_t {
+  idle = 0,
+  notifying = 1,  // sending DRAIN notices, spread over spread_ms
+  waiting = 2,    // every tunnel told; waiting for their streams to end
+  done = 3,
+};
+const char* to_str(DrainPhase p);
+
 // One gauge value of a snapshot: series name (with labels) and value.
 using Gauge = std::pair<std::string, double>;
 
@@ -60,8 +70,10 @@ class Server {
   // The drain controller (src/drain) takes over start_drain() when installed;
   // it reports its phase here for /drain, /stats and metrics.
   void set_drain_handler(std::function<void()> fn) { drain_handler_ = std::move(fn); }
-  void set_drain_phase(const char* phase) { drain_phase_ = phase; }
-  const char* drain_phase() const { return drain_phase_; }
+  // Called (on the loop) each time a tunnel is gone from the server.
+  void set_on_tunnel_gone(std::function<void()> fn) { on_tunnel_gone_ = std::move(fn); }
+  void set_drain_phase(DrainPhase phase) { drain_phase_ = phase; }
+  DrainPhase drain_phase() const { return drain_phase_; }
   // Serving tunnels not yet told to drain.
   std::vector<Tunnel*> tunnels_to_drain() const;
 
@@ -151,7 +163,8 @@ class Server {
   uint64_t started_ms_ = 0;
   uint64_t drain_started_ms_ = 0;
   std::function<void()> drain_handler_;
-  const char* drain_phase_ = "idle";
+  std::function<void()> on_tunnel_gone_;
+  DrainPhase drain_phase_ = DrainPhase::idle;
   uv_timer_t* tick_ = nullptr;           // once a second: limit warnings
   std::map<std::string, bool> warned_;   // limit -> above the warning threshold
   bool stopping_ = false;
