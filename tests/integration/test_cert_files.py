@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -151,14 +152,36 @@ def test_a_fifo_is_refused_not_waited_on(baton_bin, certs, tmp_path):
     assert "tls.cert: %s: is a FIFO, not a regular file" % fifo in r.stderr.decode(), r.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file of mode 0")
 def test_an_unreadable_file_is_refused(baton_bin, certs, tmp_path):
-    key = tmp_path / "server.key"
-    key.write_bytes(certs.server_key.read_bytes())
-    key.chmod(0)
-    r = check(baton_bin, write_config(tmp_path / "baton.yaml", certs.server_crt, key))
-    assert r.returncode == 2, r
-    assert "tls.key: %s: cannot open it: Permission denied" % key in r.stderr.decode(), r.stderr
+    """A key the process may not read is refused with the reason. Root reads
+    a file of mode 0, so as root the check runs as user nobody, over copies
+    in a directory nobody may enter (the key alone is unreadable)."""
+    as_nobody = os.geteuid() == 0
+    d = Path(tempfile.mkdtemp(prefix="baton-unreadable-")) if as_nobody else tmp_path
+    try:
+        d.chmod(0o755)
+        crt = d / "server.crt"
+        crt.write_bytes(certs.server_crt.read_bytes())
+        crt.chmod(0o644)
+        key = d / "server.key"
+        key.write_bytes(certs.server_key.read_bytes())
+        key.chmod(0)
+        cfg = write_config(d / "baton.yaml", crt, key)
+        cfg.chmod(0o644)
+
+        def drop_to_nobody():
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+
+        r = subprocess.run([baton_bin, "check", "-c", str(cfg)], capture_output=True, timeout=scaled(60),
+                           preexec_fn=drop_to_nobody if as_nobody else None)
+        assert_no_crash(r)
+        assert r.returncode == 2, r
+        assert "tls.key: %s: cannot open it: Permission denied" % key in r.stderr.decode(), r.stderr
+    finally:
+        if as_nobody:
+            shutil.rmtree(d)
 
 
 @pytest.mark.parametrize("flag", ["--cert", "--ca"])
