@@ -147,6 +147,7 @@ int run_serve(const ServeOptions& opts) {
       uv_timer_stop(&exit_timer);
       uv_close(reinterpret_cast<uv_handle_t*>(&exit_timer), nullptr);
       sig.stop();
+      drainer.reset();  // before the server it watches (Drainer's lifetime rule, drain/drainer.h)
       server.reset();  // what is still closing is cut: the successor owns the listener and every live tunnel
     }
   };
@@ -223,7 +224,7 @@ int run_serve(const ServeOptions& opts) {
   // SIGTERM: drain, then exit. SIGINT, or SIGTERM again: exit at once.
   sig.fn = [&](int signum) {
     if (!server) return;
-    if (signum == SIGTERM && drainer->phase() == drain::DrainPhase::idle && !handed_over) {
+    if (signum == SIGTERM && drainer && drainer->phase() == drain::DrainPhase::idle && !handed_over) {
       drain_trigger = "SIGTERM";
       server->start_drain();
       return;

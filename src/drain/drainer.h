@@ -31,6 +31,8 @@ using proxy::DrainPhase;  // declared with the server, which reports it
 class Drainer {
  public:
   // `on_done(why)` runs once, on the loop, when the drain is over.
+  // `server` must outlive the drainer: the drainer registers itself with it
+  // (Server::set_on_tunnel_gone) and takes that back when destroyed.
   Drainer(uv_loop_t* loop, proxy::Server& server, const config::Drain& settings,
           std::function<void(const std::string& why)> on_done);
   ~Drainer();
