@@ -4,7 +4,7 @@
 # against an ASan+UBSan build (BATON_SKIP_ASAN=1 skips it), then against a
 # ThreadSanitizer build (BATON_SKIP_TSAN=1 skips it; suppressions with their
 # reasons in tests/tsan.supp); then a short fuzz smoke run (tests/fuzz/run.sh,
-# BATON_FUZZ_SECONDS, default 20; BATON_SKIP_FUZZ=1 skips it). Ends with one
+# BATON_FUZZ_SECONDS, default 10; BATON_SKIP_FUZZ=1 skips it). Ends with one
 # line "N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +62,15 @@ run_suite release "$BUILD"
 if [ "${BATON_SKIP_ASAN:-0}" != 1 ]; then
   echo "=== building with AddressSanitizer + UndefinedBehaviorSanitizer ($ASAN_BUILD)"
   if make --no-print-directory test-needs-asan ASAN="$ASAN_BUILD" > "$log/asan-build.txt" 2>&1; then
+    # The ThreadSanitizer build starts now, at the lowest priority, beside
+    # the ASan suite, which leaves about half of the two cores idle (it
+    # waits on processes and sockets): the TSan stage then finds most of
+    # its build done. The stage below runs make again in the foreground,
+    # so whatever this one did not finish (or if it failed) is built there.
+    if [ "${BATON_SKIP_TSAN:-0}" != 1 ]; then
+      nice -n 19 make --no-print-directory test-needs-tsan TSAN="$TSAN_BUILD" > "$log/tsan-prebuild.txt" 2>&1 &
+      tsan_prebuild=$!
+    fi
     # Smaller transfers under ASan: the same paths, a fraction of the bytes.
     run_suite asan "$ASAN_BUILD" \
       ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
@@ -74,6 +83,7 @@ fi
 
 if [ "${BATON_SKIP_TSAN:-0}" != 1 ]; then
   echo "=== building with ThreadSanitizer ($TSAN_BUILD)"
+  [ -z "${tsan_prebuild:-}" ] || wait "$tsan_prebuild" || true
   if make --no-print-directory test-needs-tsan TSAN="$TSAN_BUILD" > "$log/tsan-build.txt" 2>&1; then
     # The admin HTTP threads and the event loop share a process; any report
     # fails the test that started the process (conftest.py _teardown).
@@ -89,10 +99,10 @@ if [ "${BATON_SKIP_TSAN:-0}" != 1 ]; then
 fi
 
 if [ "${BATON_SKIP_FUZZ:-0}" != 1 ]; then
-  # Every libFuzzer target for BATON_FUZZ_SECONDS each, two at a time (7
-  # targets: about a minute, plus a minute to build them the first time); one
-  # pass or fail per target.
-  fuzz_seconds=${BATON_FUZZ_SECONDS:-15}
+  # Every libFuzzer target for BATON_FUZZ_SECONDS (default 10) each, two at
+  # a time (7 targets: about 40 s, plus a minute to build them the first
+  # time); one pass or fail per target. `make fuzz` runs them longer.
+  fuzz_seconds=${BATON_FUZZ_SECONDS:-10}
   echo "=== fuzz: every target, ${fuzz_seconds} s each, two at a time (tests/fuzz/run.sh)"
   FUZZ_JOBS=${FUZZ_JOBS:-2} tests/fuzz/run.sh "$fuzz_seconds" > "$log/fuzz.txt" 2>&1
   fuzz_status=$?
