@@ -450,6 +450,10 @@ void Gate::flush(Conn& c, uint64_t now) {
 }
 
 void Gate::dispatch(Conn& c) {
+  // A client that saw a refusal and asks for the metrics at once (the
+  // accept loop can admit it in the same turn) finds the refusal counted:
+  // the count's job is posted before any request that could read it.
+  report_rejections();
   watch(c, 0);
   admission_.handling(c.id);
   c.discarding = false;
@@ -488,6 +492,10 @@ void Gate::publish() {
   count_slow_.store(n.slow, std::memory_order_relaxed);
   count_handling_.store(n.handling, std::memory_order_relaxed);
   count_writing_.store(n.writing, std::memory_order_relaxed);
+  report_rejections();
+}
+
+void Gate::report_rejections() {
   bool any = false;
   for (uint64_t v : rejected_) any = any || v != 0;
   if (!any) return;

@@ -103,6 +103,7 @@ class Gate {
   // middle of a request why (408, 429, 503, 431).
   void close_conn(uint64_t id, std::optional<CloseReason> reason, bool answer);
   void publish();
+  void report_rejections();  // the counts so far, to `report_` (batched per turn)
   // Workers:
   void handle(Conn& c);
 
