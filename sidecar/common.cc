@@ -127,7 +127,7 @@ void Signals::stop() {
   std::signal(SIGTERM, SIG_IGN);
   std::signal(SIGINT, SIG_IGN);
   pthread_sigmask(SIG_SETMASK, &old, nullptr);
-  handoff::test_stop_at("BATON_TEST_STOP_AT", "signals_off");
+  handoff::test_point(handoff::TestPoint::signals_off);
 }
 
 }  // namespace baton::cli

@@ -158,7 +158,6 @@ int run_serve(const ServeOptions& opts) {
   po.step_timeout_ms = cfg.handoff_timeout_ms;
   po.drain_grace_ms = cfg.drain.grace_ms;
   po.reconnect_hint = cfg.drain.reconnect_hint;
-  if (const char* v = std::getenv("BATON_TEST_HANDOFF_STATE_VERSION")) po.state_version_override = uint16_t(std::atoi(v));
   parent = std::make_unique<handoff::Parent>(loop, *server, po, [&](const handoff::HandoffStats& st) {
     handed_over = true;
     handed_over_ms = uv_now(loop);

@@ -10,23 +10,13 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 
 #include "handoff/test_hook.h"
 #include "proxy/tunnel.h"
 
 namespace baton::handoff {
-
-const char* to_str(ParentPhase p) {
-  switch (p) {
-    case ParentPhase::idle: return "idle";
-    case ParentPhase::awaiting_hello: return "awaiting_hello";
-    case ParentPhase::awaiting_listening: return "awaiting_listening";
-    case ParentPhase::transferring: return "transferring";
-    case ParentPhase::committed: return "committed";
-  }
-  return "?";
-}
 
 namespace {
 
@@ -108,25 +98,103 @@ bool old_process_alive(const std::string& path, uint32_t wait_ms, std::string& r
   return alive;
 }
 
+// ParentHost over the server (parent_logic.h).
+class ServerParentHost final : public ParentHost {
+ public:
+  ServerParentHost(proxy::Server& server, const ParentOptions& opts) : server_(server), opts_(opts) {}
+
+  bool draining() const override { return server_.state() == proxy::ServeState::draining; }
+  void begin_handoff() override { server_.set_state(proxy::ServeState::handing_over); }
+  void end_handoff() override {
+    // A drain that called the handoff off keeps its own state (and closes
+    // the listener itself after drain.delay_ms).
+    if (server_.state() != proxy::ServeState::draining) server_.set_state(proxy::ServeState::serving);
+    server_.resume_accepting();
+  }
+  ServerStateMsg server_state(int& listener_fd) override {
+    ServerStateMsg s;
+    s.epoch = server_.epoch();
+    s.metrics = server_.metrics();
+    s.ticket_keys = server_.tls().ticket_keys();
+    listener_fd = server_.listener_fd();
+    return s;
+  }
+  void stop_accepting() override { server_.stop_accepting(); }
+  bool export_next(proxy::TunnelState& out) override {
+    for (proxy::Tunnel* t : server_.exportable_tunnels()) {
+      if (t->draining()) continue;
+      if (proxy::Tunnel::export_state(t, out)) return true;
+      spdlog::warn("handoff: a tunnel could not be exported (no descriptors left?); it stays here and drains");
+      t->drain("rolling_update", opts_.drain_grace_ms, opts_.reconnect_hint);
+    }
+    return false;
+  }
+  bool any_exportable() const override {
+    for (proxy::Tunnel* t : server_.exportable_tunnels())
+      if (!t->draining()) return true;
+    return false;
+  }
+  size_t handshaking() const override { return server_.handshaking_tunnels(); }
+  size_t close_handshaking(const std::string& why) override { return server_.close_handshaking(why.c_str()); }
+  bool resume(proxy::TunnelState& st, bool drain) override {
+    std::string err;
+    proxy::Tunnel* t = server_.adopt(st, err);
+    if (!t) {
+      spdlog::error("handoff: could not resume a tunnel here: {}", err);
+      return false;
+    }
+    t->start_adopted();
+    if (drain) t->drain("rolling_update", opts_.drain_grace_ms, opts_.reconnect_hint);
+    return true;
+  }
+  size_t drain_exportable() override {
+    size_t n = 0;
+    for (proxy::Tunnel* t : server_.exportable_tunnels()) {
+      if (t->draining()) continue;
+      t->drain("rolling_update", opts_.drain_grace_ms, opts_.reconnect_hint);
+      ++n;
+    }
+    return n;
+  }
+  proxy::Metrics& metrics() override { return server_.metrics(); }
+  void release_listener() override { server_.release_listener(); }
+
+ private:
+  proxy::Server& server_;
+  const ParentOptions& opts_;
+};
+
 Parent::Parent(uv_loop_t* loop, proxy::Server& server, ParentOptions opts,
                std::function<void(const HandoffStats&)> on_handed_over)
     : loop_(loop), server_(server), opts_(std::move(opts)), on_handed_over_(std::move(on_handed_over)) {
+  host_ = std::make_unique<ServerParentHost>(server_, opts_);
+  ParentLogicOptions lo;
+  lo.step_timeout_ms = opts_.step_timeout_ms;
+  lo.my_uid = uint32_t(getuid());
+  lo.my_pid = uint32_t(getpid());
+  lo.state_version_override = test_state_version_override();  // 0 but in baton-test-hooks
+  logic_ = std::make_unique<ParentLogic>(*host_, lo);
   timer_ = new uv_timer_t;
   uv_timer_init(loop_, timer_);
   timer_->data = this;
-  commit_idle_ = new uv_idle_t;
-  uv_idle_init(loop_, commit_idle_);
-  commit_idle_->data = this;
+  idle_ = new uv_idle_t;
+  uv_idle_init(loop_, idle_);
+  idle_->data = this;
+  server_.set_on_handshake_settled([this] {
+    // Possibly inside the tunnel's own callback, where nothing may be
+    // exported: look after the next poll.
+    if (logic_->phase() != ParentPhase::transferring) return;
+    tunnels_changed_ = true;
+    uv_idle_start(idle_, idle_cb);
+  });
 }
 
 Parent::~Parent() {
+  server_.set_on_handshake_settled(nullptr);
   if (channel_) channel_->close();
   stop_listening();
   uv_close(reinterpret_cast<uv_handle_t*>(timer_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
-  uv_close(reinterpret_cast<uv_handle_t*>(commit_idle_), [](uv_handle_t* h) { delete reinterpret_cast<uv_idle_t*>(h); });
-  for (auto& [seq, ts] : in_flight_)
-    for (auto& t : ts) proxy::close_fds(t);
-  for (auto& t : acked_) proxy::close_fds(t);
+  uv_close(reinterpret_cast<uv_handle_t*>(idle_), [](uv_handle_t* h) { delete reinterpret_cast<uv_idle_t*>(h); });
 }
 
 std::string Parent::listen() {
@@ -179,350 +247,96 @@ void Parent::on_accept() {
   if (fd < 0) return;
   ucred cred{};
   socklen_t len = sizeof cred;
-  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || (cred.uid != getuid() && cred.uid != 0)) {
-    spdlog::warn("handoff: refused a connection from uid {} pid {} (not this user or root)", cred.uid, cred.pid);
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
     ::close(fd);
     return;
   }
-  // docs/operations.md "When lifecycle events meet": one handoff at a time,
-  // and never out of a drain (a drain is not undone; the new process would
-  // serve while this pod is going away).
-  const bool draining = server_.state() == proxy::ServeState::draining;
-  if (phase_ != ParentPhase::idle || draining) {
-    const char* why = draining ? "this baton is draining (a drain is never undone): no hot restart"
-                               : "another new process is taking over right now";
-    spdlog::warn("handoff: pid {} connected; refused: {}", cred.pid, why);
-    std::vector<uint8_t> msg;
-    encode_refuse(why, msg);
-    (void)!::write(fd, msg.data(), msg.size());
+  ParentLogic::Admission a = logic_->on_connection(cred.uid, uint32_t(cred.pid), uv_now(loop_));
+  if (!a.accepted) {
+    if (a.tell) {
+      spdlog::warn("handoff: pid {} connected; refused: {}", cred.pid, a.why);
+      std::vector<uint8_t> msg;
+      encode_refuse(a.why, msg);
+      (void)!::write(fd, msg.data(), msg.size());
+    } else {
+      spdlog::warn("handoff: refused a connection from uid {} pid {} ({})", cred.uid, cred.pid, a.why);
+    }
     ::close(fd);
     return;
   }
-  child_pid_ = cred.pid;
   channel_ = Channel::create(loop_, fd, [this](Message& m) { on_message(m); },
-                             [this](const std::string& why) { on_channel_closed(why); });
-  phase_ = ParentPhase::awaiting_hello;
-  server_.set_state(proxy::ServeState::handing_over);
-  child_takes_tunnels_ = true;
-  stop_commit_wait();
-  stats_ = {};
-  stats_.started_ms = uv_now(loop_);
-  spdlog::info("handoff: new process {} connected", child_pid_);
-  arm(opts_.step_timeout_ms);
-}
-
-void Parent::arm(uint32_t ms) { uv_timer_start(timer_, timer_cb, ms, 0); }
-
-void Parent::timer_cb(uv_timer_t* t) {
-  auto* p = static_cast<Parent*>(t->data);
-  switch (p->phase_) {
-    case ParentPhase::transferring:
-      // While tunnels finish their handshakes, look again every few ms; the
-      // step deadline is tracked by the ack timestamps.
-      if (p->in_flight_.empty()) {
-        p->pump();
-        return;
-      }
-      p->abort("new process did not acknowledge a batch in time", true);
-      return;
-    case ParentPhase::awaiting_hello:
-    case ParentPhase::awaiting_listening:
-      p->abort(std::string("new process did not answer in time (") + to_str(p->phase_) + ")", true);
-      return;
-    default: return;
-  }
+                             [this](const std::string& why) {
+                               channel_ = nullptr;
+                               apply(logic_->on_closed(why, uv_now(loop_)));
+                             });
+  rearm();
 }
 
 void Parent::on_message(Message& m) {
-  if (m.header.version != kProtocolVersion) {
-    abort("new process speaks handoff protocol version " + std::to_string(m.header.version), true);
-    return;
-  }
-  switch (m.header.type) {
-    case MsgType::hello:
-      if (phase_ == ParentPhase::awaiting_hello) return handle_hello(m);
-      break;
-    case MsgType::listening:
-      if (phase_ == ParentPhase::awaiting_listening) {
-        test_stop_at("BATON_TEST_HANDOFF_PARENT_STOP_AT", "listening");
-        return handle_listening();
-      }
-      break;
-    case MsgType::batch_ack:
-      if (phase_ == ParentPhase::transferring) return handle_batch_ack(m);
-      break;
-    case MsgType::abort:
-    case MsgType::refuse: {
-      std::string reason;
-      (void)decode_reason(m.body, reason);
-      // Answered with an abort of our own: a new process that called the
-      // takeover off (Child::abandon) tells "resumed here" from "gone".
-      abort("new process gave up: " + reason, true);
-      return;
-    }
-    default: break;
-  }
-  abort(std::string("unexpected ") + to_str(m.header.type) + " message in phase " + to_str(phase_), true);
+  if (m.header.type == MsgType::hello && logic_->phase() == ParentPhase::awaiting_hello)
+    test_point(TestPoint::parent_hello);
+  if (m.header.type == MsgType::listening && logic_->phase() == ParentPhase::awaiting_listening)
+    test_point(TestPoint::parent_listening);
+  apply(logic_->on_message(m.header, m.body, uv_now(loop_)));
 }
 
-void Parent::on_channel_closed(const std::string& why) {
-  channel_ = nullptr;
-  if (phase_ == ParentPhase::committed || phase_ == ParentPhase::idle) return;
-  abort(why, false);
-}
-
-void Parent::handle_hello(Message& m) {
-  test_stop_at("BATON_TEST_HANDOFF_PARENT_STOP_AT", "hello");
-  Hello h;
-  std::string err = decode_hello(m.body, h);
-  if (!err.empty()) {
-    abort("malformed hello: " + err, true);
-    return;
+void Parent::apply(Step s) {
+  for (Outgoing& o : s.send) {
+    if (!channel_) break;
+    channel_->send(std::move(o.bytes), std::move(o.fds));
+    if (o.type == MsgType::batch && o.seq == 1) test_point(TestPoint::parent_batch);
   }
-  // The newest layout both read: an older new process (a downgrade) still
-  // takes the tunnels in the layout it knows.
-  uint16_t v = std::min(kStateVersion, h.max_state_version);
-  if (v < kMinStateVersion) v = kStateVersion;
-  if (opts_.state_version_override) v = opts_.state_version_override;
-  state_version_ = v;
-  if (v < h.min_state_version || v > h.max_state_version) {
-    spdlog::warn("handoff: new process reads tunnel state versions {}..{}, this one writes {}: its tunnels will be drained",
-                 h.min_state_version, h.max_state_version, v);
-    child_takes_tunnels_ = false;
+  if (channel_ && s.close != CloseChannel::no) {
+    if (s.close == CloseChannel::after_send) channel_->close_when_sent();
+    else channel_->close();
+    channel_ = nullptr;
   }
-  ServerStateMsg s;
-  s.pid = uint32_t(getpid());
-  s.epoch = server_.epoch();
-  s.metrics = server_.metrics();
-  s.ticket_keys = server_.tls().ticket_keys();
-  int lfd = server_.listener_fd();
-  s.has_listener = lfd >= 0;
-  std::vector<uint8_t> msg;
-  encode_server_state(s, msg);
-  std::vector<int> fds;
-  if (lfd >= 0) fds.push_back(lfd);
-  channel_->send(std::move(msg), std::move(fds));
-  phase_ = ParentPhase::awaiting_listening;
-  arm(opts_.step_timeout_ms);
-}
-
-void Parent::handle_listening() {
-  // The new process accepts on the same socket now: stop here. Connections
-  // queued in the kernel stay there for it; none is refused.
-  server_.stop_accepting();
-  phase_ = ParentPhase::transferring;
-  transfer_started_ms_ = uv_now(loop_);
-  if (!child_takes_tunnels_) drain_local("the new process cannot read this process's tunnel state");
-  pump();
-}
-
-void Parent::pump() {
-  if (phase_ != ParentPhase::transferring || !channel_) return;
-  if (child_takes_tunnels_) {
-    std::vector<proxy::Tunnel*> ready = server_.exportable_tunnels();
-    std::vector<proxy::TunnelState> batch;
-    size_t fds = 0, bytes = 0;
-    for (size_t i = 0; i < ready.size() && in_flight_.size() < kWindow; ++i) {
-      if (ready[i]->draining()) continue;
-      proxy::TunnelState st;
-      if (!proxy::Tunnel::export_state(ready[i], st)) {
-        spdlog::warn("handoff: a tunnel could not be exported (no descriptors left?); it stays here and drains");
-        ready[i]->drain("rolling_update", opts_.drain_grace_ms, opts_.reconnect_hint);
-        continue;
-      }
-      size_t n = fd_count(st), b = encoded_size(st);
-      if (!batch.empty() && (fds + n > kMaxFdsPerMessage || bytes + b > kBatchBytes)) {
-        send_batch(std::move(batch));
-        batch.clear();
-        fds = bytes = 0;
-      }
-      fds += n;
-      bytes += b;
-      batch.push_back(std::move(st));
-    }
-    if (!batch.empty()) send_batch(std::move(batch));
-  }
-  if (!in_flight_.empty()) {
-    arm(opts_.step_timeout_ms);
-    return;
-  }
-  bool more = child_takes_tunnels_ && !server_.exportable_tunnels().empty();
-  size_t handshaking = server_.handshaking_tunnels();
-  if (!more && handshaking == 0) {
+  if (s.commit_after_poll) {
     // Commit only after one more poll of the loop, not inside this callback:
     // a SIGTERM that came with the last acknowledgement (its libuv handler
     // writes a pipe that the next poll reads) starts its drain, and so calls
-    // the handoff off, before anything is committed. An idle handle runs
-    // before each poll (and keeps that poll from blocking): commit on its
-    // second run. (Not a timer: after a long callback uv_now is stale, and a
-    // short timer fires before the poll.)
-    if (!commit_ready_) {
-      if (!uv_is_active(reinterpret_cast<uv_handle_t*>(commit_idle_))) {
-        commit_idle_runs_ = 0;
-        uv_idle_start(commit_idle_, commit_idle_cb);
-      }
-      return;
-    }
-    commit_ready_ = false;
-    commit();
-    return;
+    // the handoff off, before anything is committed. The idle handle runs
+    // before each poll: commit on its second run. (Not a timer: after a long
+    // callback uv_now is stale, and a short timer fires before the poll.)
+    idle_runs_ = 0;
+    uv_idle_start(idle_, idle_cb);
   }
-  stop_commit_wait();
-  // Handshakes in progress: look again soon. They get half the step timeout
-  // (a client stuck in its handshake must not hold the restart hostage, nor
-  // make the new process give up); then they are closed and will reconnect.
-  if (handshaking && uv_now(loop_) - transfer_started_ms_ >= opts_.step_timeout_ms / 2) {
-    size_t n = server_.close_handshaking("hot restart: handshake not finished in time");
-    spdlog::warn("handoff: closed {} tunnels still in their TLS handshake after {} ms", n, opts_.step_timeout_ms / 2);
-  }
-  arm(2);
+  if (logic_->phase() == ParentPhase::committed) stop_listening();
+  rearm();
+  if (s.finished && logic_->phase() == ParentPhase::committed && on_handed_over_) on_handed_over_(logic_->stats());
 }
 
-void Parent::commit_idle_cb(uv_idle_t* h) {
+void Parent::rearm() {
+  uint64_t d = logic_->next_deadline();
+  if (d == kNoDeadline) {
+    uv_timer_stop(timer_);
+    return;
+  }
+  uint64_t now = uv_now(loop_);
+  uv_timer_start(timer_, timer_cb, d > now ? d - now : 0, 0);
+}
+
+void Parent::timer_cb(uv_timer_t* t) {
+  auto* p = static_cast<Parent*>(t->data);
+  p->apply(p->logic_->on_deadline(uv_now(p->loop_)));
+}
+
+void Parent::idle_cb(uv_idle_t* h) {
   auto* p = static_cast<Parent*>(h->data);
-  if (++p->commit_idle_runs_ < 2) return;  // the first run comes before the poll we wait for
-  uv_idle_stop(h);
-  p->commit_ready_ = true;
-  p->pump();
-}
-
-void Parent::stop_commit_wait() {
-  uv_idle_stop(commit_idle_);
-  commit_ready_ = false;
-}
-
-void Parent::send_batch(std::vector<proxy::TunnelState> tunnels) {
-  Batch b;
-  b.seq = next_seq_++;
-  b.state_version = state_version_;
-  b.tunnels = std::move(tunnels);
-  std::vector<uint8_t> msg;
-  std::vector<int> fds;
-  encode_batch(b, msg, fds, opts_.state_version_override);
-  // In flight before the send: if the handoff fails, abort() resumes every
-  // tunnel in in_flight_ (the Tunnel objects are gone; only the states remain).
-  uint32_t seq = b.seq;
-  in_flight_[seq] = std::move(b.tunnels);
-  stats_.batches++;
-  channel_->send(std::move(msg), std::move(fds));
-  if (b.seq == 1) test_stop_at("BATON_TEST_HANDOFF_PARENT_STOP_AT", "batch");
-}
-
-void Parent::handle_batch_ack(Message& m) {
-  BatchAck a;
-  std::string err = decode_batch_ack(m.body, a);
-  auto it = in_flight_.find(a.seq);
-  if (!err.empty() || it == in_flight_.end() || a.adopted > it->second.size()) {
-    abort(err.empty() ? "acknowledgement for an unknown batch" : "malformed acknowledgement: " + err, true);
+  if (p->logic_->commit_pending()) {
+    if (++p->idle_runs_ < 2) return;  // the first run comes before the poll we wait for
+    uv_idle_stop(h);
+    p->tunnels_changed_ = false;
+    test_point(TestPoint::parent_commit);
+    p->apply(p->logic_->on_poll_passed(uv_now(p->loop_)));
     return;
   }
-  std::vector<proxy::TunnelState> ts = std::move(it->second);
-  in_flight_.erase(it);
-  for (size_t i = 0; i < ts.size(); ++i) {
-    if (i < a.adopted) {
-      acked_.push_back(std::move(ts[i]));
-      stats_.tunnels_sent++;
-      server_.metrics().inc(proxy::series("baton_handoff_tunnels_total", {{"result", "sent"}}));
-      continue;
-    }
-    // Not taken: back into this process, then drained (make before break).
-    std::string aerr;
-    proxy::Tunnel* t = server_.adopt(ts[i], aerr);
-    if (!t) {
-      spdlog::error("handoff: a tunnel refused by the new process could not be resumed here: {}", aerr);
-      continue;
-    }
-    t->start_adopted();
-    t->drain("rolling_update", opts_.drain_grace_ms, opts_.reconnect_hint);
-    stats_.tunnels_drained++;
-    server_.metrics().inc(proxy::series("baton_handoff_tunnels_total", {{"result", "drained"}}));
-  }
-  if (a.adopted < ts.size()) {
-    spdlog::warn("handoff: new process took {} of {} tunnels ({}); the rest drain here", a.adopted, ts.size(), a.reason);
-    if (child_takes_tunnels_) {
-      child_takes_tunnels_ = false;
-      drain_local("the new process refused tunnels: " + a.reason);
-    }
-  }
-  pump();
+  uv_idle_stop(h);
+  if (!p->tunnels_changed_) return;
+  p->tunnels_changed_ = false;
+  p->apply(p->logic_->on_tunnels_changed(uv_now(p->loop_)));
 }
 
-void Parent::drain_local(const std::string& why) {
-  size_t n = 0;
-  for (proxy::Tunnel* t : server_.exportable_tunnels()) {
-    if (t->draining()) continue;
-    t->drain("rolling_update", opts_.drain_grace_ms, opts_.reconnect_hint);
-    ++n;
-  }
-  stats_.tunnels_drained += n;
-  server_.metrics().inc(proxy::series("baton_handoff_tunnels_total", {{"result", "drained"}}), n);
-  if (n) spdlog::info("handoff: draining {} tunnels here: {}", n, why);
-}
-
-void Parent::commit() {
-  test_stop_at("BATON_TEST_HANDOFF_PARENT_STOP_AT", "commit");
-  Commit c;
-  c.metrics = server_.metrics();
-  std::vector<uint8_t> msg;
-  encode_commit(c, msg);
-  channel_->send(std::move(msg));
-  channel_->close_when_sent();
-  channel_ = nullptr;
-  // The new process owns them now.
-  for (auto& t : acked_) proxy::close_fds(t);
-  acked_.clear();
-  server_.release_listener();
-  stop_listening();
-  uv_timer_stop(timer_);
-  phase_ = ParentPhase::committed;
-  stats_.committed_ms = uv_now(loop_);
-  spdlog::info("handoff: committed to pid {}: {} tunnels moved in {} batches in {} ms, {} draining here", child_pid_,
-               stats_.tunnels_sent, stats_.batches, stats_.committed_ms - stats_.started_ms, stats_.tunnels_drained);
-  if (on_handed_over_) on_handed_over_(stats_);
-}
-
-void Parent::cancel(const std::string& why) { abort(why, true); }
-
-void Parent::abort(const std::string& why, bool tell_peer) {
-  if (phase_ == ParentPhase::committed || phase_ == ParentPhase::idle) return;
-  spdlog::warn("handoff to pid {} failed in phase {}: {}; resuming everything here", child_pid_, to_str(phase_), why);
-  if (channel_) {
-    if (tell_peer) {
-      std::vector<uint8_t> msg;
-      encode_abort(why, msg);
-      channel_->send(std::move(msg));
-      channel_->close_when_sent();
-    } else {
-      channel_->close();
-    }
-    channel_ = nullptr;
-  }
-  uv_timer_stop(timer_);
-  stop_commit_wait();
-  // Everything exported comes back, through the same path as in a new process.
-  size_t resumed = 0;
-  std::vector<proxy::TunnelState> all = std::move(acked_);
-  acked_.clear();
-  for (auto& [seq, ts] : in_flight_)
-    for (auto& t : ts) all.push_back(std::move(t));
-  in_flight_.clear();
-  for (proxy::TunnelState& st : all) {
-    std::string err;
-    proxy::Tunnel* t = server_.adopt(st, err);
-    if (!t) {
-      spdlog::error("handoff: could not resume a tunnel: {}", err);
-      continue;
-    }
-    t->start_adopted();
-    ++resumed;
-  }
-  if (resumed) server_.metrics().inc(proxy::series("baton_handoff_tunnels_total", {{"result", "resumed"}}), resumed);
-  // A drain that called the handoff off keeps its own state (and closes the
-  // listener itself after drain.delay_ms).
-  if (server_.state() != proxy::ServeState::draining) server_.set_state(proxy::ServeState::serving);
-  server_.resume_accepting();
-  phase_ = ParentPhase::idle;
-  spdlog::info("handoff: resumed {} tunnels; accepting again", resumed);
-}
+void Parent::cancel(const std::string& why) { apply(logic_->cancel(why, uv_now(loop_))); }
 
 }  // namespace baton::handoff

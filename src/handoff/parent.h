@@ -29,42 +29,29 @@
 
 #include <cstdint>
 #include <functional>
-#include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "handoff/channel.h"
 #include "handoff/codec.h"
+#include "handoff/parent_logic.h"
 #include "proxy/server.h"
-#include "proxy/state.h"
 
 namespace baton::handoff {
-
-enum class ParentPhase : uint8_t {
-  idle = 0,                // listening on the handoff socket, no new process connected
-  awaiting_hello = 1,
-  awaiting_listening = 2,
-  transferring = 3,
-  committed = 4,           // done: this process only lets its leftovers end
-};
-const char* to_str(ParentPhase p);
 
 struct ParentOptions {
   std::string socket_path;
   uint32_t step_timeout_ms = 5000;  // longest wait for any answer of the new process
   uint32_t drain_grace_ms = 30000;  // for tunnels the new process cannot take
   std::string reconnect_hint;
-  uint16_t state_version_override = 0;  // tests only (BATON_TEST_HANDOFF_STATE_VERSION)
 };
 
-struct HandoffStats {
-  uint64_t tunnels_sent = 0;      // adopted by the new process
-  uint64_t tunnels_drained = 0;   // the new process could not take them
-  uint64_t batches = 0;
-  uint64_t started_ms = 0;        // uv_now at hello
-  uint64_t committed_ms = 0;
-};
+class ServerParentHost;
 
+// The I/O around ParentLogic (parent_logic.h): the handoff socket, its
+// channel, a timer for the logic's deadlines and an idle handle for "after
+// the next poll". Every decision is the logic's.
 class Parent {
  public:
   // on_handed_over: the handoff committed; the caller lets the remaining
@@ -77,8 +64,8 @@ class Parent {
   // Creates the socket: its directory (0700) if missing, a stale socket
   // file replaced, the socket chmod 0600. Returns "" or an error.
   [[nodiscard]] std::string listen();
-  ParentPhase phase() const { return phase_; }
-  const HandoffStats& stats() const { return stats_; }
+  ParentPhase phase() const { return logic_->phase(); }
+  const HandoffStats& stats() const { return logic_->stats(); }
   // Calls a handoff in progress off (a drain starts: it is never handed
   // over): the new process is told why, every exported tunnel resumes here.
   // No effect when idle or committed.
@@ -88,46 +75,28 @@ class Parent {
   static void accept_cb(uv_poll_t* p, int status, int events);
   void on_accept();
   void on_message(Message& m);
-  void on_channel_closed(const std::string& why);
-  void handle_hello(Message& m);
-  void handle_listening();
-  void handle_batch_ack(Message& m);
-  void pump();
-  void send_batch(std::vector<proxy::TunnelState> tunnels);
-  void commit();
-  void abort(const std::string& why, bool tell_peer);
-  void drain_local(const std::string& why);
-  void arm(uint32_t ms);
+  void apply(Step s);
+  void rearm();
   static void timer_cb(uv_timer_t* t);
-  static void commit_idle_cb(uv_idle_t* h);
-  void stop_commit_wait();
+  static void idle_cb(uv_idle_t* h);
   void stop_listening();
-
-  static constexpr size_t kWindow = 4;         // batches in flight
-  static constexpr size_t kBatchBytes = 8u << 20;
 
   uv_loop_t* loop_;
   proxy::Server& server_;
   ParentOptions opts_;
   std::function<void(const HandoffStats&)> on_handed_over_;
+  std::unique_ptr<ServerParentHost> host_;
+  std::unique_ptr<ParentLogic> logic_;
   int listen_fd_ = -1;
   uv_poll_t* listen_poll_ = nullptr;
   uv_timer_t* timer_ = nullptr;
-  // Every tunnel acknowledged: the commit waits for one poll of the loop
-  // (see pump()), counted by this idle handle's runs.
-  uv_idle_t* commit_idle_ = nullptr;
-  int commit_idle_runs_ = 0;
-  bool commit_ready_ = false;
+  // Runs before each poll (and keeps that poll from blocking): "the loop
+  // polled once more" for a pending commit (its second run), and the pump
+  // after a handshake ended (outside the tunnel's own callback).
+  uv_idle_t* idle_ = nullptr;
+  int idle_runs_ = 0;
+  bool tunnels_changed_ = false;
   Channel* channel_ = nullptr;
-  ParentPhase phase_ = ParentPhase::idle;
-  int child_pid_ = 0;
-  uint16_t state_version_ = kStateVersion;  // the tunnel state layout the new process reads (its hello)
-  bool child_takes_tunnels_ = true;  // false once it refused some: the rest are drained here
-  uint32_t next_seq_ = 1;
-  uint64_t transfer_started_ms_ = 0;
-  std::map<uint32_t, std::vector<proxy::TunnelState>> in_flight_;  // sent, not acknowledged
-  std::vector<proxy::TunnelState> acked_;  // adopted by the new process, copies kept until commit
-  HandoffStats stats_;
 };
 
 // Connects to a live baton's handoff socket. Returns the fd, or -1 with

@@ -283,6 +283,7 @@ void Server::handshake_finished(Tunnel* t) {
     }
     start_handshake(next);
   }
+  if (on_handshake_settled_) on_handshake_settled_();
 }
 
 void Server::set_state(ServeState s) {
@@ -427,6 +428,7 @@ void Server::forget(Tunnel* t) {
       handshake_queue_.erase(it);
       break;
     }
+  if (t->phase() == LinkPhase::awaiting_handshake && on_handshake_settled_) on_handshake_settled_();
   if (on_tunnel_gone_) on_tunnel_gone_();
 }
 

@@ -72,6 +72,9 @@ class Server {
   void set_drain_handler(std::function<void()> fn) { drain_handler_ = std::move(fn); }
   // Called (on the loop) each time a tunnel is gone from the server.
   void set_on_tunnel_gone(std::function<void()> fn) { on_tunnel_gone_ = std::move(fn); }
+  // Called each time a tunnel leaves its TLS handshake (done, failed or
+  // closed), possibly from inside that tunnel's callback.
+  void set_on_handshake_settled(std::function<void()> fn) { on_handshake_settled_ = std::move(fn); }
   void set_drain_phase(DrainPhase phase) { drain_phase_ = phase; }
   DrainPhase drain_phase() const { return drain_phase_; }
   // Serving tunnels not yet told to drain.
@@ -164,6 +167,7 @@ class Server {
   uint64_t drain_started_ms_ = 0;
   std::function<void()> drain_handler_;
   std::function<void()> on_tunnel_gone_;
+  std::function<void()> on_handshake_settled_;
   DrainPhase drain_phase_ = DrainPhase::idle;
   uv_timer_t* tick_ = nullptr;           // once a second: limit warnings
   std::map<std::string, bool> warned_;   // limit -> above the warning threshold

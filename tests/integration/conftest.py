@@ -38,6 +38,13 @@ import upstreams  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BATON_BIN = os.environ.get("BATON_BIN", str(REPO_ROOT / "build" / "baton"))
+# The same build with the fault injection points of src/handoff/test_hook.h
+# (the shipped binary has none: test_test_hooks.py checks). A server whose
+# environment names one (BATON_TEST_*STOP_AT, BATON_TEST_HANDOFF_STATE_VERSION)
+# runs this one.
+BATON_HOOKS_BIN = os.environ.get("BATON_HOOKS_BIN", str(Path(BATON_BIN).parent / "baton-test-hooks"))
+HOOK_VARIABLES = ("BATON_TEST_HANDOFF_STOP_AT", "BATON_TEST_HANDOFF_PARENT_STOP_AT", "BATON_TEST_STOP_AT",
+                  "BATON_TEST_HANDOFF_STATE_VERSION")
 SANITIZED = os.environ.get("BATON_TEST_SANITIZED", "0") == "1"  # set by scripts/test.sh for the ASan build
 TIMEOUT_SCALE = float(os.environ.get("BATON_TEST_TIMEOUT_SCALE", "4" if SANITIZED else "1"))
 BIG_BYTES = int(os.environ.get("BATON_TEST_BIG_BYTES", str(1 << 30)))
@@ -212,7 +219,8 @@ class ServerProcess(BatonProcess):
 
     def __init__(self, config_path: Path, workdir: Path, config_text: str, name: str, env: Optional[dict] = None,
                  extra_args: Optional[List[str]] = None, preexec_fn: Optional[Callable[[], None]] = None):
-        args = [BATON_BIN, "serve", "-c", str(config_path)] + list(extra_args or [])
+        hooks = any(k in HOOK_VARIABLES for k in (env or {}))
+        args = [BATON_HOOKS_BIN if hooks else BATON_BIN, "serve", "-c", str(config_path)] + list(extra_args or [])
         lvl = os.environ.get("BATON_TEST_LOG_LEVEL")
         if lvl:
             args += ["--log-level", lvl]
