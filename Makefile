@@ -6,7 +6,8 @@ TSAN    ?= build-tsan
 FUZZ    ?= build-fuzz
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?=
-MESON_OPTS ?= --buildtype=debugoptimized
+# What the image ships (sidecar/Dockerfile) is what the tests run.
+MESON_OPTS ?= --buildtype=release
 
 .PHONY: all deps test-deps build asan tsan test-needs-asan test-needs-tsan run test test-unit test-integration fuzz bench clean
 

@@ -18,7 +18,7 @@
 
 #include "proxy/metrics.h"
 #include "proxy/state.h"
-#include "tls/ticket.h"
+#include "tls/ticket_key.h"
 
 namespace baton::handoff {
 

@@ -441,10 +441,7 @@ Link::Link(uv_loop_t* loop, tls::Context& tls_ctx, mux::Role role, const LinkLim
   mux::SessionLimits sl;
   sl.max_streams = limits_.max_streams + 1;
   session_ = std::make_unique<mux::Session>(std::move(st.session), *this, sl);
-  counters_.bytes_in = st.counters.bytes_in;
-  counters_.bytes_out = st.counters.bytes_out;
-  counters_.streams_opened = st.counters.streams_opened;
-  counters_.streams_reset = st.counters.streams_reset;
+  counters_ = st.counters;
   phase_ = st.phase;
   for (BridgeState& bs : st.bridges) {
     std::string berr;
@@ -509,7 +506,7 @@ bool Link::export_link(TunnelState& out) {
   out.record = record_->take_state();
   out.session = session_->take_state();
   out.peer_info = peer_info_;
-  out.counters = {counters_.bytes_in, counters_.bytes_out, counters_.streams_opened, counters_.streams_reset};
+  out.counters = counters_;
   out.idle_ms = now - std::min(now, last_rx_ms_);
   out.age_ms = now - std::min(now, started_ms_);
   record_.reset();

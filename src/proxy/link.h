@@ -49,13 +49,6 @@ struct LinkLimits {
   uint32_t flush_timeout_ms = 2000;
 };
 
-struct LinkCounters {
-  uint64_t bytes_in = 0;   // TLS bytes read from the peer
-  uint64_t bytes_out = 0;  // TLS bytes written to the peer
-  uint64_t streams_opened = 0;
-  uint64_t streams_reset = 0;
-};
-
 class Link : public net::TcpHandler, public mux::SessionHandler {
  public:
   // Takes ownership of `tcp` (connected). `tls_ctx` outlives the link.

@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "mux/session.h"
-#include "tls/handshake.h"
+#include "tls/peer_info.h"
 #include "tls/record.h"
 #include "util/byte_queue.h"
 
@@ -61,9 +61,10 @@ struct BridgeState {
   int fd = -1;
 };
 
-struct LinkCountersState {
-  uint64_t bytes_in = 0;
-  uint64_t bytes_out = 0;
+// A link's counters: live in the Link, carried as they are in its state.
+struct LinkCounters {
+  uint64_t bytes_in = 0;   // TLS bytes read from the peer
+  uint64_t bytes_out = 0;  // TLS bytes written to the peer
   uint64_t streams_opened = 0;
   uint64_t streams_reset = 0;
 };
@@ -73,7 +74,7 @@ struct TunnelState {
   tls::RecordState record;     // keys, sequence numbers, partial input, unsent records
   mux::SessionState session;   // streams, windows, buffered bytes, pings
   tls::PeerInfo peer_info;
-  LinkCountersState counters;
+  LinkCounters counters;
   uint64_t idle_ms = 0;        // since the last byte from the client
   uint64_t age_ms = 0;         // since the connection was accepted
   std::array<uint8_t, 16> session_id{};

@@ -20,9 +20,6 @@
 
 namespace baton::tls {
 
-// Most ticket keys a server keeps (configured first, then inherited).
-constexpr size_t kMaxTicketKeys = 8;
-
 struct ServerTlsOptions {
   std::string cert_file;
   std::string key_file;

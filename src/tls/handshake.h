@@ -16,6 +16,7 @@
 #include <mbedtls/ssl.h>
 
 #include "tls/context.h"
+#include "tls/peer_info.h"
 #include "tls/record.h"
 #include "util/byte_queue.h"
 
@@ -40,13 +41,6 @@ class ClientSession {
 
  private:
   mbedtls_ssl_session s_;
-};
-
-struct PeerInfo {
-  bool resumed = false;
-  std::string alpn;          // negotiated ALPN or ""
-  std::string cert_subject;  // verified client/server certificate subject, or ""
-  std::string suite_name;
 };
 
 class Handshake {

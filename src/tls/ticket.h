@@ -16,9 +16,9 @@
 #include <mbedtls/gcm.h>
 #include <mbedtls/ssl.h>
 
-namespace baton::tls {
+#include "tls/ticket_key.h"
 
-using TicketKey = std::array<uint8_t, 32>;
+namespace baton::tls {
 
 // Reads a ticket key file: one or more lines of 64 hex digits (blank lines and
 // lines starting with '#' skipped). The first key seals new tickets; all keys

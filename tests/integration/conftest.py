@@ -61,15 +61,65 @@ def scaled(seconds: float) -> float:
     return seconds * TIMEOUT_SCALE
 
 
+IS_ROOT = os.geteuid() == 0
+
+# Sanitized runs: every process the tests start (servers, clients, one-shot
+# commands, those under the hot-restarter, bench tools) writes its sanitizer
+# reports to a file here (log_path, inherited through the environment)
+# instead of its stderr; a test after which a report appears fails
+# (_sanitizer_reports below).
+SANITIZER_LOG_DIR = None
+if SANITIZED:
+    SANITIZER_LOG_DIR = tempfile.mkdtemp(prefix="baton-sanitizer-")
+    for _var in ("ASAN_OPTIONS", "UBSAN_OPTIONS", "TSAN_OPTIONS", "LSAN_OPTIONS"):
+        _cur = os.environ.get(_var, "")
+        os.environ[_var] = (_cur + ":" if _cur else "") + "log_path=%s/%s" % (
+            SANITIZER_LOG_DIR, _var.split("_")[0].lower())
+
+
+@pytest.fixture(autouse=True)
+def _sanitizer_reports():
+    if SANITIZER_LOG_DIR is None:
+        yield
+        return
+    before = set(os.listdir(SANITIZER_LOG_DIR))
+    yield
+    new = sorted(set(os.listdir(SANITIZER_LOG_DIR)) - before)
+    if new:
+        texts = []
+        for name in new:
+            with open(os.path.join(SANITIZER_LOG_DIR, name), errors="replace") as f:
+                texts.append("%s:\n%s" % (name, f.read()[:6000]))
+        pytest.fail("sanitizer report from a process this test started (%s):\n%s" % (
+            ", ".join(new), "\n".join(texts)), pytrace=False)
+ROOT_ONLY_SKIPPED = []  # (test, reason): root-only tests skipped because this run is not root
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (the 1 GiB stream)")
+    config.addinivalue_line("markers", "root_only(reason): needs root (another uid, a network namespace); "
+                                       "skipped without root, and a skip while root fails the run")
+
+
+def pytest_runtest_setup(item):
+    m = item.get_closest_marker("root_only")
+    if m is not None and not IS_ROOT:
+        reason = m.args[0] if m.args else "needs root"
+        ROOT_ONLY_SKIPPED.append((item.nodeid, reason))
+        pytest.skip("root-only, not running as root: " + reason)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """On failure, attach the stderr of every baton process the test started."""
+    """On failure, attach the stderr of every baton process the test started.
+    A root-only test that skips while the run is root fails instead: what it
+    checks is then simply not checked."""
     outcome = yield
     rep = outcome.get_result()
+    if rep.skipped and IS_ROOT and item.get_closest_marker("root_only") is not None:
+        rep.outcome = "failed"
+        rep.longrepr = "a root-only test was skipped although this run is root: %s" % (
+            rep.longrepr[2] if isinstance(rep.longrepr, tuple) else rep.longrepr)
     if rep.failed:
         for proc in getattr(item, "_baton_procs", []):
             rep.sections.append(("%s stderr (%s)" % (proc.kind, proc.stderr_path), proc.stderr_text(tail=20000)))
@@ -121,6 +171,8 @@ class BatonProcess:
         self.pid = self.proc.pid
         self.ready: Optional[dict] = None
         self.exit_status: Optional[int] = None
+        # The exit codes accepted when the teardown stops it with SIGINT.
+        self.teardown_exit = (0,)
         self._drain_thread: Optional[threading.Thread] = None
 
     def wait_ready(self, timeout: float = 10.0) -> dict:
@@ -439,19 +491,57 @@ def server_factory(request, baton_bin, certs, echo_server, tmp_path, short_tmp):
     _teardown(procs)
 
 
+SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:", "WARNING: ThreadSanitizer")
+# A process that ended on one of these did not choose to: a crash, whoever
+# started it and whatever the test expected of its exit code.
+CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
+
+
+def sanitizer_reports(text: str) -> List[str]:
+    """The sanitizer reports in a process's stderr (every process the tests
+    start: servers, clients, one-shot commands, those under the hot-restarter)."""
+    return [m for m in SANITIZER_MARKERS if m in text]
+
+
+def check_exit(what: str, status: Optional[int], stderr: str, allowed=(0,)) -> Optional[str]:
+    """What is wrong with how a process ended, or None."""
+    if status is None:
+        return "%s did not exit on SIGINT (killed)" % what
+    if status < 0 and -status in CRASH_SIGNALS:
+        return "%s died of %s" % (what, signal.Signals(-status).name)
+    if status not in allowed:
+        return "%s exited %d (expected %s)" % (what, status, " or ".join(map(str, allowed)))
+    found = sanitizer_reports(stderr)
+    if found:
+        return "%s: sanitizer report (%s)" % (what, ", ".join(found))
+    return None
+
+
 def _teardown(procs: List[BatonProcess]) -> None:
-    """Stops every process, then fails the test if a sanitizer reported anything."""
-    reports = []
+    """Stops every process still running (SIGINT: exits 0 at once) and fails
+    the test if one does not exit 0, or any ended in a crash, or any
+    sanitizer reported anything. A process that ended before (the test
+    stopped or killed it, or it refused to start) is the test's to judge,
+    except for a crash. A process a test left stopped (SIGSTOP) is let go on."""
+    problems = []
     for p in procs:
-        p.stop()
+        running = p.proc.poll() is None
+        if running:
+            try:
+                os.kill(p.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        status = p.stop() if running else p.proc.returncode
         p.kill()
-        err = p.stderr_text()
-        for marker in ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
-                       "WARNING: ThreadSanitizer"):
-            if marker in err:
-                reports.append("%s (%s): %s" % (p.kind, p.stderr_path, marker))
-    if reports:
-        pytest.fail("sanitizer report in process stderr: " + "; ".join(reports), pytrace=False)
+        what = "%s pid %d (%s)" % (p.kind, p.pid, p.stderr_path)
+        if running:
+            problem = check_exit(what, status, p.stderr_text(tail=1 << 30), allowed=p.teardown_exit)
+        else:
+            problem = check_exit(what, status, p.stderr_text(tail=1 << 30), allowed=(status,))
+        if problem:
+            problems.append(problem)
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)
 
 
 @pytest.fixture
@@ -701,3 +791,11 @@ def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05,
         if time.monotonic() > deadline:
             raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
         time.sleep(interval)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """scripts/test.sh puts this line in its summary: a run without root
+    did not check what only root can."""
+    if ROOT_ONLY_SKIPPED:
+        terminalreporter.write_line("[root-only] %d tests skipped: not running as root (%s)" % (
+            len(ROOT_ONLY_SKIPPED), ", ".join(n.split("::")[-1] for n, _ in ROOT_ONLY_SKIPPED)))

@@ -105,7 +105,7 @@ def test_socket_path_taken_by_a_regular_file(baton_bin, certs, tmp_path, short_t
     assert path.read_text() == "precious data\n", "the file was touched"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another uid")
+@pytest.mark.root_only("runs a process as another uid")
 def test_socket_path_held_by_another_users_process(baton_bin, certs, tmp_path):
     """Another user's process listens on the handoff socket path: baton must
     not take over from it (it could hand over descriptors and keys of its

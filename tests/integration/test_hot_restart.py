@@ -288,17 +288,27 @@ def test_newer_state_version_is_drained_not_dropped(server_factory, tunnel_facto
     assert "tunnels will be drained" in log and "draining" in log, log
 
 
+def _handoff_socket(srv) -> str:
+    return srv.config_text.split("socket: ", 1)[1].split("\n", 1)[0].strip()
+
+
 def test_handoff_socket_is_private(server_factory, short_tmp):
-    """Mode 0600 in a directory created 0700; a process of another uid is
-    refused even when the file permissions would let it connect."""
+    """Mode 0600 in a directory created 0700."""
     srv = server_factory()
-    path = srv.config_text.split("socket: ", 1)[1].split("\n", 1)[0].strip()
+    path = _handoff_socket(srv)
     st = os.stat(path)
     assert stat.S_ISSOCK(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o600
     assert st.st_uid == os.getuid()
-    if os.getuid() != 0:
-        pytest.skip("needs root to try another uid")
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+
+
+@pytest.mark.root_only("connects as another uid")
+def test_handoff_socket_refuses_another_uid(server_factory, short_tmp):
+    """A process of another uid is refused (SO_PEERCRED) without a word,
+    even when the file permissions would let it connect."""
+    srv = server_factory()
+    path = _handoff_socket(srv)
     nobody = pwd.getpwnam("nobody").pw_uid
     os.chmod(path, 0o666)
     os.chmod(os.path.dirname(path), 0o755)

@@ -113,7 +113,7 @@ def test_core_dumps_are_off(server):
     assert line.split()[4] == "0", line  # soft limit
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a network namespace")
+@pytest.mark.root_only("a network namespace")
 def test_admin_api_not_reachable_from_another_host_by_default(certs, tmp_path, short_tmp):
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent / "rollout"))

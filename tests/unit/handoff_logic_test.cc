@@ -19,6 +19,12 @@
 #include "handoff/codec.h"
 #include "handoff/parent_logic.h"
 
+// The hand-over's plain data (tunnel state, codec, logic) builds without the
+// TLS library: its headers stay behind tls/handshake.h and tls/context.h.
+#if defined(MBEDTLS_SSL_H) || defined(MBEDTLS_X509_CRT_H)
+#error "a hand-over header pulls in mbedTLS"
+#endif
+
 namespace baton::handoff {
 namespace {
 
