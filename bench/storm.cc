@@ -79,7 +79,7 @@
 #include <vector>
 
 #include "baton/client.h"
-#include "util/json.h"
+#include "json_out.h"
 
 namespace {
 
@@ -104,7 +104,7 @@ struct Options {
   uint64_t start_timeout_ms = 60000;
 };
 
-std::string jq(const std::string& s) { return baton::util::json_quote(s); }
+std::string jq(const std::string& s) { return baton::bench::json_string(s); }
 
 void print_line(const std::string& line) {
   std::fputs(line.c_str(), stdout);

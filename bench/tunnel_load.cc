@@ -74,7 +74,7 @@
 #include <vector>
 
 #include "baton/client.h"
-#include "util/json.h"
+#include "json_out.h"
 
 namespace {
 
@@ -101,13 +101,8 @@ struct Options {
   uint64_t timeout_ms = 10000;
 };
 
-std::string json_string(const std::string& s) { return baton::util::json_quote(s); }
-
-std::string json_array(const std::vector<std::string>& v) {
-  std::string o = "[";
-  for (size_t i = 0; i < v.size(); ++i) o += (i ? "," : "") + json_string(v[i]);
-  return o + "]";
-}
+using baton::bench::json_array;
+using baton::bench::json_string;
 
 void print_line(const std::string& line) {
   std::fputs(line.c_str(), stdout);

@@ -12,12 +12,12 @@
 
 #include <cstdint>
 #include <functional>
-#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
 #include "baton/client.h"
 #include "config/config.h"
+#include "util/json.h"
 
 namespace baton::cli {
 
@@ -82,7 +82,7 @@ int load_config(const std::string& path, config::Config& out);
 // An event line: one JSON object (members in the order given) on one line of
 // stdout, flushed; read by other programs (the tests, the hot-restarter).
 // Bytes that are not UTF-8 become U+FFFD.
-using Event = nlohmann::ordered_json;
+using Event = util::Json;  // util/json.h
 void print_event(const Event& e);
 // Milliseconds since the Unix epoch, for event lines.
 uint64_t unix_time_ms();

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "handoff/test_hook.h"
+#include "util/json.h"
 #include "sidecar/cli.h"
 #include "util/log_format.h"
 
@@ -52,7 +53,7 @@ int load_config(const std::string& path, config::Config& out) {
 }
 
 void print_event(const Event& e) {
-  std::string line = e.dump(-1, ' ', false, Event::error_handler_t::replace) + "\n";
+  std::string line = util::json_text(e) + "\n";
   std::fputs(line.c_str(), stdout);
   std::fflush(stdout);
 }

@@ -16,12 +16,20 @@
 #include <set>
 
 #include "util/json.h"
+#include "util/text.h"
 
 namespace baton::admin {
 
 namespace {
 
-std::string json_str(const std::string& s) { return baton::util::json_quote(s); }
+using util::Json;
+std::string dump(const Json& j) { return util::json_text(j); }
+
+// A count kept as a double (gauges): an integer when it is one.
+Json number(double v) {
+  if (v == double(int64_t(v)) && v < 9e15 && v > -9e15) return int64_t(v);
+  return v;
+}
 
 std::string num(double v) {
   char b[64];
@@ -176,68 +184,64 @@ std::string render_prometheus(const Snapshot& s) {
   return out;
 }
 
-std::string render_drain_json(const Snapshot& s) {
-  bool draining = s.state == proxy::ServeState::draining;
-  std::string o = "{\"draining\":" + std::string(draining ? "true" : "false");
-  o += ",\"state\":" + json_str(proxy::to_str(s.state));
-  o += ",\"phase\":" + json_str(proxy::to_str(s.drain_phase));
-  o += ",\"grace_ms\":" + num(s.drain_grace_ms);
-  o += ",\"elapsed_ms\":" + num(double(s.drain_elapsed_ms));
-  o += ",\"tunnels_left\":" + num(double(s.tunnels_active));
-  o += ",\"streams_left\":" + num(gauge(s, "baton_streams_active")) + "}";
+namespace {
+
+Json drain_json(const Snapshot& s) {
+  Json o;
+  o["draining"] = s.state == proxy::ServeState::draining;
+  o["state"] = proxy::to_str(s.state);
+  o["phase"] = proxy::to_str(s.drain_phase);
+  o["grace_ms"] = s.drain_grace_ms;
+  o["elapsed_ms"] = s.drain_elapsed_ms;
+  o["tunnels_left"] = s.tunnels_active;
+  o["streams_left"] = number(gauge(s, "baton_streams_active"));
   return o;
 }
 
-std::string render_stats_json(const Snapshot& s) {
+Json stats_json(const Snapshot& s) {
   const proxy::Metrics& m = s.metrics;
   auto counters_by = [&](const std::string& fam, const std::string& key) {
-    std::string o = "{";
-    bool first = true;
-    for (const auto& [k, v] : m.counters) {
-      if (family_of(k) != fam) continue;
-      if (!first) o += ",";
-      first = false;
-      o += json_str(label(k, key)) + ":" + num(double(v));
-    }
-    return o + "}";
+    Json o = Json::object();
+    for (const auto& [k, v] : m.counters)
+      if (family_of(k) == fam) o[label(k, key)] = v;
+    return o;
   };
-  std::string o = "{";
-  o += "\"version\":" + json_str(BATON_VERSION);
-  o += ",\"pid\":" + num(s.pid);
-  o += ",\"server_id\":" + json_str(s.server_id);
-  o += ",\"epoch\":" + num(double(s.epoch));
-  o += ",\"uptime_s\":" + num(double(s.uptime_ms) / 1000.0);
-  o += ",\"state\":" + json_str(proxy::to_str(s.state));
-  o += ",\"ready\":" + std::string(s.state == proxy::ServeState::serving ? "true" : "false");
-  o += ",\"listen\":" + json_str(s.listen);
-  o += ",\"drain\":" + render_drain_json(s);
-  o += ",\"tunnels\":{\"active\":" + num(double(s.tunnels_active)) +
-       ",\"handshaking\":" + num(gauge(s, "baton_tunnels_handshaking")) +
-       ",\"queued\":" + num(gauge(s, "baton_tunnels_queued")) + ",\"connections\":" + num(double(s.tunnels_total)) +
-       ",\"total\":" + counters_by("baton_tunnels_total", "result") + "}";
-  o += ",\"streams\":{\"active\":" + num(gauge(s, "baton_streams_active")) + "}";
-  o += ",\"routes\":[";
-  for (size_t i = 0; i < s.routes.size(); ++i) {
-    const RouteStats& r = s.routes[i];
-    auto c = [&](const char* k, const char* v) {
-      return num(double(m.get(proxy::series("baton_streams_total", {{"route", r.name}, {k, v}}))));
+  Json o;
+  o["version"] = BATON_VERSION;
+  o["pid"] = s.pid;
+  o["server_id"] = s.server_id;
+  o["epoch"] = s.epoch;
+  o["uptime_s"] = number(double(s.uptime_ms) / 1000.0);
+  o["state"] = proxy::to_str(s.state);
+  o["ready"] = s.state == proxy::ServeState::serving;
+  o["listen"] = s.listen;
+  o["drain"] = drain_json(s);
+  o["tunnels"] = {{"active", s.tunnels_active},
+                  {"handshaking", number(gauge(s, "baton_tunnels_handshaking"))},
+                  {"queued", number(gauge(s, "baton_tunnels_queued"))},
+                  {"connections", s.tunnels_total},
+                  {"total", counters_by("baton_tunnels_total", "result")}};
+  o["streams"] = {{"active", number(gauge(s, "baton_streams_active"))}};
+  Json routes = Json::array();
+  for (const RouteStats& r : s.routes) {
+    auto c = [&](const char* k, const char* v) { return m.get(proxy::series("baton_streams_total", {{"route", r.name}, {k, v}})); };
+    auto bytes = [&](const char* dir) {
+      return m.get(proxy::series("baton_bytes_total", {{"route", r.name}, {"direction", dir}}));
     };
-    if (i) o += ",";
-    o += "{\"name\":" + json_str(r.name) + ",\"upstream\":" + json_str(r.upstream) +
-         ",\"streams_active\":" + num(double(r.streams_active)) + ",\"streams_opened\":" + c("result", "opened") +
-         ",\"connect_failed\":" + c("result", "connect_failed") + ",\"bytes_up\":" +
-         num(double(m.get(proxy::series("baton_bytes_total", {{"route", r.name}, {"direction", "up"}})))) +
-         ",\"bytes_down\":" +
-         num(double(m.get(proxy::series("baton_bytes_total", {{"route", r.name}, {"direction", "down"}})))) + "}";
+    routes.push_back({{"name", r.name},
+                      {"upstream", r.upstream},
+                      {"streams_active", r.streams_active},
+                      {"streams_opened", c("result", "opened")},
+                      {"connect_failed", c("result", "connect_failed")},
+                      {"bytes_up", bytes("up")},
+                      {"bytes_down", bytes("down")}});
   }
-  o += "]";
-  o += ",\"limits\":{";
-  bool first = true;
+  o["routes"] = std::move(routes);
+  Json limits = Json::object();
   auto limit = [&](const char* name, double limit_value, double used) {
-    if (!first) o += ",";
-    first = false;
-    o += json_str(name) + ":{\"limit\":" + num(limit_value) + ",\"used\":" + num(used) +
-         ",\"ratio\":" + num(limit_value > 0 ? used / limit_value : 0) + "}";
+    limits[name] = {{"limit", number(limit_value)},
+                    {"used", number(used)},
+                    {"ratio", number(limit_value > 0 ? used / limit_value : 0)}};
   };
   const config::Limits& l = s.limits;
   limit("max_tunnels", l.max_tunnels, double(s.tunnels_active));
@@ -249,13 +253,18 @@ std::string render_stats_json(const Snapshot& s) {
   double fd_ratio = gauge(s, proxy::series("baton_limit_usage_ratio", {{"limit", "open_files"}}));
   double fds = gauge(s, "baton_process_open_fds");
   limit("open_files", fd_ratio > 0 ? fds / fd_ratio : 0, fds);
-  o += "},\"warn_percent\":" + num(l.warn_percent);
-  o += ",\"overload_rejections\":" + counters_by("baton_overload_rejections_total", "reason");
-  o += ",\"handoff\":" + counters_by("baton_handoff_tunnels_total", "result");
-  o += ",\"process\":{\"resident_bytes\":" + num(gauge(s, "baton_process_resident_bytes")) +
-       ",\"open_fds\":" + num(fds) + "}";
-  return o + "}";
+  o["limits"] = std::move(limits);
+  o["warn_percent"] = l.warn_percent;
+  o["overload_rejections"] = counters_by("baton_overload_rejections_total", "reason");
+  o["handoff"] = counters_by("baton_handoff_tunnels_total", "result");
+  o["process"] = {{"resident_bytes", number(gauge(s, "baton_process_resident_bytes"))}, {"open_fds", number(fds)}};
+  return o;
 }
+
+}  // namespace
+
+std::string render_drain_json(const Snapshot& s) { return dump(drain_json(s)); }
+std::string render_stats_json(const Snapshot& s) { return dump(stats_json(s)); }
 
 Admin::Admin(uv_loop_t* loop, proxy::Server& server) : loop_(loop), server_(server) {
   async_ = new uv_async_t;
@@ -455,13 +464,21 @@ void Admin::stop() {
   jobs_.clear();
 }
 
+namespace {
+
+void send_json(httplib::Response& res, int status, const Json& body) {
+  res.status = status;
+  res.set_content(dump(body) + "\n", "application/json");
+}
+
+Json error_json(const std::string& what) { return {{"error", what}}; }
+
+}  // namespace
+
 void Admin::routes() {
-  auto json = [](httplib::Response& res, int status, const std::string& body) {
-    res.status = status;
-    res.set_content(body + "\n", "application/json");
-  };
-  auto unavailable = [json](httplib::Response& res) {
-    json(res, 503, "{\"error\":\"the event loop did not answer within 1 s\"}");
+  auto json = send_json;
+  auto unavailable = [](httplib::Response& res) {
+    send_json(res, 503, error_json("the event loop did not answer within 1 s"));
   };
   // A snapshot from the loop; false if it did not answer in time. The job
   // owns what it writes: after a timeout the loop may still run it.
@@ -473,7 +490,7 @@ void Admin::routes() {
   };
 
   http_->Get("/healthz", [this, json, unavailable](const httplib::Request&, httplib::Response& res) {
-    if (on_loop([] {})) json(res, 200, "{\"status\":\"ok\"}");
+    if (on_loop([] {})) json(res, 200, {{"status", "ok"}});
     else unavailable(res);
   });
   http_->Get("/readyz", [this, json, unavailable](const httplib::Request&, httplib::Response& res) {
@@ -481,13 +498,12 @@ void Admin::routes() {
     if (!on_loop([this, box] { *box = {server_.state(), server_.ready()}; })) return unavailable(res);
     proxy::ServeState st = box->first;
     bool ready = box->second;
-    json(res, ready ? 200 : 503,
-         std::string("{\"ready\":") + (ready ? "true" : "false") + ",\"state\":" + json_str(proxy::to_str(st)) + "}");
+    json(res, ready ? 200 : 503, {{"ready", ready}, {"state", proxy::to_str(st)}});
   });
   http_->Get("/stats", [snapshot, json, unavailable](const httplib::Request&, httplib::Response& res) {
     Snapshot s;
     if (!snapshot(s)) return unavailable(res);
-    json(res, 200, render_stats_json(s));
+    json(res, 200, stats_json(s));
   });
   http_->Get("/metrics", [this, snapshot, unavailable](const httplib::Request&, httplib::Response& res) {
     Snapshot s;
@@ -499,7 +515,7 @@ void Admin::routes() {
   http_->Get("/drain", [snapshot, json, unavailable](const httplib::Request&, httplib::Response& res) {
     Snapshot s;
     if (!snapshot(s)) return unavailable(res);
-    json(res, 200, render_drain_json(s));
+    json(res, 200, drain_json(s));
   });
   auto post_drain = [this, json, unavailable](httplib::Response& res) {
     auto box = std::make_shared<Snapshot>();
@@ -508,7 +524,7 @@ void Admin::routes() {
           *box = take_snapshot(server_);
         }))
       return unavailable(res);
-    json(res, 200, render_drain_json(*box));
+    json(res, 200, drain_json(*box));
   };
   http_->Post("/drain", [post_drain](const httplib::Request&, httplib::Response& res) { post_drain(res); });
   // POST /drain carries no body: answer it before httplib tries to read one
@@ -518,7 +534,7 @@ void Admin::routes() {
         // The size limit applies to Content-Length only: refuse chunked bodies
         // before httplib reads them into memory.
         if (req.has_header("Transfer-Encoding")) {  // the gate closes the connection after this
-          json(res, 413, "{\"error\":\"request bodies must have a Content-Length (at most 4096 bytes)\"}");
+          json(res, 413, error_json("request bodies must have a Content-Length (at most 4096 bytes)"));
           return httplib::Server::HandlerResponse::Handled;
         }
         if (req.method != "POST" || req.path != "/drain" || req.has_header("Content-Length"))
@@ -536,16 +552,14 @@ void Admin::routes() {
                        : res.status == 404 ? "not found"
                        : res.status == 413 ? "request too large"
                                            : "bad request";
-    json(res, res.status, "{\"error\":" + json_str(what) + ",\"path\":" + json_str(req.path.substr(0, 200)) + "}");
+    // The path is the client's: made printable before it is sent back.
+    json(res, res.status, {{"error", what}, {"path", util::printable(req.path.substr(0, 200))}});
     return httplib::Server::HandlerResponse::Handled;
   }));
 }
 
 void Admin::lifecycle_routes(const config::Lifecycle& lc, uint32_t grace_ms) {
-  auto json = [](httplib::Response& res, int status, const std::string& body) {
-    res.status = status;
-    res.set_content(body + "\n", "application/json");
-  };
+  auto json = send_json;
   auto count = [this](const char* result) {
     std::string s = proxy::series("baton_lifecycle_requests_total", {{"result", result}});
     (void)on_loop([this, s] { server_.metrics().inc(s); });
@@ -561,7 +575,7 @@ void Admin::lifecycle_routes(const config::Lifecycle& lc, uint32_t grace_ms) {
       count("unauthorized");
       spdlog::warn("lifecycle: GET /drain from {} refused: {} X-Baton-Token", req.remote_addr,
                    token.empty() ? "no" : "wrong");
-      return json(res, 401, "{\"error\":\"missing or wrong X-Baton-Token\"}");
+      return json(res, 401, error_json("missing or wrong X-Baton-Token"));
     }
     count("drain");
     spdlog::info("lifecycle: GET /drain from {}: draining, answering when done", req.remote_addr);
@@ -570,7 +584,7 @@ void Admin::lifecycle_routes(const config::Lifecycle& lc, uint32_t grace_ms) {
           server_.start_drain();
           *box = take_snapshot(server_);
         }))
-      return json(res, 200, "{\"drained\":true,\"phase\":\"exiting\"}");
+      return json(res, 200, {{"drained", true}, {"phase", "exiting"}});
     // Blocks this worker until the drain is over: the kubelet holds the
     // application container's TERM until the hook returns.
     auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(uint64_t(grace_ms) + 5000);
@@ -579,21 +593,20 @@ void Admin::lifecycle_routes(const config::Lifecycle& lc, uint32_t grace_ms) {
       {
         std::unique_lock<std::mutex> lk(mu_);
         stop_cv_.wait_for(lk, std::chrono::milliseconds(100), [this] { return stopping_; });
-        if (stopping_) return json(res, 200, "{\"drained\":true,\"phase\":\"exiting\"}");
+        if (stopping_) return json(res, 200, {{"drained", true}, {"phase", "exiting"}});
       }
       if (std::chrono::steady_clock::now() >= until)
-        return json(res, 504, "{\"drained\":false,\"error\":\"drain not over after grace + 5 s\",\"drain\":" +
-                                  render_drain_json(s) + "}");
+        return json(res, 504, {{"drained", false}, {"error", "drain not over after grace + 5 s"}, {"drain", drain_json(s)}});
       auto next = std::make_shared<Snapshot>();
       if (!on_loop([this, next] { *next = take_snapshot(server_); })) continue;  // busy or exiting: look again
       s = std::move(*next);
     }
-    json(res, 200, "{\"drained\":true,\"phase\":\"done\"}");
+    json(res, 200, {{"drained", true}, {"phase", "done"}});
   });
   lifecycle_->set_pre_routing_handler(httplib::Server::HandlerWithResponse(
       [json](const httplib::Request& req, httplib::Response& res) {
         if (req.has_header("Transfer-Encoding")) {  // the gate closes the connection after this
-          json(res, 413, "{\"error\":\"request bodies are not accepted here\"}");
+          json(res, 413, error_json("request bodies are not accepted here"));
           return httplib::Server::HandlerResponse::Handled;
         }
         return httplib::Server::HandlerResponse::Unhandled;
@@ -602,7 +615,7 @@ void Admin::lifecycle_routes(const config::Lifecycle& lc, uint32_t grace_ms) {
                                                                             httplib::Response& res) {
     if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
     if (res.status == 404 && req.path == "/drain") res.status = 405;
-    json(res, res.status, res.status == 405 ? "{\"error\":\"only GET /drain\"}" : "{\"error\":\"only GET /drain here\"}");
+    json(res, res.status, error_json(res.status == 405 ? "only GET /drain" : "only GET /drain here"));
     return httplib::Server::HandlerResponse::Handled;
   }));
 }

@@ -9,36 +9,40 @@
 
 namespace baton::client {
 
-namespace {
-
-std::string counters_json(const ClientCounters& c) {
-  return "{\"sessions_opened\":" + std::to_string(c.sessions_opened) + ",\"reconnects\":" + std::to_string(c.reconnects) +
-         ",\"full_handshakes\":" + std::to_string(c.full_handshakes) +
-         ",\"resumed_handshakes\":" + std::to_string(c.resumed_handshakes) +
-         ",\"drains_followed\":" + std::to_string(c.drains_followed) +
-         ",\"failed_tries\":" + std::to_string(c.failed_tries) +
-         ",\"streams_replayed\":" + std::to_string(c.streams_replayed) +
-         ",\"opens_deferred\":" + std::to_string(c.opens_deferred) +
-         ",\"opens_refused\":" + std::to_string(c.opens_refused) +
-         ",\"opens_retried\":" + std::to_string(c.opens_retried) +
-         ",\"waiting_expired\":" + std::to_string(c.waiting_expired) +
-         ",\"waiting_overflow\":" + std::to_string(c.waiting_overflow) + "}";
-}
-
-}  // namespace
-
 std::string status_json(const ClientStatus& s) {
-  auto q = [](const std::string& v) { return util::json_quote(v); };
-  return "{\"state\":" + q(s.state) + ",\"session\":" + std::to_string(s.session) + ",\"server\":" + q(s.server) +
-         ",\"server_id\":" + q(s.server_id) + ",\"resumed\":" + (s.resumed ? "true" : "false") +
-         ",\"session_age_ms\":" + std::to_string(s.session_age_ms) + ",\"dialing\":" + q(s.dialing) +
-         ",\"old_sessions\":" + std::to_string(s.old_sessions) + ",\"streams\":" + std::to_string(s.streams) +
-         ",\"waiting\":" + std::to_string(s.waiting) + ",\"waiting_limit\":" + std::to_string(s.waiting_limit) +
-         ",\"limits\":{\"stream_open_rate\":" + std::to_string(s.server_open_rate) +
-         ",\"stream_open_burst\":" + std::to_string(s.server_open_burst) +
-         ",\"max_streams\":" + std::to_string(s.server_max_streams) +
-         "},\"pacing\":{\"rate\":" + std::to_string(s.open_rate) + ",\"burst\":" + std::to_string(s.open_burst) +
-         "},\"counters\":" + counters_json(s.counters) + "}\n";
+  using util::Json;
+  const ClientCounters& c = s.counters;
+  Json o = {{"state", s.state},
+            {"session", s.session},
+            {"server", s.server},
+            {"server_id", s.server_id},
+            {"resumed", s.resumed},
+            {"session_age_ms", s.session_age_ms},
+            {"dialing", s.dialing},
+            {"old_sessions", s.old_sessions},
+            {"streams", s.streams},
+            {"waiting", s.waiting},
+            {"waiting_limit", s.waiting_limit},
+            {"limits",
+             {{"stream_open_rate", s.server_open_rate},
+              {"stream_open_burst", s.server_open_burst},
+              {"max_streams", s.server_max_streams}}},
+            {"pacing", {{"rate", s.open_rate}, {"burst", s.open_burst}}},
+            {"counters",
+             {{"sessions_opened", c.sessions_opened},
+              {"reconnects", c.reconnects},
+              {"full_handshakes", c.full_handshakes},
+              {"resumed_handshakes", c.resumed_handshakes},
+              {"drains_followed", c.drains_followed},
+              {"failed_tries", c.failed_tries},
+              {"streams_replayed", c.streams_replayed},
+              {"opens_deferred", c.opens_deferred},
+              {"opens_refused", c.opens_refused},
+              {"opens_retried", c.opens_retried},
+              {"waiting_expired", c.waiting_expired},
+              {"waiting_overflow", c.waiting_overflow}}}};
+  // server_id came from the server: printable() already (client.cc).
+  return util::json_text(o) + "\n";
 }
 
 bool parse_request_line(const std::string& head, std::string& method, std::string& path) {

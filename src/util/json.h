@@ -1,20 +1,20 @@
-// JSON text helpers shared by the admin API and the tools that print JSON lines.
+// JSON text, one way for all of baton (the admin API, the client's status,
+// event lines, JSON log lines, the bench tools): nlohmann-json, compact, and
+// a byte that is not UTF-8 becomes U+FFFD instead of an exception. Text from
+// a peer goes through util::printable (util/text.h) before it gets here; this
+// only encodes.
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <string>
-#include <string_view>
 
 namespace baton::util {
 
-// `s` as a JSON string literal, quotes included, that is valid JSON and
-// valid UTF-8 whatever bytes `s` holds (RFC 8259): '"' and '\' escaped,
-// control characters (U+0000..U+001F, and DEL, C1, U+2028/U+2029 and the
-// bidirectional formatting characters of util/text.h) as \uXXXX, each byte
-// that is not part of valid UTF-8 replaced by U+FFFD. Valid text round-trips:
-// a JSON parser gives back exactly `s`.
-std::string json_quote(std::string_view s);
+using Json = nlohmann::ordered_json;
 
-// The same without the quotes, appended to `out`.
-void append_json_escaped(std::string_view s, std::string& out);
+inline std::string json_text(const Json& j) { return j.dump(-1, ' ', false, Json::error_handler_t::replace); }
+
+// `s` as a JSON string literal, quotes included.
+inline std::string json_quote(const std::string& s) { return json_text(Json(s)); }
 
 }  // namespace baton::util

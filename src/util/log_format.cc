@@ -21,10 +21,9 @@ class SafeMessage : public spdlog::custom_flag_formatter {
     safe.clear();
     append_log_safe(payload, safe);
     if (json_) {
-      std::string& quoted = json_buf_;
-      quoted.clear();
-      append_json_escaped(safe, quoted);
-      dest.append(quoted.data(), quoted.data() + quoted.size());
+      // The pattern holds the quotes: the string's escaped text without them.
+      const std::string quoted = json_quote(safe);
+      dest.append(quoted.data() + 1, quoted.data() + quoted.size() - 1);
     } else {
       dest.append(safe.data(), safe.data() + safe.size());
     }
@@ -34,7 +33,7 @@ class SafeMessage : public spdlog::custom_flag_formatter {
  private:
   bool json_;
   // Reused between lines; a formatter is used under its sink's lock.
-  std::string buf_, json_buf_;
+  std::string buf_;
 };
 
 }  // namespace

@@ -1,4 +1,5 @@
-// Peer text made safe to write (util/text.h, util/json.h, util/log_format.h)
+// Peer text made safe to write (util/text.h, util/log_format.h), JSON text
+// (util/json.h: nlohmann-json, invalid UTF-8 replaced)
 // and credential files read safely (util/file.h).
 #include <gtest/gtest.h>
 #include <spdlog/logger.h>
