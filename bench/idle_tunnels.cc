@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "client_context.h"
+#include "control.h"
 #include "config/config.h"
 #include "mux/control.h"
 #include "net/listener.h"
@@ -317,29 +318,20 @@ void Dial::on_connected(int status) { tool->connected(this, status); }
 void IdleLink::on_secure() {
   if (tool_.suite.empty()) tool_.suite = peer_info().suite_name;
   uint32_t id = session().open();  // 1: the control stream
-  mux::Hello h;
-  h.version = 1;
-  h.token = tool_.o.token;
-  h.client_id = tool_.o.client_id;
-  std::vector<uint8_t> msg;
-  mux::encode(h, msg);
-  (void)session().write(id, msg);
+  (void)session().write(id, bench::hello_message(tool_.o.token, tool_.o.client_id));
   flush();
 }
 
 void IdleLink::on_control_data() {
-  const util::ByteQueue* in = session().inbound(1);
-  while (in && !in->empty() && phase() < proxy::LinkPhase::flushing) {
-    std::vector<uint8_t> buf = in->to_vector();
-    mux::ControlMessage m;
-    mux::DecodeResult r = mux::decode(buf, m);
-    if (r.status == mux::DecodeStatus::need_more) return;
-    if (r.status == mux::DecodeStatus::malformed) {
+  mux::ControlMessage m;
+  std::string error;
+  while (phase() < proxy::LinkPhase::flushing) {
+    bench::ControlRead r = bench::next_control(session(), m, error);
+    if (r == bench::ControlRead::none) return;
+    if (r == bench::ControlRead::malformed) {
       close("malformed control message from server", true, mux::GoAwayCode::protocol_error);
       return;
     }
-    session().consumed(1, r.used);
-    in = session().inbound(1);
     if (m.welcome && !welcomed_) {
       welcomed_ = true;
       set_phase(proxy::LinkPhase::serving);

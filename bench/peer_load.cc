@@ -67,6 +67,7 @@
 #include <vector>
 
 #include "client_context.h"
+#include "control.h"
 #include "config/config.h"
 #include "mux/control.h"
 #include "mux/session.h"
@@ -316,13 +317,7 @@ class Conn final : public net::TcpHandler, public mux::SessionHandler {
     }
     session_ = std::make_unique<mux::Session>(mux::Role::client, *this);
     uint32_t id = session_->open();  // 1: the control stream
-    mux::Hello h;
-    h.version = 1;
-    h.token = env_.o->token;
-    h.client_id = "peer-load";
-    std::vector<uint8_t> msg;
-    mux::encode(h, msg);
-    (void)session_->write(id, msg);
+    (void)session_->write(id, bench::hello_message(env_.o->token, "peer-load"));
     phase_ = ConnPhase::awaiting_welcome;
     flush_session();
   }
@@ -356,18 +351,15 @@ class Conn final : public net::TcpHandler, public mux::SessionHandler {
   }
 
   void control() {
+    mux::ControlMessage m;
+    std::string error;
     while (phase_ == ConnPhase::awaiting_welcome || phase_ == ConnPhase::ready) {
-      const util::ByteQueue* in = session_->inbound(1);
-      if (in->empty()) return;
-      std::vector<uint8_t> buf = in->to_vector();
-      mux::ControlMessage m;
-      mux::DecodeResult r = mux::decode(buf, m);
-      if (r.status == mux::DecodeStatus::need_more) return;
-      if (r.status == mux::DecodeStatus::malformed) {
-        down("malformed control message");
+      bench::ControlRead r = bench::next_control(*session_, m, error);
+      if (r == bench::ControlRead::none) return;
+      if (r == bench::ControlRead::malformed) {
+        down(error);
         return;
       }
-      session_->consumed(1, r.used);
       if (m.reject) {
         down("REJECT " + std::to_string(m.reject->code) + ": " + m.reject->reason);
         return;

@@ -51,6 +51,7 @@
 #include <vector>
 
 #include "client_context.h"
+#include "control.h"
 #include "mux/control.h"
 #include "mux/frame.h"
 #include "tls/context.h"
@@ -138,12 +139,7 @@ class Push {
 
   // HELLO on the control stream (its SYN in the same record), then WELCOME.
   void hello(const std::string& token, const std::string& client_id) {
-    mux::Hello h;
-    h.version = 1;
-    h.token = token;
-    h.client_id = client_id;
-    std::vector<uint8_t> msg, pt;
-    mux::encode(h, msg);
+    std::vector<uint8_t> msg = bench::hello_message(token, client_id), pt;
     append_header(pt, mux::FrameType::window_update, mux::flag::syn, kControlStream, 0);
     append_header(pt, mux::FrameType::data, 0, kControlStream, uint32_t(msg.size()));
     pt.insert(pt.end(), msg.begin(), msg.end());
