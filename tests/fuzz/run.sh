@@ -30,7 +30,7 @@ cd "$(dirname "$0")/../.."
 OUT=${FUZZ_BUILD:-build-fuzz}
 CXX_FUZZ=${CXX_FUZZ:-clang++}
 SEEDS=tests/fuzz/corpus
-TARGETS=(handoff_decoder mux_frame mux_session control preamble tls_record config)
+TARGETS=(handoff_decoder handoff_midstream mux_frame mux_session control preamble tls_record config)
 # The sans-IO cores the targets feed; nothing that touches libuv or sockets.
 SRCS=(src/handoff/codec.cc src/proxy/metrics.cc src/tls/record.cc src/mux/session.cc src/mux/frame.cc
       src/mux/control.cc src/config/config.cc src/util/byte_queue.cc src/util/bytes.cc src/util/text.cc)
