@@ -38,81 +38,11 @@ std::string num(double v) {
   return b;
 }
 
-// "family{labels}" -> family
-std::string family_of(const std::string& series) { return series.substr(0, series.find('{')); }
-// label value of `key` in a series name ("" if absent)
-std::string label(const std::string& series, const std::string& key) {
-  std::string pat = key + "=\"";
-  size_t at = series.find(pat);
-  if (at == std::string::npos) return "";
-  std::string v;
-  for (size_t i = at + pat.size(); i < series.size() && series[i] != '"'; ++i) {
-    if (series[i] == '\\' && i + 1 < series.size()) {
-      ++i;
-      v += series[i] == 'n' ? '\n' : series[i];
-    } else {
-      v += series[i];
-    }
-  }
-  return v;
-}
-
-double gauge(const Snapshot& s, const std::string& name) {
+double gauge(const Snapshot& s, const proxy::Series& which) {
   for (const auto& [k, v] : s.gauges)
-    if (k == name) return v;
+    if (k == which) return v;
   return 0;
 }
-
-struct Family {
-  const char* name;
-  const char* type;
-  const char* help;
-};
-// Every family baton exports (docs/operations.md lists the same).
-const Family kFamilies[] = {
-    {"baton_tunnels_active", "gauge", "Tunnels past WELCOME and not closed."},
-    {"baton_tunnels_handshaking", "gauge", "Connections in their TLS handshake."},
-    {"baton_tunnels_queued", "gauge", "Connections waiting for a handshake slot (limits.max_concurrent_handshakes)."},
-    {"baton_streams_active", "gauge", "Data streams open."},
-    {"baton_tunnels_total", "counter",
-     "Connections by outcome: accepted, established, tls_failed, auth_failed, rejected_overload, rejected_draining, rejected."},
-    {"baton_streams_total", "counter", "Streams by route and outcome: opened, connect_failed, unknown_route."},
-    {"baton_stream_resets_total", "counter",
-     "Admitted streams reset by route (\"(none)\" before a route was named) and reason: client, upstream_error, "
-     "malformed_preamble."},
-    {"baton_tunnels_cut_total", "counter",
-     "Connections closed because of the client, by reason: protocol_error, tls_error, not_reading, "
-     "handshake_timeout, idle_timeout."},
-    {"baton_flush_timeouts_total", "counter",
-     "Closing connections reset because the client did not take their last bytes within 2 s."},
-    {"baton_stream_ids_given_up_total", "counter",
-     "Client stream ids treated as used without a SYN: beyond 1,024 ids opened out of order, the lowest unused ones "
-     "(a later SYN on one of them ends its tunnel as a reuse)."},
-    {"baton_bytes_total", "counter", "Bytes relayed by route; direction up = client to upstream, down = upstream to client."},
-    {"baton_upstream_connect_seconds", "histogram", "Time to connect to a route's upstream."},
-    {"baton_handshake_seconds", "histogram", "TLS handshake duration, from getting a handshake slot to Finished."},
-    {"baton_overload_rejections_total", "counter",
-     "Refusals by limit: max_tunnels, max_streams_per_tunnel, stream_open_rate, handshake_queue, fd_exhausted."},
-    {"baton_drain_state", "gauge", "0 serving, 1 notifying clients, 2 waiting for streams to end, 3 done."},
-    {"baton_lifecycle_requests_total", "counter", "GET /drain on the lifecycle listener by result: drain, unauthorized."},
-    {"baton_admin_requests_rejected_total", "counter",
-     "Admin and lifecycle connections closed by a limit, by listener and reason: deadline (request not complete "
-     "within 2 s), answer_deadline (answer not taken within 2 s), per_client (a 5th slow connection from one "
-     "address), capacity (128 connections), head_too_large (16 KiB)."},
-    {"baton_admin_connections", "gauge",
-     "Open admin and lifecycle connections by listener and state: reading, slow, handling, writing."},
-    {"baton_ready", "gauge", "1 while /readyz answers 200."},
-    {"baton_restart_epoch", "gauge", "Hot restarts since the first process of this lineage (0 = first)."},
-    {"baton_handoff_tunnels_total", "counter",
-     "Tunnels in hot restarts: sent, received, drained (the new process could not take them), resumed (handoff failed)."},
-    {"baton_process_resident_bytes", "gauge", "Resident memory of this process."},
-    {"baton_process_open_fds", "gauge", "Open file descriptors of this process."},
-    {"baton_limit_usage_ratio", "gauge", "How full each limit is (1 = at the limit)."},
-    {"baton_uptime_seconds", "gauge", "Seconds since this process started."},
-    {"baton_tls_certificate_expiry_seconds", "gauge",
-     "Earliest notAfter (unix time) of the certificates in a TLS file: cert=\"server\" (tls.cert), "
-     "\"client_ca\" (tls.client_ca)."},
-};
 
 }  // namespace
 
@@ -145,17 +75,22 @@ Snapshot take_snapshot(const proxy::Server& server) {
 }
 
 std::string render_prometheus(const Snapshot& s) {
-  // Group every series by family, then write each family once with HELP/TYPE.
-  std::map<std::string, std::vector<std::pair<std::string, std::string>>> lines;
-  for (const auto& [k, v] : s.metrics.counters) lines[family_of(k)].emplace_back(k, num(double(v)));
-  for (const auto& [k, v] : s.gauges) lines[family_of(k)].emplace_back(k, num(v));
-  lines["baton_uptime_seconds"].emplace_back("baton_uptime_seconds", num(double(s.uptime_ms) / 1000.0));
+  // Every series by family, then each family once with HELP and TYPE, in
+  // the order they are declared (proxy/metrics.h). Families with no series
+  // yet are still announced (with no samples), so dashboards and alerts can
+  // reference them from the start.
+  std::map<proxy::Fam, std::vector<std::pair<std::string, std::string>>> lines;
+  for (const auto& [k, v] : s.metrics.counters) lines[k.fam].emplace_back(k.text(), num(double(v)));
+  for (const auto& [k, v] : s.gauges) lines[k.fam].emplace_back(k.text(), num(v));
+  lines[proxy::Fam::uptime_seconds].emplace_back("baton_uptime_seconds", num(double(s.uptime_ms) / 1000.0));
   std::string out;
-  std::set<std::string> done;
-  auto write_family = [&](const std::string& fam, const char* type, const char* help) {
-    out += "# HELP " + fam + " " + help + "\n# TYPE " + fam + " " + type + "\n";
-    if (std::string(type) == "histogram") {
-      auto it = s.metrics.histograms.find(fam);
+  for (const proxy::FamilyInfo& f : proxy::kFamilies) {
+    const std::string fam(f.name);
+    out += "# HELP " + fam + " " + std::string(f.help) + "\n# TYPE " + fam + " " + std::string(f.type) + "\n";
+    if (f.type == "histogram") {
+      proxy::Series key;
+      key.fam = f.fam;
+      auto it = s.metrics.histograms.find(key);
       proxy::Histogram h = it == s.metrics.histograms.end() ? proxy::Histogram{} : it->second;
       uint64_t cum = 0;
       for (size_t i = 0; i < proxy::Histogram::kBounds.size(); ++i) {
@@ -169,18 +104,10 @@ std::string render_prometheus(const Snapshot& s) {
       char sum[64];
       std::snprintf(sum, sizeof sum, "%.9g", h.sum);
       out += fam + "_sum " + sum + "\n" + fam + "_count " + num(double(cum)) + "\n";
-      return;
+      continue;
     }
-    for (const auto& [series, value] : lines[fam]) out += series + " " + value + "\n";
-  };
-  for (const Family& f : kFamilies) {
-    // Counter families with no series yet are still announced (with no samples)
-    // so dashboards and alerts can reference them from the start.
-    write_family(f.name, f.type, f.help);
-    done.insert(f.name);
+    for (const auto& [series, value] : lines[f.fam]) out += series + " " + value + "\n";
   }
-  for (const auto& [fam, ls] : lines)
-    if (!done.count(fam)) write_family(fam, "untyped", "baton metric.");
   return out;
 }
 
@@ -194,16 +121,17 @@ Json drain_json(const Snapshot& s) {
   o["grace_ms"] = s.drain_grace_ms;
   o["elapsed_ms"] = s.drain_elapsed_ms;
   o["tunnels_left"] = s.tunnels_active;
-  o["streams_left"] = number(gauge(s, "baton_streams_active"));
+  o["streams_left"] = number(gauge(s, proxy::series<proxy::Fam::streams_active>()));
   return o;
 }
 
 Json stats_json(const Snapshot& s) {
   const proxy::Metrics& m = s.metrics;
-  auto counters_by = [&](const std::string& fam, const std::string& key) {
+  // {label value: count} of a family with one label.
+  auto counters_by = [&](proxy::Fam fam) {
     Json o = Json::object();
     for (const auto& [k, v] : m.counters)
-      if (family_of(k) == fam) o[label(k, key)] = v;
+      if (k.fam == fam) o[k.values[0]] = v;
     return o;
   };
   Json o;
@@ -217,22 +145,22 @@ Json stats_json(const Snapshot& s) {
   o["listen"] = s.listen;
   o["drain"] = drain_json(s);
   o["tunnels"] = {{"active", s.tunnels_active},
-                  {"handshaking", number(gauge(s, "baton_tunnels_handshaking"))},
-                  {"queued", number(gauge(s, "baton_tunnels_queued"))},
+                  {"handshaking", number(gauge(s, proxy::series<proxy::Fam::tunnels_handshaking>()))},
+                  {"queued", number(gauge(s, proxy::series<proxy::Fam::tunnels_queued>()))},
                   {"connections", s.tunnels_total},
-                  {"total", counters_by("baton_tunnels_total", "result")}};
-  o["streams"] = {{"active", number(gauge(s, "baton_streams_active"))}};
+                  {"total", counters_by(proxy::Fam::tunnels_total)}};
+  o["streams"] = {{"active", number(gauge(s, proxy::series<proxy::Fam::streams_active>()))}};
   Json routes = Json::array();
   for (const RouteStats& r : s.routes) {
-    auto c = [&](const char* k, const char* v) { return m.get(proxy::series("baton_streams_total", {{"route", r.name}, {k, v}})); };
+    auto c = [&](const char* result) { return m.get(proxy::series<proxy::Fam::streams_total>(r.name, result)); };
     auto bytes = [&](const char* dir) {
-      return m.get(proxy::series("baton_bytes_total", {{"route", r.name}, {"direction", dir}}));
+      return m.get(proxy::series<proxy::Fam::bytes_total>(r.name, dir));
     };
     routes.push_back({{"name", r.name},
                       {"upstream", r.upstream},
                       {"streams_active", r.streams_active},
-                      {"streams_opened", c("result", "opened")},
-                      {"connect_failed", c("result", "connect_failed")},
+                      {"streams_opened", c("opened")},
+                      {"connect_failed", c("connect_failed")},
                       {"bytes_up", bytes("up")},
                       {"bytes_down", bytes("down")}});
   }
@@ -245,19 +173,19 @@ Json stats_json(const Snapshot& s) {
   };
   const config::Limits& l = s.limits;
   limit("max_tunnels", l.max_tunnels, double(s.tunnels_active));
-  limit("max_concurrent_handshakes", l.max_concurrent_handshakes, gauge(s, "baton_tunnels_handshaking"));
-  limit("max_queued_handshakes", l.max_queued_handshakes, gauge(s, "baton_tunnels_queued"));
+  limit("max_concurrent_handshakes", l.max_concurrent_handshakes, gauge(s, proxy::series<proxy::Fam::tunnels_handshaking>()));
+  limit("max_queued_handshakes", l.max_queued_handshakes, gauge(s, proxy::series<proxy::Fam::tunnels_queued>()));
   limit("max_streams_per_tunnel", l.max_streams_per_tunnel,
-        gauge(s, proxy::series("baton_limit_usage_ratio", {{"limit", "max_streams_per_tunnel"}})) *
+        gauge(s, proxy::series<proxy::Fam::limit_usage_ratio>("max_streams_per_tunnel")) *
             l.max_streams_per_tunnel);
-  double fd_ratio = gauge(s, proxy::series("baton_limit_usage_ratio", {{"limit", "open_files"}}));
-  double fds = gauge(s, "baton_process_open_fds");
+  double fd_ratio = gauge(s, proxy::series<proxy::Fam::limit_usage_ratio>("open_files"));
+  double fds = gauge(s, proxy::series<proxy::Fam::process_open_fds>());
   limit("open_files", fd_ratio > 0 ? fds / fd_ratio : 0, fds);
   o["limits"] = std::move(limits);
   o["warn_percent"] = l.warn_percent;
-  o["overload_rejections"] = counters_by("baton_overload_rejections_total", "reason");
-  o["handoff"] = counters_by("baton_handoff_tunnels_total", "result");
-  o["process"] = {{"resident_bytes", number(gauge(s, "baton_process_resident_bytes"))}, {"open_fds", number(fds)}};
+  o["overload_rejections"] = counters_by(proxy::Fam::overload_rejections_total);
+  o["handoff"] = counters_by(proxy::Fam::handoff_tunnels_total);
+  o["process"] = {{"resident_bytes", number(gauge(s, proxy::series<proxy::Fam::process_resident_bytes>()))}, {"open_fds", number(fds)}};
   return o;
 }
 
@@ -356,11 +284,10 @@ std::unique_ptr<Gate> Admin::make_gate(HttpServer& srv, const char* listener, ui
   std::string name = listener;
   auto report = [this, name](const std::array<uint64_t, kCloseReasons>& n) {
     // The metrics are loop state: the increments ride a job, nobody waits.
-    std::vector<std::pair<std::string, uint64_t>> inc;
+    std::vector<std::pair<proxy::Series, uint64_t>> inc;
     for (size_t r = 0; r < n.size(); ++r)
       if (n[r])
-        inc.emplace_back(proxy::series("baton_admin_requests_rejected_total",
-                                       {{"listener", name}, {"reason", to_str(CloseReason(r))}}),
+        inc.emplace_back(proxy::series<proxy::Fam::admin_requests_rejected_total>(name, to_str(CloseReason(r))),
                          n[r]);
     post([this, inc] {
       for (const auto& [series, v] : inc) server_.metrics().inc(series, v);
@@ -380,7 +307,7 @@ void Admin::add_gate_gauges(Snapshot& s) {
                             {"slow", n.slow},
                             {"handling", n.handling},
                             {"writing", n.writing}})
-      s.gauges.emplace_back(proxy::series("baton_admin_connections", {{"listener", listener}, {"state", state}}),
+      s.gauges.emplace_back(proxy::series<proxy::Fam::admin_connections>(listener, state),
                             double(v));
   };
   const Gate *admin, *lifecycle;
@@ -561,7 +488,7 @@ void Admin::routes() {
 void Admin::lifecycle_routes(const config::Lifecycle& lc, uint32_t grace_ms) {
   auto json = send_json;
   auto count = [this](const char* result) {
-    std::string s = proxy::series("baton_lifecycle_requests_total", {{"result", result}});
+    proxy::Series s = proxy::series<proxy::Fam::lifecycle_requests_total>(result);
     (void)on_loop([this, s] { server_.metrics().inc(s); });
   };
   std::array<uint8_t, 32> want = lc.token_sha256;

@@ -173,7 +173,7 @@ Step ChildLogic::handle_commit(std::span<const uint8_t> body, uint64_t now) {
   else host_.metrics().add_delta(c.metrics, base_metrics_);
   if (abandoning_)
     spdlog::warn("handoff: the old process committed before it read our abort: taking over after all");
-  host_.metrics().inc(proxy::series("baton_handoff_tunnels_total", {{"result", "received"}}), adopted_);
+  host_.metrics().inc(proxy::series<proxy::Fam::handoff_tunnels_total>("received"), adopted_);
   return take_over(now);
 }
 

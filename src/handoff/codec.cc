@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <set>
 
 #include "util/bytes.h"
@@ -165,13 +166,15 @@ void finish(std::vector<uint8_t>& out, size_t body_at) {
 
 void put_metrics(Writer& w, const proxy::Metrics& m) {
   w.u32(uint32_t(m.counters.size()));
+  // Series travel as their Prometheus text: the receiving build maps them
+  // back to its declared families (a family it does not know is dropped).
   for (const auto& [k, v] : m.counters) {
-    w.str(k);
+    w.str(k.text());
     w.u64(v);
   }
   w.u32(uint32_t(m.histograms.size()));
   for (const auto& [k, h] : m.histograms) {
-    w.str(k);
+    w.str(k.text());
     w.u8(uint8_t(h.counts.size()));
     for (uint64_t c : h.counts) w.u64(c);
     uint64_t bits;
@@ -185,7 +188,8 @@ void get_metrics(Reader& r, proxy::Metrics& m) {
   for (uint32_t i = 0; i < n && r.ok(); ++i) {
     std::string k = r.str("counter name", kMaxSeriesName);
     uint64_t v = r.u64("counter value");
-    if (r.ok()) m.counters[k] = v;
+    if (!r.ok()) break;
+    if (std::optional<proxy::Series> s = proxy::Series::parse(k)) m.counters[*s] = v;
   }
   uint32_t nh = r.count("histogram count", kMaxSeries, 13);
   for (uint32_t i = 0; i < nh && r.ok(); ++i) {
@@ -202,7 +206,8 @@ void get_metrics(Reader& r, proxy::Metrics& m) {
     uint64_t bits = r.u64("histogram sum");
     std::memcpy(&h.sum, &bits, sizeof bits);
     if (r.ok() && !(h.sum >= 0)) r.fail("histogram " + k + ": sum is negative or not a number");
-    if (r.ok()) m.histograms[k] = h;
+    if (!r.ok()) break;
+    if (std::optional<proxy::Series> s = proxy::Series::parse(k)) m.histograms[*s] = h;
   }
 }
 

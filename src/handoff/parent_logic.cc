@@ -291,7 +291,7 @@ void ParentLogic::drain_local(const std::string& why) {
 }
 
 void ParentLogic::count(const char* result, uint64_t n) {
-  if (n) host_.metrics().inc(proxy::series("baton_handoff_tunnels_total", {{"result", result}}), n);
+  if (n) host_.metrics().inc(proxy::series<proxy::Fam::handoff_tunnels_total>(result), n);
 }
 
 void ParentLogic::commit(Step& s, uint64_t now) {

@@ -116,7 +116,7 @@ net::Listener* Server::make_listener() {
 
 void Server::on_accept_paused(bool paused, int err) {
   if (paused) {
-    metrics_.inc(series("baton_overload_rejections_total", {{"reason", "fd_exhausted"}}));
+    metrics_.inc(series<Fam::overload_rejections_total>("fd_exhausted"));
     spdlog::error("accept: {} ({} tunnels open); pausing new connections until descriptors are free", uv_strerror(err),
                   tunnels_.size());
   } else {
@@ -233,7 +233,7 @@ void Server::on_accept(int fd) {
     tcp->close();
     return;
   }
-  metrics_.inc(series("baton_tunnels_total", {{"result", "accepted"}}));
+  metrics_.inc(series<Fam::tunnels_total>("accepted"));
   if (stopping_) {
     tcp->close();
     return;
@@ -249,7 +249,7 @@ void Server::on_accept(int fd) {
     // instead of starving live tunnels of CPU.
     handshake_queue_.push_back(t);
   } else {
-    metrics_.inc(series("baton_overload_rejections_total", {{"reason", "handshake_queue"}}));
+    metrics_.inc(series<Fam::overload_rejections_total>("handshake_queue"));
     // A reconnect storm refuses thousands: one line a second at most, with the count.
     ++queue_refusals_unlogged_;
     uint64_t now = uv_now(loop_);
@@ -276,8 +276,8 @@ void Server::handshake_finished(Tunnel* t) {
     Tunnel* next = handshake_queue_.front();
     handshake_queue_.pop_front();
     if (now - next->accepted_ms() >= cfg_.limits.handshake_timeout_ms) {
-      metrics_.inc(series("baton_tunnels_total", {{"result", "tls_failed"}}));
-      metrics_.inc(series("baton_tunnels_cut_total", {{"reason", "handshake_timeout"}}));
+      metrics_.inc(series<Fam::tunnels_total>("tls_failed"));
+      metrics_.inc(series<Fam::tunnels_cut_total>("handshake_timeout"));
       delete next;  // waited longer than a handshake may take: the client has likely given up
       continue;
     }
@@ -377,30 +377,30 @@ std::vector<Gauge> Server::gauges() const {
   getrlimit(RLIMIT_NOFILE, &rl);
   double fd_limit = rl.rlim_cur == RLIM_INFINITY ? 1e9 : double(rl.rlim_cur);
   std::vector<Gauge> g;
-  g.emplace_back("baton_tunnels_active", double(serving_));
-  g.emplace_back("baton_tunnels_handshaking", double(handshaking_));
-  g.emplace_back("baton_tunnels_queued", double(handshake_queue_.size()));
-  g.emplace_back("baton_streams_active", double(active_streams()));
+  g.emplace_back(series<Fam::tunnels_active>(), double(serving_));
+  g.emplace_back(series<Fam::tunnels_handshaking>(), double(handshaking_));
+  g.emplace_back(series<Fam::tunnels_queued>(), double(handshake_queue_.size()));
+  g.emplace_back(series<Fam::streams_active>(), double(active_streams()));
   // 0 serving, 1 notifying clients, 2 waiting for streams to end, 3 done
   double drain = 0;
   if (state_ == ServeState::draining)
     drain = drain_phase_ == DrainPhase::notifying ? 1 : drain_phase_ == DrainPhase::done ? 3 : 2;
-  g.emplace_back("baton_drain_state", drain);
-  g.emplace_back("baton_ready", ready() ? 1.0 : 0.0);
-  g.emplace_back("baton_restart_epoch", double(epoch_));
-  g.emplace_back("baton_process_resident_bytes", double(resident_bytes()));
+  g.emplace_back(series<Fam::drain_state>(), drain);
+  g.emplace_back(series<Fam::ready>(), ready() ? 1.0 : 0.0);
+  g.emplace_back(series<Fam::restart_epoch>(), double(epoch_));
+  g.emplace_back(series<Fam::process_resident_bytes>(), double(resident_bytes()));
   const size_t fds = open_fds();  // one scan of /proc/self/fd for both gauges
-  g.emplace_back("baton_process_open_fds", double(fds));
-  g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "max_tunnels"}}), double(serving_) / l.max_tunnels);
-  g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "max_concurrent_handshakes"}}),
+  g.emplace_back(series<Fam::process_open_fds>(), double(fds));
+  g.emplace_back(series<Fam::limit_usage_ratio>("max_tunnels"), double(serving_) / l.max_tunnels);
+  g.emplace_back(series<Fam::limit_usage_ratio>("max_concurrent_handshakes"),
                  double(handshaking_) / l.max_concurrent_handshakes);
-  g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "max_queued_handshakes"}}),
+  g.emplace_back(series<Fam::limit_usage_ratio>("max_queued_handshakes"),
                  l.max_queued_handshakes ? double(handshake_queue_.size()) / l.max_queued_handshakes : 0.0);
-  g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "max_streams_per_tunnel"}}),
+  g.emplace_back(series<Fam::limit_usage_ratio>("max_streams_per_tunnel"),
                  double(max_streams) / l.max_streams_per_tunnel);
-  g.emplace_back(series("baton_limit_usage_ratio", {{"limit", "open_files"}}), double(fds) / fd_limit);
+  g.emplace_back(series<Fam::limit_usage_ratio>("open_files"), double(fds) / fd_limit);
   for (const tls::CertExpiry& e : tls_->expiries())
-    g.emplace_back(series("baton_tls_certificate_expiry_seconds", {{"cert", e.cert}}), double(e.not_after));
+    g.emplace_back(series<Fam::tls_certificate_expiry_seconds>(e.cert), double(e.not_after));
   return g;
 }
 
@@ -409,12 +409,12 @@ void Server::tick_cb(uv_timer_t* t) { static_cast<Server*>(t->data)->check_limit
 void Server::check_limits() {
   const double warn = cfg_.limits.warn_percent / 100.0;
   for (const Gauge& g : gauges()) {
-    if (g.first.rfind("baton_limit_usage_ratio", 0) != 0) continue;
-    bool& above = warned_[g.first];
+    if (g.first.fam != Fam::limit_usage_ratio) continue;
+    const std::string limit(g.first.label("limit"));
+    bool& above = warned_[limit];
     if (!above && g.second >= warn) {
       above = true;
-      spdlog::warn("limit {} is {:.0f}% used (warning at {}%)", g.first.substr(g.first.find('"') + 1,
-                   g.first.rfind('"') - g.first.find('"') - 1), g.second * 100, cfg_.limits.warn_percent);
+      spdlog::warn("limit {} is {:.0f}% used (warning at {}%)", limit, g.second * 100, cfg_.limits.warn_percent);
     } else if (above && g.second < warn * 0.9) {
       above = false;  // re-armed once clearly below
     }

@@ -44,7 +44,6 @@ enum class DrainPhase : uint8_t {
 const char* to_str(DrainPhase p);
 
 // One gauge value of a snapshot: series name (with labels) and value.
-using Gauge = std::pair<std::string, double>;
 
 
 class Server {

@@ -47,27 +47,27 @@ void Tunnel::set_counted(bool on) {
 }
 
 void Tunnel::on_handshake_failed() {
-  server_.metrics().inc(series("baton_tunnels_total", {{"result", "tls_failed"}}));
+  server_.metrics().inc(series<Fam::tunnels_total>("tls_failed"));
 }
 
-void Tunnel::on_flush_timeout() { server_.metrics().inc("baton_flush_timeouts_total"); }
+void Tunnel::on_flush_timeout() { server_.metrics().inc(series<Fam::flush_timeouts_total>()); }
 
-void Tunnel::on_stream_ids_given_up(uint32_t n) { server_.metrics().inc("baton_stream_ids_given_up_total", n); }
+void Tunnel::on_stream_ids_given_up(uint32_t n) { server_.metrics().inc(series<Fam::stream_ids_given_up_total>(), n); }
 
 void Tunnel::on_cut(const char* reason) {
-  server_.metrics().inc(series("baton_tunnels_cut_total", {{"reason", reason}}));
+  server_.metrics().inc(series<Fam::tunnels_cut_total>(reason));
 }
 
 void Tunnel::on_streams_limit() {
-  server_.metrics().inc(series("baton_overload_rejections_total", {{"reason", "max_streams_per_tunnel"}}));
+  server_.metrics().inc(series<Fam::overload_rejections_total>("max_streams_per_tunnel"));
 }
 
 void Tunnel::add_live_bytes(Metrics& m) const {
   for (const auto& [id, b] : bridges()) {
     if (b->route().empty() || b->phase() == BridgePhase::done) continue;
     if (!server_.config().find_route(b->route())) continue;
-    m.inc(series("baton_bytes_total", {{"route", b->route()}, {"direction", "up"}}), b->bytes_up);
-    m.inc(series("baton_bytes_total", {{"route", b->route()}, {"direction", "down"}}), b->bytes_down);
+    m.inc(series<Fam::bytes_total>(b->route(), "up"), b->bytes_up);
+    m.inc(series<Fam::bytes_total>(b->route(), "down"), b->bytes_down);
   }
 }
 
@@ -80,25 +80,25 @@ void Tunnel::install_hooks(Bridge& b) {
   b.on_preamble = [this](Bridge& br, const std::string& route) { route_stream(br, route); };
   b.on_connect_result = [this](Bridge& br, int status, double seconds) {
     Metrics& m = server_.metrics();
-    m.inc(series("baton_streams_total", {{"route", br.route()}, {"result", status == 0 ? "opened" : "connect_failed"}}));
-    if (status == 0) m.observe("baton_upstream_connect_seconds", seconds);
+    m.inc(series<Fam::streams_total>(br.route(), status == 0 ? "opened" : "connect_failed"));
+    if (status == 0) m.observe(series<Fam::upstream_connect_seconds>(), seconds);
   };
   b.on_finished = [this](Bridge& br) {
     // Only configured routes become label values: a client cannot grow the metric set.
     if (br.route().empty() || !server_.config().find_route(br.route())) return;
     Metrics& m = server_.metrics();
-    m.inc(series("baton_bytes_total", {{"route", br.route()}, {"direction", "up"}}), br.bytes_up);
-    m.inc(series("baton_bytes_total", {{"route", br.route()}, {"direction", "down"}}), br.bytes_down);
+    m.inc(series<Fam::bytes_total>(br.route(), "up"), br.bytes_up);
+    m.inc(series<Fam::bytes_total>(br.route(), "down"), br.bytes_down);
   };
   b.on_reset = [this](Bridge& br, const char* reason) {
     const std::string route = server_.config().find_route(br.route()) ? br.route() : "(none)";
-    server_.metrics().inc(series("baton_stream_resets_total", {{"route", route}, {"reason", reason}}));
+    server_.metrics().inc(series<Fam::stream_resets_total>(route, reason));
   };
 }
 
 void Tunnel::on_secure() {
   if (holds_handshake_slot_)
-    server_.metrics().observe("baton_handshake_seconds", double(uv_hrtime() - handshake_started_ns_) / 1e9);
+    server_.metrics().observe(series<Fam::handshake_seconds>(), double(uv_hrtime() - handshake_started_ns_) / 1e9);
   release_handshake_slot();
   if (!peer_info().cert_subject.empty())
     spdlog::debug("tunnel {}: client certificate {}", peer(), util::quoted(peer_info().cert_subject));
@@ -128,7 +128,7 @@ void Tunnel::on_peer_stream(uint32_t id) {
                                     stream_tokens_ + double(now - stream_tokens_ms_) * lim.stream_open_rate / 1000.0);
   stream_tokens_ms_ = now;
   if (stream_tokens_ < 1.0) {
-    server_.metrics().inc(series("baton_overload_rejections_total", {{"reason", "stream_open_rate"}}));
+    server_.metrics().inc(series<Fam::overload_rejections_total>("stream_open_rate"));
     spdlog::debug("tunnel {}: stream {} refused: more than {} streams/s (limits.stream_open_rate)", peer(), id,
                   lim.stream_open_rate);
     // No flush() here: this runs inside Session::consume(), and the link
@@ -153,7 +153,7 @@ void Tunnel::route_stream(Bridge& br, const std::string& route) {
   const config::Route* r = server_.config().find_route(route);
   if (!r) {
     spdlog::debug("tunnel {}: stream {}: unknown route {}", peer(), br.id(), util::quoted(route));
-    server_.metrics().inc(series("baton_streams_total", {{"route", "(unknown)"}, {"result", "unknown_route"}}));
+    server_.metrics().inc(series<Fam::streams_total>("(unknown)", "unknown_route"));
     session().reset(br.id());
     br.stream_gone(true);
     remove_bridge(br.id());
@@ -284,7 +284,7 @@ void Tunnel::send_control(const std::vector<uint8_t>& msg) {
 void Tunnel::reject(uint16_t code, const std::string& reason) {
   const char* result = code == 2 ? "auth_failed" : code == 3 ? "rejected_overload" : code == 4 ? "rejected_draining"
                                                                                                 : "rejected";
-  server_.metrics().inc(series("baton_tunnels_total", {{"result", result}}));
+  server_.metrics().inc(series<Fam::tunnels_total>(result));
   spdlog::info("tunnel {}: REJECT {} ({})", peer(), code, reason);
   mux::Reject r;
   r.code = code;
@@ -345,7 +345,7 @@ void Tunnel::handle_hello(const HelloView& hv) {
     return;
   }
   if (server_.serving_tunnels() >= cfg.limits.max_tunnels) {
-    server_.metrics().inc(series("baton_overload_rejections_total", {{"reason", "max_tunnels"}}));
+    server_.metrics().inc(series<Fam::overload_rejections_total>("max_tunnels"));
     reject(3, "max_tunnels (" + std::to_string(cfg.limits.max_tunnels) + ") reached");
     return;
   }
@@ -362,7 +362,7 @@ void Tunnel::handle_hello(const HelloView& hv) {
   set_phase(LinkPhase::serving);
   rearm_timer();
   set_counted(true);
-  server_.metrics().inc(series("baton_tunnels_total", {{"result", "established"}}));
+  server_.metrics().inc(series<Fam::tunnels_total>("established"));
   // Peer values (client_id, certificate subject) go through util::quoted: escaped, never raw.
   spdlog::info("tunnel {}: welcome client {} (token {}{}{}), session {}", peer(), util::quoted(client_id_),
                token_name.empty() ? "-" : token_name, peer_info().cert_subject.empty() ? "" : ", cert ",

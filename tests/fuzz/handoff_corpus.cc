@@ -212,9 +212,9 @@ int main(int argc, char** argv) {
   handoff::ServerStateMsg ss;
   ss.pid = 4242;
   ss.epoch = 3;
-  ss.metrics.inc("baton_tunnels_total{result=\"accepted\"}", 10);
-  ss.metrics.inc("baton_bytes_total{route=\"echo\",direction=\"up\"}", 12345);
-  ss.metrics.observe("baton_handshake_seconds", 0.004);
+  ss.metrics.inc(proxy::series<proxy::Fam::tunnels_total>("accepted"), 10);
+  ss.metrics.inc(proxy::series<proxy::Fam::bytes_total>("echo", "up"), 12345);
+  ss.metrics.observe(proxy::series<proxy::Fam::handshake_seconds>(), 0.004);
   ss.ticket_keys.resize(2);
   ss.ticket_keys[0].fill(0x11);
   ss.ticket_keys[1].fill(0x22);

@@ -764,10 +764,10 @@ TEST(HandoffMessages, ServerState) {
   handoff::ServerStateMsg m;
   m.pid = 77;
   m.epoch = 0x1122334455667788ull;
-  m.metrics.inc("baton_tunnels_total{result=\"accepted\"}", 1);
-  m.metrics.inc("baton_bytes_total{route=\"a\\\"b\",direction=\"up\"}", 0xFFFFFFFFFFFFFFFFull);
-  m.metrics.observe("baton_handshake_seconds", 0.003);
-  m.metrics.observe("baton_handshake_seconds", 7.5);
+  m.metrics.inc(proxy::series<proxy::Fam::tunnels_total>("accepted"), 1);
+  m.metrics.inc(proxy::series<proxy::Fam::bytes_total>("a\"b", "up"), 0xFFFFFFFFFFFFFFFFull);
+  m.metrics.observe(proxy::series<proxy::Fam::handshake_seconds>(), 0.003);
+  m.metrics.observe(proxy::series<proxy::Fam::handshake_seconds>(), 7.5);
   for (int k = 0; k < 3; ++k) {
     tls::TicketKey key;
     for (size_t i = 0; i < key.size(); ++i) key[i] = uint8_t(k * 40 + i);
@@ -782,7 +782,7 @@ TEST(HandoffMessages, ServerState) {
   EXPECT_EQ(d.pid, 77u);
   EXPECT_EQ(d.epoch, m.epoch);
   EXPECT_EQ(d.metrics, m.metrics);
-  EXPECT_EQ(d.metrics.histograms["baton_handshake_seconds"].count(), 2u);
+  EXPECT_EQ(d.metrics.histograms[proxy::series<proxy::Fam::handshake_seconds>()].count(), 2u);
   EXPECT_EQ(d.ticket_keys, m.ticket_keys);
   EXPECT_TRUE(d.has_listener);
   expect_prefixes_refused<handoff::ServerStateMsg>(body, handoff::decode_server_state);
@@ -833,8 +833,8 @@ TEST(HandoffMessages, BatchAck) {
 
 TEST(HandoffMessages, Commit) {
   handoff::Commit c;
-  c.metrics.inc("baton_tunnels_total{result=\"established\"}", 10);
-  c.metrics.inc("baton_streams_total{route=\"echo\",result=\"opened\"}", 50);
+  c.metrics.inc(proxy::series<proxy::Fam::tunnels_total>("established"), 10);
+  c.metrics.inc(proxy::series<proxy::Fam::streams_total>("echo", "opened"), 50);
   V msg;
   handoff::encode_commit(c, msg);
   auto body = body_of(msg, MsgType::commit);
@@ -863,21 +863,24 @@ TEST(HandoffMessages, Commit) {
 }
 
 TEST(Metrics, AddDeltaContinuesCountersAcrossARestart) {
+  using proxy::Fam;
+  using proxy::series;
+  const proxy::Series a = series<Fam::tunnels_total>("accepted"), b = series<Fam::tunnels_total>("established");
+  const proxy::Series h = series<Fam::handshake_seconds>();
   proxy::Metrics old_at_start, old_at_end, mine;
-  old_at_start.inc("a", 5);
-  old_at_start.observe("h", 0.001);
+  old_at_start.inc(a, 5);
+  old_at_start.observe(h, 0.001);
   old_at_end = old_at_start;
-  old_at_end.inc("a", 3);
-  old_at_end.inc("b", 2);
-  old_at_end.observe("h", 2.0);
+  old_at_end.inc(a, 3);
+  old_at_end.inc(b, 2);
+  old_at_end.observe(h, 2.0);
   mine = old_at_start;  // the new process starts from the old values...
-  mine.inc("a", 1);     // ...counts its own...
+  mine.inc(a, 1);       // ...counts its own...
   mine.add_delta(old_at_end, old_at_start);  // ...and adds what the old one counted meanwhile
-  EXPECT_EQ(mine.get("a"), 9u);
-  EXPECT_EQ(mine.get("b"), 2u);
-  EXPECT_EQ(mine.histograms["h"].count(), 2u);
-  EXPECT_DOUBLE_EQ(mine.histograms["h"].sum, 2.001);
-  EXPECT_EQ(proxy::series("f", {{"route", "a\"b\\c\nd"}}), "f{route=\"a\\\"b\\\\c\\nd\"}");
+  EXPECT_EQ(mine.get(a), 9u);
+  EXPECT_EQ(mine.get(b), 2u);
+  EXPECT_EQ(mine.histograms[h].count(), 2u);
+  EXPECT_DOUBLE_EQ(mine.histograms[h].sum, 2.001);
 }
 
 TEST(HandoffMessages, AbortAndRefuse) {

@@ -176,7 +176,7 @@ class FakeParentHost : public ParentHost {
   void release_listener() override { listener_released = true; }
 
   uint64_t counted(const char* result) const {
-    return m.get(proxy::series("baton_handoff_tunnels_total", {{"result", result}}));
+    return m.get(proxy::series<proxy::Fam::handoff_tunnels_total>(result));
   }
 };
 
@@ -311,7 +311,7 @@ struct Pair {
 TEST(HandoffLogic, EveryTunnelMovesAndTheOldProcessCommits) {
   Pair p;
   for (int i = 0; i < 10; ++i) p.ph.movable.push_back(tunnel("t" + std::to_string(i)));
-  p.ph.m.inc("baton_tunnels_total", 5);
+  p.ph.m.inc(proxy::series<proxy::Fam::tunnels_total>("accepted"), 5);
   p.connect();
   EXPECT_TRUE(p.ph.handing_over);
   p.run();
@@ -327,8 +327,8 @@ TEST(HandoffLogic, EveryTunnelMovesAndTheOldProcessCommits) {
   EXPECT_FALSE(p.ph.accepting);
   EXPECT_EQ(p.parent.stats().tunnels_sent, 10u);
   EXPECT_EQ(p.ph.counted("sent"), 10u);
-  EXPECT_EQ(p.ch.m.get("baton_tunnels_total"), 5u) << "counters continue in the new process";
-  EXPECT_EQ(p.ch.m.get(proxy::series("baton_handoff_tunnels_total", {{"result", "received"}})), 10u);
+  EXPECT_EQ(p.ch.m.get(proxy::series<proxy::Fam::tunnels_total>("accepted")), 5u) << "counters continue in the new process";
+  EXPECT_EQ(p.ch.m.get(proxy::series<proxy::Fam::handoff_tunnels_total>("received")), 10u);
   EXPECT_TRUE(p.parent_closed);
   EXPECT_TRUE(p.child_closed);
   EXPECT_EQ(p.parent.next_deadline(), kNoDeadline);
