@@ -66,10 +66,21 @@ run_suite() {  # name build-dir extra-env...
   fi
 }
 
+# The ASan build starts now, at the lowest priority, beside the release
+# suite, which waits on processes and sockets more than it computes; the
+# ASan stage then runs make again in the foreground for whatever is left
+# (or if this failed). The same for the TSan build beside the ASan suite and
+# the fuzz targets beside the TSan suite.
+if [ "${BATON_SKIP_ASAN:-0}" != 1 ]; then
+  nice -n 19 make --no-print-directory test-needs-asan ASAN="$ASAN_BUILD" > "$log/asan-prebuild.txt" 2>&1 &
+  asan_prebuild=$!
+fi
+
 run_suite release "$BUILD"
 
 if [ "${BATON_SKIP_ASAN:-0}" != 1 ]; then
   echo "=== building with AddressSanitizer + UndefinedBehaviorSanitizer ($ASAN_BUILD)"
+  [ -z "${asan_prebuild:-}" ] || wait "$asan_prebuild" || true
   if make --no-print-directory test-needs-asan ASAN="$ASAN_BUILD" > "$log/asan-build.txt" 2>&1; then
     # The ThreadSanitizer build starts now, at the lowest priority, beside
     # the ASan suite, which leaves about half of the two cores idle (it
@@ -98,6 +109,10 @@ if [ "${BATON_SKIP_TSAN:-0}" != 1 ]; then
     # fails the test that started the process (conftest.py _teardown).
     # BATON_TEST_TSAN=1 skips the two tests that signal a process the moment
     # it is ready: TSan itself sometimes loses such a signal (test_cli.py).
+    if [ "${BATON_SKIP_FUZZ:-0}" != 1 ]; then
+      nice -n 19 tests/fuzz/run.sh --build > "$log/fuzz-prebuild.txt" 2>&1 &
+      fuzz_prebuild=$!
+    fi
     run_suite tsan "$TSAN_BUILD" \
       TSAN_OPTIONS="suppressions=$PWD/tests/tsan.supp:second_deadlock_stack=1" \
       BATON_TEST_BIG_BYTES=$((64 << 20)) BATON_TEST_SANITIZED=1 BATON_TEST_TSAN=1
@@ -111,6 +126,7 @@ if [ "${BATON_SKIP_FUZZ:-0}" != 1 ]; then
   # Every libFuzzer target for BATON_FUZZ_SECONDS (default 10) each, two at
   # a time (7 targets: about 40 s, plus a minute to build them the first
   # time); one pass or fail per target. `make fuzz` runs them longer.
+  [ -z "${fuzz_prebuild:-}" ] || wait "$fuzz_prebuild" || true
   fuzz_seconds=${BATON_FUZZ_SECONDS:-10}
   echo "=== fuzz: every target, ${fuzz_seconds} s each, two at a time (tests/fuzz/run.sh)"
   FUZZ_JOBS=${FUZZ_JOBS:-2} tests/fuzz/run.sh "$fuzz_seconds" > "$log/fuzz.txt" 2>&1
