@@ -44,6 +44,7 @@ run_suite() {  # name build-dir extra-env...
   echo "=== $name: unit tests ($dir)"
   env "$@" meson test -C "$dir" --no-rebuild --suite unit --print-errorlogs 2>&1 | tee "$log/$name-unit.txt" | grep -E '^ *[0-9]+/[0-9]+ |^(Ok|Fail|Timeout):'
   count_meson "$log/$name-unit.txt"
+  [ -z "${after_unit:-}" ] || "$after_unit"
   echo "=== $name: integration tests"
   env "$@" BATON_BIN="$PWD/$dir/baton" /usr/bin/python3 -m pytest tests/integration -q -p no:cacheprovider > "$log/$name-integration.txt" 2>&1
   # Progress and printed results; on failure every failure's report
@@ -66,17 +67,22 @@ run_suite() {  # name build-dir extra-env...
   fi
 }
 
-# The ASan build starts now, at the lowest priority, beside the release
-# suite, which waits on processes and sockets more than it computes; the
-# ASan stage then runs make again in the foreground for whatever is left
-# (or if this failed). The same for the TSan build beside the ASan suite and
-# the fuzz targets beside the TSan suite.
-if [ "${BATON_SKIP_ASAN:-0}" != 1 ]; then
+# The ASan build starts once the release unit tests are done (one of them
+# times a constant-time comparison: it runs on a quiet machine), at the
+# lowest priority, beside the release integration suite, which waits on
+# processes and sockets more than it computes; the ASan stage then runs make
+# again in the foreground for whatever is left (or if this failed). The same
+# for the TSan build beside the ASan suite and the fuzz targets beside the
+# TSan suite.
+start_asan_prebuild() {
   nice -n 19 make --no-print-directory test-needs-asan ASAN="$ASAN_BUILD" > "$log/asan-prebuild.txt" 2>&1 &
   asan_prebuild=$!
-fi
+}
+after_unit=
+[ "${BATON_SKIP_ASAN:-0}" = 1 ] || after_unit=start_asan_prebuild
 
 run_suite release "$BUILD"
+after_unit=
 
 if [ "${BATON_SKIP_ASAN:-0}" != 1 ]; then
   echo "=== building with AddressSanitizer + UndefinedBehaviorSanitizer ($ASAN_BUILD)"
