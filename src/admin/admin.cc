@@ -13,6 +13,7 @@
 #include <cinttypes>
 #include <cstdio>
 #include <map>
+#include <optional>
 #include <set>
 
 #include "util/json.h"
@@ -25,16 +26,21 @@ namespace {
 using util::Json;
 std::string dump(const Json& j) { return util::json_text(j); }
 
-// A count kept as a double (gauges): an integer when it is one.
+// A count kept as a double (gauges) is shown as an integer when it is one.
+std::optional<int64_t> whole(double v) {
+  if (v < 9e15 && v > -9e15 && v == double(int64_t(v))) return int64_t(v);
+  return std::nullopt;
+}
+
 Json number(double v) {
-  if (v == double(int64_t(v)) && v < 9e15 && v > -9e15) return int64_t(v);
+  if (auto w = whole(v)) return *w;
   return v;
 }
 
 std::string num(double v) {
+  if (auto w = whole(v)) return std::to_string(*w);
   char b[64];
-  if (v == double(int64_t(v)) && v < 9e15 && v > -9e15) std::snprintf(b, sizeof b, "%" PRId64, int64_t(v));
-  else std::snprintf(b, sizeof b, "%.6g", v);
+  std::snprintf(b, sizeof b, "%.6g", v);
   return b;
 }
 
