@@ -67,8 +67,7 @@ Step ChildLogic::on_message(const Header& h, std::span<const uint8_t> body, std:
       break;
     case MsgType::abort:
     case MsgType::refuse: {
-      std::string reason;
-      (void)decode_reason(body, reason);
+      const std::string reason = reason_of(body);
       if (abandoning_) return give_up(abandon_why_ + "; the old process resumed everything (" + reason + ")", false, now);
       return give_up("the old process called the handoff off: " + reason, false, now);
     }

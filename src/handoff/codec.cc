@@ -587,6 +587,12 @@ std::string decode_reason(std::span<const uint8_t> body, std::string& out) {
   return finish_read(r);
 }
 
+std::string reason_of(std::span<const uint8_t> body) {
+  std::string reason;
+  if (!decode_reason(body, reason).empty()) return {};
+  return reason;
+}
+
 size_t fd_count(const proxy::TunnelState& t) {
   size_t n = t.fd >= 0 ? 1 : 0;
   for (const proxy::BridgeState& b : t.bridges) n += b.fd >= 0 ? 1 : 0;

@@ -100,6 +100,8 @@ void encode_refuse(const std::string& reason, std::vector<uint8_t>& out);
 [[nodiscard]] std::string decode_batch_ack(std::span<const uint8_t> body, BatchAck& out);
 [[nodiscard]] std::string decode_commit(std::span<const uint8_t> body, Commit& out);
 [[nodiscard]] std::string decode_reason(std::span<const uint8_t> body, std::string& out);  // abort, refuse
+// The reason an abort or refuse gives; "" when its body does not decode.
+std::string reason_of(std::span<const uint8_t> body);
 
 // A batch: seq, state version, tunnels. The tunnels' fds are numbered in
 // the order they appear (client fd, then each relaying bridge's upstream fd);

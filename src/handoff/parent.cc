@@ -89,8 +89,7 @@ bool old_process_alive(const std::string& path, uint32_t wait_ms, std::string& r
       reason = "it refused a new process";
       if (parse_header({buf, size_t(got)}, h, perr) == ParseStatus::ok && h.type == MsgType::refuse &&
           size_t(got) >= kHeaderSize + h.body_length) {
-        std::string why;
-        if (decode_reason({buf + kHeaderSize, h.body_length}, why).empty()) reason += ": " + why;
+        if (std::string why = reason_of({buf + kHeaderSize, h.body_length}); !why.empty()) reason += ": " + why;
       }
     }
   }

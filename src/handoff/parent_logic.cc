@@ -94,13 +94,10 @@ Step ParentLogic::on_message(const Header& h, std::span<const uint8_t> body, uin
       if (phase_ == ParentPhase::transferring) return handle_batch_ack(body, now);
       break;
     case MsgType::abort:
-    case MsgType::refuse: {
-      std::string reason;
-      (void)decode_reason(body, reason);
+    case MsgType::refuse:
       // Answered with an abort of our own: a new process that called the
       // takeover off (Child::abandon) tells "resumed here" from "gone".
-      return abort("new process gave up: " + reason, true);
-    }
+      return abort("new process gave up: " + reason_of(body), true);
     default: break;
   }
   return abort(std::string("unexpected ") + to_str(h.type) + " message in phase " + to_str(phase_), true);
