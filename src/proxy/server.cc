@@ -423,12 +423,14 @@ void Server::check_limits() {
 
 void Server::forget(Tunnel* t) {
   tunnels_.erase(t);
+  // A tunnel that held a handshake slot has reported its end already
+  // (handshake_finished, from ~Tunnel); one still queued for a slot ends here.
   for (auto it = handshake_queue_.begin(); it != handshake_queue_.end(); ++it)
     if (*it == t) {
       handshake_queue_.erase(it);
+      if (on_handshake_settled_) on_handshake_settled_();
       break;
     }
-  if (t->phase() == LinkPhase::awaiting_handshake && on_handshake_settled_) on_handshake_settled_();
   if (on_tunnel_gone_) on_tunnel_gone_();
 }
 
