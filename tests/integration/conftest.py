@@ -491,19 +491,12 @@ def server_factory(request, baton_bin, certs, echo_server, tmp_path, short_tmp):
     _teardown(procs)
 
 
-SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:", "WARNING: ThreadSanitizer")
 # A process that ended on one of these did not choose to: a crash, whoever
 # started it and whatever the test expected of its exit code.
 CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
 
 
-def sanitizer_reports(text: str) -> List[str]:
-    """The sanitizer reports in a process's stderr (every process the tests
-    start: servers, clients, one-shot commands, those under the hot-restarter)."""
-    return [m for m in SANITIZER_MARKERS if m in text]
-
-
-def check_exit(what: str, status: Optional[int], stderr: str, allowed=(0,)) -> Optional[str]:
+def check_exit(what: str, status: Optional[int], allowed=(0,)) -> Optional[str]:
     """What is wrong with how a process ended, or None."""
     if status is None:
         return "%s did not exit on SIGINT (killed)" % what
@@ -511,18 +504,15 @@ def check_exit(what: str, status: Optional[int], stderr: str, allowed=(0,)) -> O
         return "%s died of %s" % (what, signal.Signals(-status).name)
     if status not in allowed:
         return "%s exited %d (expected %s)" % (what, status, " or ".join(map(str, allowed)))
-    found = sanitizer_reports(stderr)
-    if found:
-        return "%s: sanitizer report (%s)" % (what, ", ".join(found))
     return None
 
 
 def _teardown(procs: List[BatonProcess]) -> None:
     """Stops every process still running (SIGINT: exits 0 at once) and fails
-    the test if one does not exit 0, or any ended in a crash, or any
-    sanitizer reported anything. A process that ended before (the test
+    the test if one does not exit 0, or any ended in a crash. A process that ended before (the test
     stopped or killed it, or it refused to start) is the test's to judge,
-    except for a crash. A process a test left stopped (SIGSTOP) is let go on."""
+    except for a crash. A process a test left stopped (SIGSTOP) is let go on.
+    Sanitizer reports are judged by _sanitizer_reports, from their files."""
     problems = []
     for p in procs:
         running = p.proc.poll() is None
@@ -535,9 +525,9 @@ def _teardown(procs: List[BatonProcess]) -> None:
         p.kill()
         what = "%s pid %d (%s)" % (p.kind, p.pid, p.stderr_path)
         if running:
-            problem = check_exit(what, status, p.stderr_text(tail=1 << 30), allowed=p.teardown_exit)
+            problem = check_exit(what, status, allowed=p.teardown_exit)
         else:
-            problem = check_exit(what, status, p.stderr_text(tail=1 << 30), allowed=(status,))
+            problem = check_exit(what, status, allowed=(status,))
         if problem:
             problems.append(problem)
     if problems:
