@@ -75,7 +75,7 @@
 #include "net/tcp.h"
 #include "tls/handshake.h"
 #include "tls/record.h"
-#include "json_out.h"
+#include "util/json.h"
 
 namespace {
 
@@ -664,7 +664,7 @@ class Tool final : public ConnOwner {
       win_ = Window{};
       win_.t0_ns = uv_hrtime();
       std::printf("{\"event\":\"ready\",\"conns\":%zu,\"dialers\":%zu,\"suite\":%s}\n", o_.conns, o_.dialers,
-                  bench::json_string(suite_).c_str());
+                  util::json_quote(suite_).c_str());
       std::fflush(stdout);
       return;
     }
@@ -695,7 +695,7 @@ class Tool final : public ConnOwner {
           "{\"mode\":\"rr\",\"proto\":\"%s\",\"suite\":%s,\"conns\":%zu,\"size\":%zu,\"seconds\":%.3f,\"rtts\":%zu,"
           "\"per_s\":%.1f,\"p50_us\":%.1f,\"p90_us\":%.1f,\"p99_us\":%.1f,\"p999_us\":%.1f,\"max_us\":%.1f,"
           "\"errors\":%zu,\"refused\":%zu,\"target_cpu_s\":%.3f,\"per_core_s\":%.1f,\"client_cpu_s\":%.3f}\n",
-          o_.proto.c_str(), bench::json_string(suite_).c_str(), o_.conns, o_.size, secs, v.size(),
+          o_.proto.c_str(), util::json_quote(suite_).c_str(), o_.conns, o_.size, secs, v.size(),
           double(v.size()) / secs, pct(v, 0.5), pct(v, 0.9), pct(v, 0.99), pct(v, 0.999), v.empty() ? 0.0 : v.back(),
           win_.errors, win_.refused, cpu, cpu > 0 ? double(v.size()) / cpu : 0.0, self);
     } else {
@@ -703,7 +703,7 @@ class Tool final : public ConnOwner {
           "{\"mode\":\"handshakes\",\"proto\":\"%s\",\"suite\":%s,\"resume\":%d,\"concurrency\":%zu,\"seconds\":%.3f,"
           "\"count\":%zu,\"per_s\":%.1f,\"resumed\":%zu,\"failed\":%zu,\"target_cpu_s\":%.3f,\"per_core_s\":%.1f,"
           "\"client_cpu_s\":%.3f}\n",
-          o_.proto.c_str(), bench::json_string(suite_).c_str(), o_.resume ? 1 : 0, o_.concurrency, secs, count_,
+          o_.proto.c_str(), util::json_quote(suite_).c_str(), o_.resume ? 1 : 0, o_.concurrency, secs, count_,
           double(count_) / secs, resumed_, win_.refused + win_.errors, cpu, cpu > 0 ? double(count_) / cpu : 0.0,
           self);
     }
@@ -718,7 +718,7 @@ class Tool final : public ConnOwner {
       if (s.persistent && s.sent_ns) win_.max_rtt_us = std::max(win_.max_rtt_us, double(now - s.sent_ns) / 1e3);
     std::sort(win_.rtt_us.begin(), win_.rtt_us.end());
     std::string samples = "[";
-    for (size_t i = 0; i < win_.samples.size(); ++i) samples += (i ? "," : "") + bench::json_string(win_.samples[i]);
+    for (size_t i = 0; i < win_.samples.size(); ++i) samples += (i ? "," : "") + util::json_quote(win_.samples[i]);
     samples += "]";
     std::printf(
         "{\"window\":%zu,\"seconds\":%.3f,\"rtts\":%zu,\"max_rtt_us\":%.1f,\"p99_rtt_us\":%.1f,\"errors\":%zu,"
@@ -739,7 +739,7 @@ class Tool final : public ConnOwner {
 
   [[noreturn]] void fatal(const std::string& why) {
     std::fprintf(stderr, "peer_load: %s\n", why.c_str());
-    std::printf("{\"event\":\"failed\",\"error\":%s}\n", bench::json_string(why).c_str());
+    std::printf("{\"event\":\"failed\",\"error\":%s}\n", util::json_quote(why).c_str());
     std::fflush(stdout);
     std::fflush(stderr);
     std::_Exit(1);

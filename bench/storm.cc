@@ -79,7 +79,7 @@
 #include <vector>
 
 #include "baton/client.h"
-#include "json_out.h"
+#include "util/json.h"
 
 namespace {
 
@@ -103,8 +103,6 @@ struct Options {
   uint64_t settle_ms = 1000;
   uint64_t start_timeout_ms = 60000;
 };
-
-std::string jq(const std::string& s) { return baton::bench::json_string(s); }
 
 void print_line(const std::string& line) {
   std::fputs(line.c_str(), stdout);
@@ -396,7 +394,7 @@ void Conv::close() {
 
 void Storm::fatal(const std::string& why) {
   std::fprintf(stderr, "storm: %s\n", why.c_str());
-  print_line("{\"event\":\"failed\",\"label\":" + jq(o.label) + ",\"error\":" + jq(why) + "}");
+  print_line("{\"event\":\"failed\",\"label\":" + baton::util::json_quote(o.label) + ",\"error\":" + baton::util::json_quote(why) + "}");
   std::_Exit(1);
 }
 
@@ -842,7 +840,7 @@ void Storm::finish(const std::string& why) {
   for (const std::string& e : errors) print_line("  error: " + e);
 
   // --- the JSON line ---
-  std::string j = "{\"event\":\"done\",\"label\":" + jq(o.label) + ",\"why\":" + jq(why);
+  std::string j = "{\"event\":\"done\",\"label\":" + baton::util::json_quote(o.label) + ",\"why\":" + baton::util::json_quote(why);
   std::snprintf(b, sizeof b,
                 ",\"clients\":%zu,\"open_s\":%.3f,\"on_first\":%zu,\"drain_http_status\":%d,\"drain_http_ms\":%.1f,"
                 "\"back\":%zu,\"all_back_ms\":%.1f,\"notices\":%llu",
@@ -860,7 +858,7 @@ void Storm::finish(const std::string& why) {
   j += ",\"landed\":{";
   bool first = true;
   for (auto& [srv, n] : landed) {
-    j += (first ? "" : ",") + jq(srv) + ":" + std::to_string(n);
+    j += (first ? "" : ",") + baton::util::json_quote(srv) + ":" + std::to_string(n);
     first = false;
   }
   j += "}";
@@ -892,12 +890,12 @@ void Storm::finish(const std::string& why) {
     j += "\"storm_ms\":" + dist_json(short_storm_ms) + "}";
   }
   j += ",\"multi_try_clients\":" + std::to_string(multi_try_clients) + ",\"multi_try_samples\":[";
-  for (size_t k = 0; k < multi_try_samples.size(); ++k) j += (k ? "," : "") + jq(multi_try_samples[k]);
+  for (size_t k = 0; k < multi_try_samples.size(); ++k) j += (k ? "," : "") + baton::util::json_quote(multi_try_samples[k]);
   j += "]";
   j += ",\"error_samples\":[";
-  for (size_t k = 0; k < errors.size(); ++k) j += (k ? "," : "") + jq(errors[k]);
+  for (size_t k = 0; k < errors.size(); ++k) j += (k ? "," : "") + baton::util::json_quote(errors[k]);
   j += "],\"retry_samples\":[";
-  for (size_t k = 0; k < t.samples.size(); ++k) j += (k ? "," : "") + jq(t.samples[k]);
+  for (size_t k = 0; k < t.samples.size(); ++k) j += (k ? "," : "") + baton::util::json_quote(t.samples[k]);
   std::snprintf(b, sizeof b, "],\"warnings\":%llu,\"cpu_s\":%.2f}", static_cast<unsigned long long>(t.warnings), cpu_s);
   j += b;
   print_line(j);

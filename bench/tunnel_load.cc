@@ -74,7 +74,7 @@
 #include <vector>
 
 #include "baton/client.h"
-#include "json_out.h"
+#include "util/json.h"
 
 namespace {
 
@@ -101,8 +101,7 @@ struct Options {
   uint64_t timeout_ms = 10000;
 };
 
-using baton::bench::json_array;
-using baton::bench::json_string;
+using baton::util::json_quote;
 
 void print_line(const std::string& line) {
   std::fputs(line.c_str(), stdout);
@@ -366,7 +365,7 @@ void Stream::close_cb(uv_handle_t* h) {
 
 void Tool::fatal(const std::string& why) {
   std::fprintf(stderr, "tunnel_load: %s\n", why.c_str());
-  print_line("{\"event\":\"failed\",\"error\":" + json_string(why) + "}");
+  print_line("{\"event\":\"failed\",\"error\":" + json_quote(why) + "}");
   std::exit(1);
 }
 
@@ -733,7 +732,7 @@ void Tool::report(bool) {
                 static_cast<unsigned long long>(win.errors), static_cast<unsigned long long>(win.port_changes),
                 static_cast<unsigned long long>(win.churn_ok), static_cast<unsigned long long>(win.churn_failures),
                 stalled);
-  print_line("{\"window\":" + json_string(win.name) + b);
+  print_line("{\"window\":" + json_quote(win.name) + b);
 }
 
 void Tool::mark(const std::string& name) {
@@ -753,8 +752,8 @@ void Tool::quit() {
                 static_cast<unsigned long long>(rtts_total), static_cast<unsigned long long>(errors_total),
                 static_cast<unsigned long long>(port_changes_total), static_cast<unsigned long long>(churn_ok_total),
                 static_cast<unsigned long long>(churn_failures_total));
-  print_line(std::string(b) + "\"error_samples\":" + json_array(error_samples) +
-             ",\"churn_failure_samples\":" + json_array(churn_samples) + "}");
+  print_line(std::string(b) + "\"error_samples\":" + baton::util::json_text(baton::util::Json(error_samples)) +
+             ",\"churn_failure_samples\":" + baton::util::json_text(baton::util::Json(churn_samples)) + "}");
   quitting = true;
 
   // Stop everything; the loop ends when the last Go Away is flushed.
