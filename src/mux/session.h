@@ -163,6 +163,7 @@ class Session {
 
   // Bytes to send to the peer. The owner pops what it has taken.
   util::ByteQueue& output() { return st_.output; }
+  const util::ByteQueue& output() const { return st_.output; }
 
   // Opens a stream (SYN via Window Update). Returns its id, or 0 if the session
   // has sent or received Go Away, failed, or is at max_streams.

@@ -28,20 +28,19 @@ thread_local uint8_t g_scratch[tls::kScratchSize];
 Link::EntryGuard::~EntryGuard() {
   if (--l_->depth_ > 0) return;
   l_->graveyard_.clear();
-  if (l_->phase_ == LinkPhase::closed) delete l_;
+  if (l_->phase() == LinkPhase::closed) delete l_;
 }
 
 Link::Link(uv_loop_t* loop, net::Tcp* tcp, tls::Context& tls_ctx, mux::Role role, const LinkLimits& limits,
            const std::string& server_name, tls::ClientSession* resume)
     : loop_(loop), tcp_(tcp), timer_(new uv_timer_t), tls_ctx_(tls_ctx), client_session_(resume), role_(role),
-      limits_(limits) {
+      limits_(limits), core_(role, *this, limits.max_streams, uv_now(loop)) {
   tcp_->set_handler(this);
   tcp_->set_read_size(256 * 1024);
   uv_timer_init(loop_, timer_);
   timer_->data = this;
   handshake_ = std::make_unique<tls::Handshake>(tls_ctx_, server_name, resume);
   peer_ = tcp_->peer_address();
-  started_ms_ = last_rx_ms_ = uv_now(loop_);
 }
 
 Link::~Link() {
@@ -59,38 +58,33 @@ void Link::start() {
   rearm_timer();
 }
 
-util::ByteQueue& Link::out_queue() { return record_ ? record_->output() : handshake_->output(); }
+util::ByteQueue& Link::out_queue() { return core_.record() ? core_.record()->output() : handshake_->output(); }
 
 void Link::pump_write() {
   if (!tcp_ || tcp_->writing() || write_failed_) return;
   util::ByteQueue& q = out_queue();
   // Direct writes while nothing waits for a write to complete: a closing
   // link finishes, and a congested one wakes its bridges, in on_written.
-  if (phase_ < LinkPhase::flushing && !was_congested_) counters_.bytes_out += tcp_->write_now(q);
+  if (phase() < LinkPhase::flushing && !was_congested_) core_.counters().bytes_out += tcp_->write_now(q);
   if (!q.empty()) tcp_->write_from(q);
 }
 
 bool Link::congested() const {
-  return record_ && record_->state().output.size() >= limits_.output_high_water;
+  return core_.record() && core_.record()->state().output.size() >= limits_.output_high_water;
 }
 
 size_t Link::output_budget() const {
-  if (!record_ || phase_ != LinkPhase::serving) return 0;
-  size_t queued = record_->state().output.size() + session_->output().size();
+  if (!core_.record() || phase() != LinkPhase::serving) return 0;
+  size_t queued = core_.record()->state().output.size() + core_.session()->output().size();
   return queued >= limits_.output_high_water ? 0 : limits_.output_high_water - queued;
 }
 
 void Link::flush() {
-  if (phase_ == LinkPhase::closed) return;
-  if (record_ && session_) {
-    util::ByteQueue& so = session_->output();
-    if (record_->state().close_notify_sent) {
-      so.clear();
-    } else {
-      record_->seal_from(so);
-    }
+  if (phase() == LinkPhase::closed) return;
+  if (core_.secured()) {
+    core_.seal();
     if (congested()) was_congested_ = true;
-    if (record_->broken() && phase_ < LinkPhase::flushing) {
+    if (core_.record()->broken() && phase() < LinkPhase::flushing) {
       spdlog::error("tunnel {}: the record cipher failed; closing", peer_);
       cut("tls_error", "record cipher failed");
       return;
@@ -103,53 +97,52 @@ void Link::flush() {
   // a burst that outpaces a loop iteration: every read of that burst is
   // handled before the write in flight completes, so the queue can be long
   // while the kernel still takes each write whole.
-  if (record_ && phase_ < LinkPhase::flushing && record_->state().output.size() > 4ull * limits_.output_high_water &&
-      tcp_ && tcp_->unsent() > 0) {
+  if (core_.record() && phase() < LinkPhase::flushing &&
+      core_.record()->state().output.size() > 4ull * limits_.output_high_water && tcp_ && tcp_->unsent() > 0) {
     spdlog::warn("tunnel {}: peer is not reading ({} bytes queued for it); closing", peer_,
-                 record_->state().output.size());
+                 core_.record()->state().output.size());
     cut("not_reading", "peer is not reading");
   }
 }
 
 void Link::on_read(std::span<const uint8_t> data) {
   EntryGuard g(this);
-  counters_.bytes_in += data.size();
-  last_rx_ms_ = uv_now(loop_);
-  if (phase_ == LinkPhase::awaiting_handshake) handshake_input(data);
-  else if (phase_ == LinkPhase::awaiting_hello || phase_ == LinkPhase::serving) record_input(data);
+  core_.received(data.size(), uv_now(loop_));
+  if (phase() == LinkPhase::awaiting_handshake) handshake_input(data);
+  else if (phase() == LinkPhase::awaiting_hello || phase() == LinkPhase::serving) record_input(data);
 }
 
 void Link::on_read_end(int err) {
   EntryGuard g(this);
-  if (phase_ >= LinkPhase::flushing) return;
+  if (phase() >= LinkPhase::flushing) return;
   // TCP FIN without close_notify, or a reset: nothing more can be said.
   close(err ? "connection error" : "peer closed the connection", false);
-  if (phase_ == LinkPhase::flushing) finish_close();
+  if (phase() == LinkPhase::flushing) finish_close();
 }
 
 void Link::on_written(size_t n, int err) {
   EntryGuard g(this);
   if (err) {
-    if (phase_ < LinkPhase::flushing) {
+    if (phase() < LinkPhase::flushing) {
       // The peer went away (a reset answering our write, typically a
       // window update crossing its close). What it sent before still sits
       // in the receive queue: its streams' FINs and its close_notify finish
       // drained streams instead of cutting them.
       write_failed_ = true;
       if (tcp_) tcp_->read_pending();
-      if (phase_ < LinkPhase::flushing) close("write to peer failed", false);
+      if (phase() < LinkPhase::flushing) close("write to peer failed", false);
     }
     finish_close();
     return;
   }
   out_queue().pop(n);
-  counters_.bytes_out += n;
+  core_.counters().bytes_out += n;
   pump_write();
-  if (phase_ == LinkPhase::flushing && out_queue().empty()) {
+  if (phase() == LinkPhase::flushing && out_queue().empty()) {
     finish_close();
     return;
   }
-  if (was_congested_ && record_ && record_->state().output.size() <= limits_.output_high_water / 2) {
+  if (was_congested_ && core_.record() && core_.record()->state().output.size() <= limits_.output_high_water / 2) {
     was_congested_ = false;
     // A bridge may finish (and be removed) while it catches up: walk ids.
     std::vector<uint32_t> ids;
@@ -179,47 +172,32 @@ void Link::handshake_input(std::span<const uint8_t> data) {
 
 void Link::become_secure() {
   if (client_session_) handshake_->save_session(*client_session_);
-  peer_info_ = handshake_->peer();
-  tls::RecordState st = handshake_->finish();
+  tls::PeerInfo peer = handshake_->peer();
+  core_.secure(handshake_->finish(), peer);
   handshake_.reset();
-  record_ = std::make_unique<tls::RecordLayer>(std::move(st));
-  mux::SessionLimits sl;
-  // max_streams counts data streams; the control stream comes on top.
-  sl.max_streams = limits_.max_streams + 1;
-  session_ = std::make_unique<mux::Session>(role_, *this, sl);
-  phase_ = LinkPhase::awaiting_hello;
-  spdlog::debug("tunnel {}: TLS established ({}{})", peer_, peer_info_.suite_name,
-                peer_info_.resumed ? ", resumed" : "");
+  spdlog::debug("tunnel {}: TLS established ({}{})", peer_, peer.suite_name, peer.resumed ? ", resumed" : "");
   on_secure();
   // Records that arrived right behind the Finished message.
-  if (phase_ == LinkPhase::awaiting_hello || phase_ == LinkPhase::serving) record_input({});
+  if (phase() == LinkPhase::awaiting_hello || phase() == LinkPhase::serving) record_input({});
   flush();
 }
 
 void Link::record_input(std::span<const uint8_t> data) {
-  while (phase_ == LinkPhase::awaiting_hello || phase_ == LinkPhase::serving) {
-    tls::Opened o = record_->open(data, g_scratch);
-    data = data.subspan(o.used);
-    if (o.status == tls::OpenStatus::data) {
-      if (o.plaintext.empty()) continue;
-      mux::ConsumeResult r = session_->consume(o.plaintext);
-      if (r.status != mux::ConsumeStatus::ok) {
-        spdlog::info("tunnel {}: yamux protocol error: {}", peer_, r.error ? r.error : "?");
-        cut("protocol_error", "protocol error");  // Go Away(1) is already queued
-        return;
-      }
-      continue;
-    }
-    if (o.status == tls::OpenStatus::need_more) break;
-    if (o.status == tls::OpenStatus::closed) {
+  InputResult r = core_.input(data, g_scratch);
+  switch (r.status) {
+    case InputStatus::ok: break;
+    case InputStatus::protocol_error:
+      spdlog::info("tunnel {}: yamux protocol error: {}", peer_, r.reason);
+      cut("protocol_error", "protocol error");  // Go Away(1) is already queued
+      return;
+    case InputStatus::closed:
       peer_closed_cleanly_ = true;
       close("peer sent close_notify", false);
       return;
-    }
-    spdlog::info("tunnel {}: TLS record error: {}", peer_, o.reason);
-    if (o.send_alert) record_->seal_alert(o.alert, !o.alert_warning);
-    cut("tls_error", o.reason);
-    return;
+    case InputStatus::tls_error:
+      spdlog::info("tunnel {}: TLS record error: {}", peer_, r.reason);
+      cut("tls_error", r.reason);  // the alert, if one is due, is sealed
+      return;
   }
   flush();
 }
@@ -230,7 +208,7 @@ void Link::close_bridges() {
   // docs/protocol.md 6: after Go Away the peer processes no new stream, and a
   // clean close (close_notify) comes after everything it did send: streams
   // it has not ACKed by then were never processed.
-  bool refused = peer_closed_cleanly_ && session_ && session_->go_away_received();
+  bool refused = peer_closed_cleanly_ && core_.session() && core_.session()->go_away_received();
   for (auto& [id, b] : bridges)
     if (!(refused && b->try_replay())) b->link_closing();
   for (auto& [id, b] : bridges) graveyard_.push_back(std::move(b));
@@ -239,18 +217,19 @@ void Link::close_bridges() {
 
 void Link::close(const char* reason, bool go_away, mux::GoAwayCode code) {
   EntryGuard g(this);
-  if (phase_ >= LinkPhase::flushing) return;
+  if (phase() >= LinkPhase::flushing) return;
   spdlog::debug("tunnel {}: closing: {}", peer_, reason);
   on_closed(reason);
   close_bridges();
-  if (session_ && go_away && !session_->go_away_sent() && !session_->failed()) session_->go_away(code);
+  mux::Session* ses = core_.session();
+  if (ses && go_away && !ses->go_away_sent() && !ses->failed()) ses->go_away(code);
   // Closing from here on: flush() must not see the link as open, or its
   // "peer is not reading" check would close it again, recursively, as long
   // as the peer's queue is over the mark (a stack overflow).
-  phase_ = LinkPhase::flushing;
+  core_.set_phase(LinkPhase::flushing);
   flush();
-  if (record_) {
-    record_->seal_alert(tls::alert::close_notify, false);
+  if (core_.record()) {
+    core_.record()->seal_alert(tls::alert::close_notify, false);
   }
   if (tcp_) tcp_->stop_read();
   flush_deadline_ms_ = uv_now(loop_) + limits_.flush_timeout_ms;
@@ -265,8 +244,8 @@ void Link::cut(const char* label, const char* why, bool go_away, mux::GoAwayCode
 }
 
 void Link::finish_close(bool reset) {
-  if (phase_ == LinkPhase::closed) return;
-  phase_ = LinkPhase::closed;
+  if (phase() == LinkPhase::closed) return;
+  core_.set_phase(LinkPhase::closed);
   if (tcp_) {
     tcp_->close(reset);
     tcp_ = nullptr;
@@ -275,18 +254,18 @@ void Link::finish_close(bool reset) {
 }
 
 void Link::rearm_timer() {
-  if (phase_ == LinkPhase::closed) return;
+  if (phase() == LinkPhase::closed) return;
   uint64_t deadline = 0;
-  switch (phase_) {
+  switch (phase()) {
     case LinkPhase::awaiting_handshake:
-    case LinkPhase::awaiting_hello: deadline = started_ms_ + limits_.handshake_timeout_ms; break;
-    case LinkPhase::serving: deadline = last_rx_ms_ + limits_.idle_timeout_ms; break;
+    case LinkPhase::awaiting_hello: deadline = core_.started_ms() + limits_.handshake_timeout_ms; break;
+    case LinkPhase::serving: deadline = core_.last_rx_ms() + limits_.idle_timeout_ms; break;
     case LinkPhase::flushing: deadline = flush_deadline_ms_; break;
     case LinkPhase::closed: return;
   }
   // A closing link only waits for its last bytes: role deadlines (drain
   // grace, heartbeats) are over, and a past one would re-fire at once forever.
-  uint64_t role = phase_ < LinkPhase::flushing ? role_deadline() : 0;
+  uint64_t role = phase() < LinkPhase::flushing ? role_deadline() : 0;
   if (role && role < deadline) deadline = role;
   uint64_t now = uv_now(loop_);
   uv_timer_start(timer_, timer_cb, deadline > now ? deadline - now : 0, 0);
@@ -296,18 +275,18 @@ void Link::timer_cb(uv_timer_t* t) {
   Link* l = static_cast<Link*>(t->data);
   EntryGuard g(l);
   uint64_t now = uv_now(l->loop_);
-  switch (l->phase_) {
+  switch (l->phase()) {
     case LinkPhase::awaiting_handshake:
     case LinkPhase::awaiting_hello:
-      if (now >= l->started_ms_ + l->limits_.handshake_timeout_ms) {
+      if (now >= l->core_.started_ms() + l->limits_.handshake_timeout_ms) {
         spdlog::info("tunnel {}: handshake timeout ({} ms)", l->peer_, l->limits_.handshake_timeout_ms);
-        if (l->phase_ == LinkPhase::awaiting_handshake) l->on_handshake_failed();
+        if (l->phase() == LinkPhase::awaiting_handshake) l->on_handshake_failed();
         l->cut("handshake_timeout", "handshake timeout");
         return;
       }
       break;
     case LinkPhase::serving:
-      if (now >= l->last_rx_ms_ + l->limits_.idle_timeout_ms) {
+      if (now >= l->core_.last_rx_ms() + l->limits_.idle_timeout_ms) {
         spdlog::info("tunnel {}: idle timeout ({} ms)", l->peer_, l->limits_.idle_timeout_ms);
         l->cut("idle_timeout", "idle timeout", true);
         return;
@@ -318,7 +297,7 @@ void Link::timer_cb(uv_timer_t* t) {
         // The peer did not take the last bytes (it is not reading, or reads
         // slower than a trickle): the stream is truncated either way, so
         // reset rather than leave an orphaned socket holding the rest.
-        size_t unsent = (l->record_ || l->handshake_ ? l->out_queue().size() : 0) + (l->tcp_ ? l->tcp_->unsent() : 0);
+        size_t unsent = (l->core_.record() || l->handshake_ ? l->out_queue().size() : 0) + (l->tcp_ ? l->tcp_->unsent() : 0);
         spdlog::info("tunnel {}: {} bytes not taken within {} ms of closing; resetting the connection", l->peer_,
                      unsent, l->limits_.flush_timeout_ms);
         l->on_flush_timeout();
@@ -328,13 +307,13 @@ void Link::timer_cb(uv_timer_t* t) {
       break;
     case LinkPhase::closed: return;
   }
-  uint64_t role = l->phase_ < LinkPhase::flushing ? l->role_deadline() : 0;
+  uint64_t role = l->phase() < LinkPhase::flushing ? l->role_deadline() : 0;
   if (role && now >= role) l->on_role_deadline();
   l->rearm_timer();
 }
 
 void Link::add_bridge(uint32_t id, std::unique_ptr<Bridge> b) {
-  counters_.streams_opened++;
+  core_.counters().streams_opened++;
   bridges_[id] = std::move(b);
 }
 
@@ -348,9 +327,9 @@ void Link::remove_bridge(uint32_t id) {
   if (it == bridges_.end()) return;
   graveyard_.push_back(std::move(it->second));
   bridges_.erase(it);
-  if (session_ && session_->go_away_received() && bridges_.empty() && phase_ == LinkPhase::serving)
+  if (core_.session() && core_.session()->go_away_received() && bridges_.empty() && phase() == LinkPhase::serving)
     close("peer sent Go Away and its last stream ended", false);
-  else if (bridges_.empty() && phase_ == LinkPhase::serving)
+  else if (bridges_.empty() && phase() == LinkPhase::serving)
     on_last_bridge_gone();
 }
 
@@ -369,7 +348,7 @@ void Link::on_stream_fin(uint32_t id) {
 }
 
 void Link::on_stream_reset(uint32_t id) {
-  counters_.streams_reset++;
+  core_.counters().streams_reset++;
   if (id == 1) {
     close("control stream reset by peer", true);
     return;
@@ -377,7 +356,7 @@ void Link::on_stream_reset(uint32_t id) {
   if (Bridge* b = bridge(id)) {
     // After Go Away the peer resets new streams unprocessed (docs/protocol.md 6),
     // and at any time those beyond its limits (peer_refused).
-    if (!(session_ && (session_->go_away_received() || peer_refused(id)) && b->try_replay())) {
+    if (!(core_.session() && (core_.session()->go_away_received() || peer_refused(id)) && b->try_replay())) {
       if (b->on_reset) b->on_reset(*b, "client");
       b->stream_gone(true);
     }
@@ -419,37 +398,28 @@ void close_fds(TunnelState& st) {
 Link::Link(uv_loop_t* loop, tls::Context& tls_ctx, mux::Role role, const LinkLimits& limits, TunnelState& st,
            std::string& error)
     : loop_(loop), tcp_(nullptr), timer_(new uv_timer_t), tls_ctx_(tls_ctx), client_session_(nullptr), role_(role),
-      limits_(limits) {
+      limits_(limits), core_(role, *this, limits.max_streams, uv_now(loop)) {
   uv_timer_init(loop_, timer_);
   timer_->data = this;
-  uint64_t now = uv_now(loop_);
-  started_ms_ = now > st.age_ms ? now - st.age_ms : 0;
-  last_rx_ms_ = now > st.idle_ms ? now - st.idle_ms : 0;
   tcp_ = net::Tcp::create(loop_, this);
   int err = tcp_->open_fd(st.fd);
   if (err != 0) {
     error = std::string("cannot adopt the client socket: ") + uv_strerror(err);
     close_fds(st);
-    phase_ = LinkPhase::closed;
+    core_.set_phase(LinkPhase::closed);
     return;
   }
   st.fd = -1;
   tcp_->set_read_size(256 * 1024);
   peer_ = tcp_->peer_address();
-  peer_info_ = st.peer_info;
-  record_ = std::make_unique<tls::RecordLayer>(std::move(st.record));
-  mux::SessionLimits sl;
-  sl.max_streams = limits_.max_streams + 1;
-  session_ = std::make_unique<mux::Session>(std::move(st.session), *this, sl);
-  counters_ = st.counters;
-  phase_ = st.phase;
+  core_ = LinkCore(st, *this, limits_.max_streams, uv_now(loop_));
   for (BridgeState& bs : st.bridges) {
     std::string berr;
     auto b = std::make_unique<Bridge>(*this, bs, berr);
     if (!berr.empty()) {
       // One stream cannot be adopted: it is reset, the tunnel goes on.
       spdlog::warn("tunnel {}: stream {}: {}", peer_, bs.id, berr);
-      if (session_->has_stream(bs.id)) session_->reset(bs.id);
+      if (session().has_stream(bs.id)) session().reset(bs.id);
       continue;
     }
     bridges_[bs.id] = std::move(b);
@@ -459,7 +429,7 @@ Link::Link(uv_loop_t* loop, tls::Context& tls_ctx, mux::Role role, const LinkLim
 
 void Link::start_adopted() {
   EntryGuard g(this);
-  if (phase_ == LinkPhase::closed) return;
+  if (phase() == LinkPhase::closed) return;
   tcp_->start_read();
   std::vector<uint32_t> ids;
   for (auto& [id, b] : bridges_) ids.push_back(id);
@@ -476,7 +446,7 @@ void Link::abandon() {
   graveyard_.clear();
   if (tcp_) tcp_->close(false);
   tcp_ = nullptr;
-  phase_ = LinkPhase::closed;
+  core_.set_phase(LinkPhase::closed);
   uv_timer_stop(timer_);
 }
 
@@ -490,10 +460,6 @@ bool Link::export_link(TunnelState& out) {
   }
   tcp_ = nullptr;
   out.fd = fd;
-  // Frames the session queued become records now, so only two queues travel.
-  if (!record_->state().close_notify_sent) record_->seal_from(session_->output());
-  record_->output().pop(written);
-  counters_.bytes_out += written;
   for (auto& [id, b] : bridges_) {
     BridgeState bs;
     b->export_state(bs);
@@ -501,17 +467,7 @@ bool Link::export_link(TunnelState& out) {
   }
   bridges_.clear();
   graveyard_.clear();
-  uint64_t now = uv_now(loop_);
-  out.phase = phase_;
-  out.record = record_->take_state();
-  out.session = session_->take_state();
-  out.peer_info = peer_info_;
-  out.counters = counters_;
-  out.idle_ms = now - std::min(now, last_rx_ms_);
-  out.age_ms = now - std::min(now, started_ms_);
-  record_.reset();
-  session_.reset();
-  phase_ = LinkPhase::closed;
+  core_.export_into(out, written, uv_now(loop_));
   uv_timer_stop(timer_);
   return true;
 }

@@ -23,6 +23,7 @@
 
 #include "mux/session.h"
 #include "net/tcp.h"
+#include "proxy/link_core.h"
 #include "proxy/state.h"
 #include "tls/handshake.h"
 #include "tls/record.h"
@@ -62,17 +63,17 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   // flushes and closes TCP. Safe to call more than once and from any hook.
   void close(const char* reason, bool go_away = true, mux::GoAwayCode code = mux::GoAwayCode::normal);
 
-  LinkPhase phase() const { return phase_; }
-  mux::Session& session() { return *session_; }
-  const mux::Session& session() const { return *session_; }
+  LinkPhase phase() const { return core_.phase(); }
+  mux::Session& session() { return *core_.session(); }
+  const mux::Session& session() const { return *core_.session(); }
   uv_loop_t* loop() const { return loop_; }
   const std::string& peer() const { return peer_; }
   // This end's address of the TCP connection ("" once closed).
   std::string local_address() const { return tcp_ ? tcp_->local_address() : ""; }
-  const LinkCounters& counters() const { return counters_; }
+  const LinkCounters& counters() const { return core_.counters(); }
   const LinkLimits& limits() const { return limits_; }
   // uv_now() of the last bytes received from the peer.
-  uint64_t last_rx_ms() const { return last_rx_ms_; }
+  uint64_t last_rx_ms() const { return core_.last_rx_ms(); }
   bool congested() const;  // TLS output above the high-water mark
   // Bytes bridges may still write into the session before the link is congested.
   size_t output_budget() const;
@@ -89,7 +90,7 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   void remove_bridge(uint32_t id);
 
   // Handoff, old process: true when the link can move (TLS done, not closing).
-  bool exportable() const { return phase_ == LinkPhase::awaiting_hello || phase_ == LinkPhase::serving; }
+  bool exportable() const { return phase() == LinkPhase::awaiting_hello || phase() == LinkPhase::serving; }
   // Starts I/O on a link built from exported state (see the protected constructor).
   void start_adopted();
   // Handoff, adopting process, handoff called off: lets go of the sockets
@@ -158,11 +159,11 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   void cut(const char* label, const char* why, bool go_away = false,
            mux::GoAwayCode code = mux::GoAwayCode::normal);
 
-  void set_phase(LinkPhase p) { phase_ = p; }
+  void set_phase(LinkPhase p) { core_.set_phase(p); }
   void rearm_timer();
   const tls::Handshake* handshake() const { return handshake_.get(); }
-  const tls::PeerInfo& peer_info() const { return peer_info_; }
-  tls::RecordLayer* record() { return record_.get(); }
+  const tls::PeerInfo& peer_info() const { return core_.peer_info(); }
+  tls::RecordLayer* record() { return core_.record(); }
 
  private:
   // net::TcpHandler
@@ -199,19 +200,13 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   uv_timer_t* timer_;
   tls::Context& tls_ctx_;
   std::unique_ptr<tls::Handshake> handshake_;
-  std::unique_ptr<tls::RecordLayer> record_;
-  std::unique_ptr<mux::Session> session_;
-  tls::PeerInfo peer_info_;
   tls::ClientSession* client_session_;  // client: offered for resumption, then refreshed
   mux::Role role_;
   std::map<uint32_t, std::unique_ptr<Bridge>> bridges_;
   std::vector<std::unique_ptr<Bridge>> graveyard_;  // removed while their own call was on the stack
   LinkLimits limits_;
-  LinkCounters counters_;
-  LinkPhase phase_ = LinkPhase::awaiting_handshake;
+  LinkCore core_;  // record layer, session, phase, counters: what a hand-over moves
   std::string peer_;
-  uint64_t started_ms_ = 0;
-  uint64_t last_rx_ms_ = 0;
   uint64_t flush_deadline_ms_ = 0;
   int depth_ = 0;
   bool was_congested_ = false;

@@ -24,6 +24,7 @@
 #include "../fuzz/null_handler.h"
 #include "handoff/codec.h"
 #include "mux/session.h"
+#include "proxy/link_core.h"
 #include "proxy/state.h"
 #include "tls/context.h"
 #include "tls/record.h"
@@ -238,45 +239,37 @@ class ClientEnd final : public mux::SessionHandler {
 };
 
 // ---------------------------------------------------------------------------
-// The server: its whole state is a TunnelState (record, session, bridges,
-// tunnel fields), so it can be exported and adopted like proxy::Tunnel.
+// The server: proxy::LinkCore (record layer, session, phase, counters: what
+// proxy::Link runs) plus bridges and tunnel fields as plain data, so it is
+// exported and adopted as proxy::Tunnel is.
 class ServerEnd final : public mux::SessionHandler {
  public:
-  ServerEnd(World& w, tls::RecordState rs) : w_(w) {
-    rec_ = std::make_unique<tls::RecordLayer>(std::move(rs));
-    ses_ = std::make_unique<mux::Session>(mux::Role::server, *this);
-    t_.phase = LinkPhase::serving;
+  static constexpr uint32_t kMaxDataStreams = 1024;  // proxy::LinkLimits' default
+
+  ServerEnd(World& w, tls::RecordState rs) : w_(w), core_(mux::Role::server, *this, kMaxDataStreams, w.now) {
+    core_.secure(std::move(rs), {true, "baton/1", "CN=edge-" + std::to_string(w.seed) + ",O=baton",
+                                 "TLS-ECDHE-ECDSA-WITH-AES"});
+    core_.set_phase(LinkPhase::serving);
     t_.fd = 900;
-    t_.peer_info = {true, "baton/1", "CN=edge-" + std::to_string(w.seed) + ",O=baton", "TLS-ECDHE-ECDSA-WITH-AES"};
     for (size_t i = 0; i < t_.session_id.size(); ++i) t_.session_id[i] = uint8_t(w.seed * 31 + i);
     t_.client_id = "client-" + std::to_string(w.seed);
     t_.counted = true;
-    started_ = last_rx_ = w.now;
   }
 
   // Tunnel::adopt: rebuild from the state, then drop the bytes the old
   // process's upstream writes had already handed to the kernel.
-  ServerEnd(World& w, TunnelState&& st) : w_(w) {
-    rec_ = std::make_unique<tls::RecordLayer>(std::move(st.record));
-    ses_ = std::make_unique<mux::Session>(std::move(st.session), *this);
+  ServerEnd(World& w, TunnelState&& st) : w_(w), core_(st, *this, kMaxDataStreams, w.now) {
     for (BridgeState& b : st.bridges) bridges_.emplace(b.id, std::move(b));
     st.bridges.clear();
-    started_ = w.now - st.age_ms;
-    last_rx_ = w.now - st.idle_ms;
-    t_ = std::move(st);
+    t_ = std::move(st);  // the tunnel fields (the core took its own)
     flush_in_flight();
   }
 
+  // Link::export_link: the fd as it is (nothing in flight: 0 bytes written).
   TunnelState export_state() {
     TunnelState st;
-    st.phase = t_.phase;
     st.fd = t_.fd;
-    st.record = rec_->take_state();
-    st.session = ses_->take_state();
-    st.peer_info = t_.peer_info;
-    st.counters = t_.counters;
-    st.idle_ms = w_.now - last_rx_;
-    st.age_ms = w_.now - started_;
+    core_.export_into(st, 0, w_.now);
     st.session_id = t_.session_id;
     st.client_id = t_.client_id;
     st.control_open = t_.control_open;
@@ -317,10 +310,10 @@ class ServerEnd final : public mux::SessionHandler {
 
   // The control stream: accept it, read what the client sent.
   void control(size_t max) {
-    if (!ses_->has_stream(1)) return;
-    ses_->accept(1);
+    if (!core_.session()->has_stream(1)) return;
+    core_.session()->accept(1);
     t_.control_open = true;
-    const ByteQueue* in = ses_->inbound(1);
+    const ByteQueue* in = core_.session()->inbound(1);
     size_t n = std::min(max, in->size());
     if (n == 0) return;
     V v(n);
@@ -328,7 +321,7 @@ class ServerEnd final : public mux::SessionHandler {
     Truth& t = w_.streams[1];
     if (v != pattern_bytes(w_.seed, 1, kUp, t.up_delivered, n)) w_.fail("server: wrong control bytes");
     t.up_delivered += n;
-    ses_->consumed(1, n);
+    core_.session()->consumed(1, n);
   }
   // A bridge moves on: preamble read -> upstream dialled -> relaying.
   void advance(uint32_t id) {
@@ -339,7 +332,7 @@ class ServerEnd final : public mux::SessionHandler {
     } else if (b.phase == BridgePhase::awaiting_upstream) {
       b.phase = BridgePhase::relaying;
       b.fd = int(100000 + id);
-      ses_->accept(id);
+      core_.session()->accept(id);
     }
   }
   // The upstream sends up to `max` bytes; they wait in `pending` for window.
@@ -358,13 +351,13 @@ class ServerEnd final : public mux::SessionHandler {
     if (!b.pending.empty() && !b.fin_sent) {
       V v(std::min(max, b.pending.size()));
       b.pending.peek(v);
-      size_t n = ses_->write(id, v);
+      size_t n = core_.session()->write(id, v);
       b.pending.pop(n);
       b.bytes_down += n;
     }
     if (b.tcp_eof && b.pending.empty() && !b.fin_sent) {
       b.fin_sent = true;
-      ses_->close_write(id);  // may close the stream and erase the bridge
+      core_.session()->close_write(id);  // may close the stream and erase the bridge
     }
   }
   // Starts an upstream write of up to `max` more inbound bytes (the kernel
@@ -372,7 +365,7 @@ class ServerEnd final : public mux::SessionHandler {
   void deliver(uint32_t id, size_t max) {
     BridgeState& b = bridges_.at(id);
     if (b.phase != BridgePhase::relaying) return;
-    const ByteQueue* in = ses_->inbound(id);
+    const ByteQueue* in = core_.session()->inbound(id);
     size_t n = std::min<size_t>(max, in->size() - b.upstream_written);
     if (n == 0) return;
     V v(size_t(b.upstream_written) + n);
@@ -390,18 +383,18 @@ class ServerEnd final : public mux::SessionHandler {
     uint64_t n = b.upstream_written;
     if (n == 0) return;
     b.upstream_written = 0;
-    ses_->consumed(id, size_t(n));  // may close the stream and erase the bridge
+    core_.session()->consumed(id, size_t(n));  // may close the stream and erase the bridge
   }
   void maybe_shutdown(uint32_t id) {
     BridgeState& b = bridges_.at(id);
-    if (b.peer_fin && !b.shutdown_done && b.upstream_written == 0 && ses_->inbound(id)->empty() &&
+    if (b.peer_fin && !b.shutdown_done && b.upstream_written == 0 && core_.session()->inbound(id)->empty() &&
         b.phase == BridgePhase::relaying) {
       b.shutdown_done = true;
       w_.streams[id].upstream_shutdown = true;
     }
   }
   void open(uint64_t up, uint64_t down) {
-    uint32_t id = ses_->open();
+    uint32_t id = core_.session()->open();
     if (id == 0) return w_.fail("server: open failed");
     Truth& t = w_.streams[id];
     t.up_target = up;
@@ -415,26 +408,27 @@ class ServerEnd final : public mux::SessionHandler {
   }
   void reset(uint32_t id) {
     w_.streams[id].reset = true;
-    ses_->reset(id);
+    core_.session()->reset(id);
     bridges_.erase(id);
   }
   void ping() {
     uint32_t value = w_.next_server_ping++;
-    if (ses_->ping(value, w_.now)) w_.server_pings[value] = w_.now;
+    if (core_.session()->ping(value, w_.now)) w_.server_pings[value] = w_.now;
   }
-  void seal(size_t max) { seal_some(*ses_, *rec_, max); }
+  void seal(size_t max) { seal_some(*core_.session(), *core_.record(), max); }
+  void seal_all() { core_.seal(); }
   void transmit(size_t max) {
-    V v = take_front(rec_->output(), max);
-    t_.counters.bytes_out += v.size();
+    V v = take_front(core_.record()->output(), max);
+    core_.counters().bytes_out += v.size();
     w_.hash_down.add(v);
     w_.wire_down.append(v);
   }
   void receive(size_t max) {
     V v = take_front(w_.wire_up, max);
     if (v.empty()) return;
-    t_.counters.bytes_in += v.size();
-    last_rx_ = w_.now;
-    receive_records(w_, *rec_, *ses_, scratch_, v);
+    core_.received(v.size(), w_.now);
+    proxy::InputResult r = core_.input(v, scratch_);
+    if (r.status != proxy::InputStatus::ok) w_.fail(std::string("server: ") + r.reason);
   }
 
   std::vector<uint32_t> bridge_ids() const {
@@ -443,16 +437,14 @@ class ServerEnd final : public mux::SessionHandler {
     return ids;
   }
   bool has_bridge(uint32_t id) const { return bridges_.count(id) != 0; }
-  bool quiet() const { return ses_->output().empty() && rec_->output().empty(); }
-  const mux::Session& session() const { return *ses_; }
+  bool quiet() const { return core_.session()->output().empty() && core_.record()->state().output.empty(); }
+  const mux::Session& session() const { return *core_.session(); }
 
  private:
   World& w_;
-  std::unique_ptr<tls::RecordLayer> rec_;
-  std::unique_ptr<mux::Session> ses_;
+  proxy::LinkCore core_;
   std::map<uint32_t, BridgeState> bridges_;
-  TunnelState t_;  // tunnel fields only (record, session and bridges live above)
-  uint64_t started_ = 0, last_rx_ = 0;
+  TunnelState t_;  // tunnel fields only (core and bridges live above)
   V scratch_ = V(tls::kScratchSize);
 };
 
@@ -662,8 +654,9 @@ struct Outcome {
 constexpr int kSteps = 900;
 
 // One conversation. With `handoff`, the server is exported and adopted at two
-// random points; without, the same points only complete the upstream writes
-// in flight (what adoption does), so both runs must be byte-identical.
+// random points; without, the same points only seal what the session queued
+// (what export does) and complete the upstream writes in flight (what
+// adoption does), so both runs must be byte-identical.
 // `rng`: the dice (a std::mt19937 in the unit test, the fuzzer's input in
 // tests/fuzz/handoff_midstream_fuzz.cc); the server is handed over at steps
 // export_a and export_b of `steps`.
@@ -695,6 +688,7 @@ Outcome converse_with(uint16_t suite, uint32_t seed, bool handoff, Stats* stats,
         TunnelState adopted = carry(w, std::move(st), ++out.handoffs);
         server = std::make_unique<ServerEnd>(w, std::move(adopted));
       } else {
+        server->seal_all();  // what export does: the session's queued frames become records
         server->flush_in_flight();
       }
     }

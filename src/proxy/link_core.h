@@ -1,0 +1,100 @@
+// LinkCore: the plain part of a secured link, no I/O (ARCHITECTURE
+// principle 1): the record layer, the yamux session on top of it, the
+// link's phase, counters and peer facts, and the clock readings its timers
+// start from. It exports itself as a TunnelState and is rebuilt from one.
+//
+// proxy::Link wraps one in the socket, the timer and the bridges; the
+// mid-stream hand-over harness (tests/common/handoff_world.h, its unit test
+// and fuzz target) drives the same core with in-memory peers, so what it
+// checks is what the proxy runs.
+//
+// Time is passed in (milliseconds, any monotonic origin): the core never
+// reads a clock.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+
+#include "mux/session.h"
+#include "proxy/state.h"
+#include "tls/peer_info.h"
+#include "tls/record.h"
+
+namespace baton::proxy {
+
+// What input() made of the peer's bytes.
+enum class InputStatus : uint8_t {
+  ok = 0,              // every whole record was opened and its frames consumed
+  closed = 1,          // the peer sent close_notify
+  protocol_error = 2,  // a yamux error: Go Away(protocol error) is queued
+  tls_error = 3,       // a record that does not open: the alert, if any, is sealed
+};
+
+struct InputResult {
+  InputStatus status = InputStatus::ok;
+  const char* reason = "";  // static text (never peer data), for logs
+};
+
+class LinkCore {
+ public:
+  // A link still in its handshake: no record layer or session yet.
+  LinkCore(mux::Role role, mux::SessionHandler& handler, uint32_t max_data_streams, uint64_t now);
+  // Rebuilt from exported state: takes st.record, st.session, phase, peer
+  // facts, counters and the ages (fds and bridges are the caller's).
+  LinkCore(TunnelState& st, mux::SessionHandler& handler, uint32_t max_data_streams, uint64_t now);
+
+  // The handshake is done: records from here on, a fresh session, phase
+  // awaiting_hello.
+  void secure(tls::RecordState record, const tls::PeerInfo& peer);
+
+  // Opens the records in `data` and feeds their plaintext to the session,
+  // while the link is open (awaiting_hello or serving; a session callback
+  // that closes the link stops it). Bytes of an incomplete record wait in
+  // the record layer. `scratch` is tls::kScratchSize bytes.
+  InputResult input(std::span<const uint8_t> data, std::span<uint8_t> scratch);
+  // Seals what the session queued into records (dropped once close_notify
+  // is sent: nothing may follow it).
+  void seal();
+
+  // Moves the core into `out`: seals what the session queued, drops the
+  // first `written` bytes of record output (the kernel took them while the
+  // socket was released) and counts them, takes the record and session
+  // state, phase, peer facts, counters and ages. The core is closed and
+  // empty afterwards. Precondition: secured.
+  void export_into(TunnelState& out, size_t written, uint64_t now);
+
+  bool secured() const { return record_ != nullptr; }
+  tls::RecordLayer* record() { return record_.get(); }
+  const tls::RecordLayer* record() const { return record_.get(); }
+  mux::Session* session() { return session_.get(); }
+  const mux::Session* session() const { return session_.get(); }
+  LinkPhase phase() const { return phase_; }
+  void set_phase(LinkPhase p) { phase_ = p; }
+  const tls::PeerInfo& peer_info() const { return peer_info_; }
+  LinkCounters& counters() { return counters_; }
+  const LinkCounters& counters() const { return counters_; }
+
+  // Clock readings (the caller's clock, ms).
+  uint64_t started_ms() const { return started_ms_; }
+  uint64_t last_rx_ms() const { return last_rx_ms_; }
+  // `n` bytes arrived from the peer at `now`.
+  void received(size_t n, uint64_t now) {
+    counters_.bytes_in += n;
+    last_rx_ms_ = now;
+  }
+
+ private:
+  mux::Role role_;
+  mux::SessionHandler* handler_;
+  uint32_t max_data_streams_;
+  std::unique_ptr<tls::RecordLayer> record_;
+  std::unique_ptr<mux::Session> session_;
+  tls::PeerInfo peer_info_;
+  LinkCounters counters_;
+  LinkPhase phase_ = LinkPhase::awaiting_handshake;
+  uint64_t started_ms_ = 0;
+  uint64_t last_rx_ms_ = 0;
+};
+
+}  // namespace baton::proxy
