@@ -130,6 +130,8 @@ class Server {
   void release_listener();
   // Tunnels that could move now, and tunnels still in their TLS handshake.
   std::vector<Tunnel*> exportable_tunnels() const;
+  // True while `t` is one of this server's tunnels (not yet deleted).
+  bool has_tunnel(const Tunnel* t) const { return tunnels_.count(const_cast<Tunnel*>(t)) != 0; }
   size_t handshaking_tunnels() const;
   size_t draining_tunnels() const;
   // Closes every tunnel still in its TLS handshake; returns how many.
