@@ -227,6 +227,7 @@ class Loader {
   bool load_single(const Entry& e, const char* section, const char* key, const char* what,
                    const std::function<bool(const Entry&, const std::string&)>& read);
   bool load_drain(const Entry& e, Config& cfg);
+  bool load_resume(const Entry& e, Config& cfg);
   bool load_lifecycle(const Entry& e, Config& cfg);
   bool get_sha256(const Entry& e, const std::string& path, std::array<uint8_t, 32>& out);
   bool load_log(const Entry& e, Config& cfg);
@@ -395,8 +396,8 @@ bool Loader::load(Config& cfg) {
     if (root->type != YAML_MAPPING_NODE)
       return fail(root, "expected a mapping at the top level (server_id:, listen:, tls:, ...), got " + describe(root));
     if (!entries(root, "the top level",
-                 {"server_id", "listen", "tls", "auth", "routes", "limits", "admin", "handoff", "drain", "lifecycle",
-                  "log"},
+                 {"server_id", "listen", "tls", "auth", "routes", "limits", "admin", "handoff", "drain", "resume",
+                  "lifecycle", "log"},
                  top))
       return false;
   }
@@ -431,6 +432,8 @@ bool Loader::load(Config& cfg) {
       ok = load_handoff(e, cfg);
     } else if (e.key == "drain") {
       ok = load_drain(e, cfg);
+    } else if (e.key == "resume") {
+      ok = load_resume(e, cfg);
     } else if (e.key == "lifecycle") {
       ok = load_lifecycle(e, cfg);
     } else if (e.key == "log") {
@@ -660,6 +663,35 @@ bool Loader::load_drain(const Entry& e, Config& cfg) {
       HostPort hp;
       if (!get_host_port(f, p, false, hp)) return false;
       cfg.drain.reconnect_hint = hp.to_string();
+    }
+  }
+  return true;
+}
+
+bool Loader::load_resume(const Entry& e, Config& cfg) {
+  if (is_null(e.value)) return true;
+  if (!expect_mapping(e, "resume", "a mapping")) return false;
+  Entries es;
+  if (!entries(e.value, "resume", {"enabled", "window_ms", "max_detached", "buffer_bytes", "advertise"}, es))
+    return false;
+  for (const Entry& f : es) {
+    std::string p = "resume." + f.key;
+    remember(p, f);
+    if (f.key == "enabled") {
+      if (!get_bool(f, p, cfg.resume.enabled)) return false;
+    } else if (f.key == "window_ms") {
+      if (!get_u32(f, p, 1000, kDay_ms, cfg.resume.window_ms)) return false;
+    } else if (f.key == "max_detached") {
+      if (!get_u32(f, p, 0, 10000000, cfg.resume.max_detached)) return false;
+    } else if (f.key == "buffer_bytes") {
+      // At least the 256 KiB a stream's window lets through, so that one
+      // stream never stalls on the bound alone.
+      if (!get_u32(f, p, 256 * 1024, 1u << 30, cfg.resume.buffer_bytes)) return false;
+    } else if (f.key == "advertise") {
+      if (is_null(f.value)) continue;
+      HostPort hp;
+      if (!get_host_port(f, p, false, hp)) return false;
+      cfg.resume.advertise = hp.to_string();
     }
   }
   return true;

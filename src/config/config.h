@@ -70,6 +70,16 @@ struct Drain {
   std::string reconnect_hint;  // optional host:port sent in DRAIN
 };
 
+// Session resume (docs/protocol.md 9): a session whose connection breaks is
+// kept for window_ms, and a client that asked for it re-attaches it.
+struct Resume {
+  bool enabled = true;
+  uint32_t window_ms = 30000;         // how long a detached session is kept
+  uint32_t max_detached = 10000;      // detached sessions kept at once; beyond, a break ends the session
+  uint32_t buffer_bytes = 1u << 20;   // bytes kept per session for the client (sent, not proved received)
+  std::string advertise;              // optional host:port that reaches this server directly (WELCOME)
+};
+
 // The lifecycle listener: GET /drain for a kubelet preStop httpGet hook
 // (docs/operations.md "Lifecycle hook"). Off unless listen is set.
 struct Lifecycle {
@@ -90,6 +100,7 @@ struct Config {
   std::string handoff_socket = "/run/baton/handoff.sock";
   uint32_t handoff_timeout_ms = 5000;  // longest wait for the other process at each handoff step
   Drain drain;
+  Resume resume;
   Lifecycle lifecycle;
   std::string log_level = "info";   // trace, debug, info, warn, error
   std::string log_format = "text";  // text, json

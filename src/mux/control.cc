@@ -15,6 +15,9 @@ constexpr size_t kFieldHeader = 3;    // tag u8 | length u16
 constexpr size_t kMaxLength = 0xffff;
 constexpr size_t kMaxClientId = 128;
 constexpr size_t kU32Field = kFieldHeader + 4;
+constexpr size_t kU64Field = kFieldHeader + 8;
+constexpr size_t kSecretField = kFieldHeader + sizeof(ResumeSecret);
+constexpr size_t kSessionIdField = kFieldHeader + sizeof(SessionId);
 
 // Builds one message. Fields are appended in the order given; a message whose
 // fields would exceed the u16 length has its string values shortened so that
@@ -49,6 +52,11 @@ class MessageWriter {
   void u32(uint8_t tag, uint32_t v) {
     uint8_t b[4];
     util::store_u32(b, v);
+    fixed(tag, b, sizeof b);
+  }
+  void u64(uint8_t tag, uint64_t v) {
+    uint8_t b[8];
+    util::store_u64(b, v);
     fixed(tag, b, sizeof b);
   }
 
@@ -100,8 +108,25 @@ const char* take_u32(const Field& f, uint32_t& out, const char* err) {
   return nullptr;
 }
 
+const char* take_u64(const Field& f, uint64_t& out, const char* err) {
+  if (f.value.size() != 8) return err;
+  out = util::load_u64(f.value.data());
+  return nullptr;
+}
+
+template <size_t N>
+const char* take_bytes(const Field& f, std::array<uint8_t, N>& out, const char* err) {
+  if (f.value.size() != N) return err;
+  std::memcpy(out.data(), f.value.data(), N);
+  return nullptr;
+}
+
 const char* decode_hello(std::span<const uint8_t> body, Hello& m) {
-  return for_each_field(body, [&](const Field& f) -> const char* {
+  // A resuming HELLO names the session, the secret and the offset: all three.
+  std::optional<SessionId> session;
+  std::optional<ResumeSecret> secret;
+  std::optional<uint64_t> received;
+  const char* err = for_each_field(body, [&](const Field& f) -> const char* {
     switch (f.tag) {
       case tag::version: {
         uint16_t v = 0;
@@ -116,9 +141,25 @@ const char* decode_hello(std::span<const uint8_t> body, Hello& m) {
         if (!util::valid_utf8(util::as_chars(f.value))) return "HELLO client_id is not valid UTF-8";
         m.client_id = to_string(f.value);
         return nullptr;
+      case tag::resume_capable:
+        if (f.value.size() != 1) return "HELLO resume_capable is not 1 byte";
+        m.resume_capable = f.value[0] != 0;
+        return nullptr;
+      case tag::resume_session_id:
+        return take_bytes(f, session.emplace(), "HELLO resume_session_id is not 16 bytes");
+      case tag::resume_secret: return take_bytes(f, secret.emplace(), "HELLO resume_secret is not 32 bytes");
+      case tag::received: return take_u64(f, received.emplace(), "HELLO received is not 8 bytes");
       default: return nullptr;
     }
   });
+  if (err) return err;
+  if (session || secret || received) {
+    if (!session) return "HELLO resume fields without resume_session_id";
+    if (!secret) return "HELLO resume fields without resume_secret";
+    if (!received) return "HELLO resume fields without received";
+    m.resume = ResumeRequest{*session, *secret, *received};
+  }
+  return nullptr;
 }
 
 const char* decode_welcome(std::span<const uint8_t> body, Welcome& m) {
@@ -135,6 +176,14 @@ const char* decode_welcome(std::span<const uint8_t> body, Welcome& m) {
       case tag::stream_open_burst:
         return take_u32(f, m.stream_open_burst.emplace(), "WELCOME stream_open_burst is not 4 bytes");
       case tag::max_streams: return take_u32(f, m.max_streams.emplace(), "WELCOME max_streams is not 4 bytes");
+      case tag::resume_secret:
+        return take_bytes(f, m.resume_secret.emplace(), "WELCOME resume_secret is not 32 bytes");
+      case tag::resume_window_ms:
+        return take_u32(f, m.resume_window_ms.emplace(), "WELCOME resume_window_ms is not 4 bytes");
+      case tag::resume_address: m.resume_address = to_string(f.value); return nullptr;
+      case tag::resume_refused: m.resume_refused = to_string(f.value); return nullptr;
+      case tag::resume_refused_code:
+        return take_u16(f, m.resume_refused_code.emplace(), "WELCOME resume_refused_code is not 2 bytes");
       default: return nullptr;
     }
   });
@@ -167,13 +216,54 @@ const char* decode_drain(std::span<const uint8_t> body, Drain& m) {
   });
 }
 
+const char* decode_resumed(std::span<const uint8_t> body, Resumed& m) {
+  bool received = false, secret = false, window = false;
+  const char* err = for_each_field(body, [&](const Field& f) -> const char* {
+    switch (f.tag) {
+      case tag::received: received = true; return take_u64(f, m.received, "RESUMED received is not 8 bytes");
+      case tag::resume_secret: secret = true; return take_bytes(f, m.secret, "RESUMED resume_secret is not 32 bytes");
+      case tag::resume_window_ms:
+        window = true;
+        return take_u32(f, m.window_ms, "RESUMED resume_window_ms is not 4 bytes");
+      default: return nullptr;
+    }
+  });
+  if (err) return err;
+  if (!received) return "RESUMED without received";
+  if (!secret) return "RESUMED without resume_secret";
+  if (!window) return "RESUMED without resume_window_ms";
+  return nullptr;
+}
+
+const char* decode_received(std::span<const uint8_t> body, Received& m) {
+  bool received = false;
+  const char* err = for_each_field(body, [&](const Field& f) -> const char* {
+    if (f.tag != tag::received) return nullptr;
+    received = true;
+    return take_u64(f, m.received, "RECEIVED received is not 8 bytes");
+  });
+  if (err) return err;
+  return received ? nullptr : "RECEIVED without received";
+}
+
 }  // namespace
 
 void encode(const Hello& m, std::vector<uint8_t>& out) {
   MessageWriter w(ControlType::hello, out);
   if (m.version) w.u16(tag::version, *m.version);
-  w.str(tag::token, m.token, kFieldHeader + std::min(m.client_id.size(), kMaxClientId));
-  w.str(tag::client_id, m.client_id);
+  const size_t resume = (m.resume_capable ? kFieldHeader + 1 : 0) +
+                        (m.resume ? kSessionIdField + kSecretField + kU64Field : 0);
+  w.str(tag::token, m.token, kFieldHeader + std::min(m.client_id.size(), kMaxClientId) + resume);
+  w.str(tag::client_id, m.client_id, resume);
+  if (m.resume_capable) {
+    const uint8_t one = 1;
+    w.fixed(tag::resume_capable, &one, 1);
+  }
+  if (m.resume) {
+    w.fixed(tag::resume_session_id, m.resume->session_id.data(), m.resume->session_id.size());
+    w.fixed(tag::resume_secret, m.resume->secret.data(), m.resume->secret.size());
+    w.u64(tag::received, m.resume->received);
+  }
 }
 
 void encode(const Welcome& m, std::vector<uint8_t>& out) {
@@ -181,11 +271,36 @@ void encode(const Welcome& m, std::vector<uint8_t>& out) {
   w.fixed(tag::session_id, m.session_id.data(), m.session_id.size());
   const size_t limits = kU32Field * (size_t(m.stream_open_rate.has_value()) + m.stream_open_burst.has_value() +
                                      m.max_streams.has_value());
-  w.str(tag::server_id, m.server_id, kU32Field + limits);
+  const bool refused = m.resume_refused_code.has_value();
+  // What follows the strings: always written whole (string fields shrink instead).
+  const size_t refused_tail = refused ? kFieldHeader + 2 : 0;
+  const size_t after_address = (refused ? kFieldHeader : 0) + refused_tail;
+  const size_t resume = (m.resume_secret ? kSecretField : 0) + (m.resume_window_ms ? kU32Field : 0) +
+                        (m.resume_address.empty() ? 0 : kFieldHeader) + after_address;
+  w.str(tag::server_id, m.server_id, kU32Field + limits + resume);
   w.u32(tag::heartbeat_ms, m.heartbeat_ms);
   if (m.stream_open_rate) w.u32(tag::stream_open_rate, *m.stream_open_rate);
   if (m.stream_open_burst) w.u32(tag::stream_open_burst, *m.stream_open_burst);
   if (m.max_streams) w.u32(tag::max_streams, *m.max_streams);
+  if (m.resume_secret) w.fixed(tag::resume_secret, m.resume_secret->data(), m.resume_secret->size());
+  if (m.resume_window_ms) w.u32(tag::resume_window_ms, *m.resume_window_ms);
+  if (!m.resume_address.empty()) w.str(tag::resume_address, m.resume_address, after_address);
+  if (refused) {
+    w.str(tag::resume_refused, m.resume_refused, refused_tail);
+    w.u16(tag::resume_refused_code, *m.resume_refused_code);
+  }
+}
+
+void encode(const Resumed& m, std::vector<uint8_t>& out) {
+  MessageWriter w(ControlType::resumed, out);
+  w.u64(tag::received, m.received);
+  w.fixed(tag::resume_secret, m.secret.data(), m.secret.size());
+  w.u32(tag::resume_window_ms, m.window_ms);
+}
+
+void encode(const Received& m, std::vector<uint8_t>& out) {
+  MessageWriter w(ControlType::received, out);
+  w.u64(tag::received, m.received);
 }
 
 void encode(const Reject& m, std::vector<uint8_t>& out) {
@@ -216,6 +331,8 @@ DecodeResult decode(std::span<const uint8_t> in, ControlMessage& msg) {
     case uint8_t(ControlType::welcome): err = decode_welcome(body, msg.welcome.emplace()); break;
     case uint8_t(ControlType::reject): err = decode_reject(body, msg.reject.emplace()); break;
     case uint8_t(ControlType::drain): err = decode_drain(body, msg.drain.emplace()); break;
+    case uint8_t(ControlType::resumed): err = decode_resumed(body, msg.resumed.emplace()); break;
+    case uint8_t(ControlType::received): err = decode_received(body, msg.received.emplace()); break;
     default: break;  // unknown message type: the caller ignores it
   }
   if (err) {
@@ -233,6 +350,16 @@ DecodeResult decode(const util::ByteQueue& in, ControlMessage& msg) {
   std::vector<uint8_t> message(total);
   in.peek(message);
   return decode(message, msg);
+}
+
+const char* to_str(ResumeRefusedCode c) {
+  switch (c) {
+    case ResumeRefusedCode::unknown_session: return "unknown_session";
+    case ResumeRefusedCode::credentials: return "credentials";
+    case ResumeRefusedCode::offsets: return "offsets";
+    case ResumeRefusedCode::unavailable: return "unavailable";
+  }
+  return "unknown";
 }
 
 const char* to_str(DecodeStatus s) {

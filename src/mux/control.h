@@ -13,7 +13,14 @@
 
 namespace baton::mux {
 
-enum class ControlType : uint8_t { hello = 0x01, welcome = 0x02, reject = 0x03, drain = 0x04 };
+enum class ControlType : uint8_t {
+  hello = 0x01,
+  welcome = 0x02,
+  reject = 0x03,
+  drain = 0x04,
+  resumed = 0x05,   // session resume (docs/protocol.md 9)
+  received = 0x06,  // session resume: receipt of the peer's session stream
+};
 
 namespace tag {
 constexpr uint8_t version = 0x01;
@@ -32,7 +39,31 @@ constexpr uint8_t retry_after_ms = 0x0d;
 constexpr uint8_t stream_open_rate = 0x0e;
 constexpr uint8_t stream_open_burst = 0x0f;
 constexpr uint8_t max_streams = 0x10;
+// Session resume (docs/protocol.md 9), an extension a version-1 peer ignores.
+constexpr uint8_t resume_capable = 0x11;
+constexpr uint8_t resume_secret = 0x12;
+constexpr uint8_t resume_window_ms = 0x13;
+constexpr uint8_t resume_address = 0x14;
+constexpr uint8_t resume_session_id = 0x15;
+constexpr uint8_t received = 0x16;
+constexpr uint8_t resume_refused = 0x17;
+constexpr uint8_t resume_refused_code = 0x18;
 }  // namespace tag
+
+using SessionId = std::array<uint8_t, 16>;
+using ResumeSecret = std::array<uint8_t, 32>;
+
+// Why a server answered a resuming HELLO with a fresh session (docs/protocol.md 9.4).
+enum class ResumeRefusedCode : uint16_t { unknown_session = 1, credentials = 2, offsets = 3, unavailable = 4 };
+
+const char* to_str(ResumeRefusedCode c);  // unknown_session, credentials, offsets, unavailable
+
+// A resuming HELLO's request: all three fields, or the HELLO is malformed.
+struct ResumeRequest {
+  SessionId session_id{};
+  ResumeSecret secret{};
+  uint64_t received = 0;  // bytes of the server's session stream the client received
+};
 
 enum class RejectCode : uint16_t { unsupported_version = 1, unauthorized = 2, overloaded = 3, draining = 4 };
 
@@ -40,6 +71,8 @@ struct Hello {
   std::optional<uint16_t> version;  // absent = malformed HELLO
   std::string token;                // bytes, may be empty
   std::string client_id;            // valid UTF-8 (decode checks it), <= 128 bytes; may hold control characters
+  bool resume_capable = false;           // the client can resume this session
+  std::optional<ResumeRequest> resume = std::nullopt;  // resume this session instead of starting one
 };
 // The strings of WELCOME, REJECT and DRAIN (server_id, reason,
 // reconnect_hint) are decoded as sent, whatever the bytes: a receiver shows
@@ -54,6 +87,23 @@ struct Welcome {
   std::optional<uint32_t> stream_open_rate = std::nullopt;
   std::optional<uint32_t> stream_open_burst = std::nullopt;
   std::optional<uint32_t> max_streams = std::nullopt;
+  // Session resume (docs/protocol.md 9.2): present when the session is resumable.
+  std::optional<ResumeSecret> resume_secret = std::nullopt;
+  std::optional<uint32_t> resume_window_ms = std::nullopt;
+  std::string resume_address{};  // empty = not sent
+  // A resuming HELLO answered with this fresh session instead (9.4).
+  std::optional<uint16_t> resume_refused_code = std::nullopt;
+  std::string resume_refused{};  // why; sent with the code
+};
+// The session resumed (docs/protocol.md 9.4).
+struct Resumed {
+  uint64_t received = 0;  // bytes of the client's session stream the server received
+  ResumeSecret secret{};  // for the next resume
+  uint32_t window_ms = 0;
+};
+// Receipt of the peer's session stream (docs/protocol.md 9.1).
+struct Received {
+  uint64_t received = 0;
 };
 struct Reject {
   uint16_t code = 0;
@@ -78,6 +128,8 @@ void encode(const Hello& m, std::vector<uint8_t>& out);
 void encode(const Welcome& m, std::vector<uint8_t>& out);
 void encode(const Reject& m, std::vector<uint8_t>& out);
 void encode(const Drain& m, std::vector<uint8_t>& out);
+void encode(const Resumed& m, std::vector<uint8_t>& out);
+void encode(const Received& m, std::vector<uint8_t>& out);
 
 // One decoded message. Unknown message types come back with type set and no body
 // (the caller ignores them); unknown field tags are skipped.
@@ -87,6 +139,8 @@ struct ControlMessage {
   std::optional<Welcome> welcome;
   std::optional<Reject> reject;
   std::optional<Drain> drain;
+  std::optional<Resumed> resumed;
+  std::optional<Received> received;
 };
 
 enum class DecodeStatus : uint8_t {

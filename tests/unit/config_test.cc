@@ -115,6 +115,11 @@ TEST(Config, Defaults) {
   EXPECT_EQ(c.handoff_socket, "/run/baton/handoff.sock");
   EXPECT_EQ(c.drain.grace_ms, 30000u);
   EXPECT_EQ(c.drain.reconnect_hint, "");
+  EXPECT_TRUE(c.resume.enabled);
+  EXPECT_EQ(c.resume.window_ms, 30000u);
+  EXPECT_EQ(c.resume.max_detached, 10000u);
+  EXPECT_EQ(c.resume.buffer_bytes, 1048576u);
+  EXPECT_EQ(c.resume.advertise, "");
   EXPECT_EQ(c.log_level, "info");
   EXPECT_EQ(c.log_format, "text");
 }
@@ -337,7 +342,27 @@ TEST(ConfigError, ToString) {
 TEST(ConfigErrors, UnknownKeyTopLevel) {
   EXPECT_ERR(lines({"# comment", "server_id: a", "listne: 0.0.0.0:1"}),
              "baton.yaml:3:1: unknown key \"listne\" in the top level (expected one of: server_id, listen, tls, "
-             "auth, routes, limits, admin, handoff, drain, lifecycle, log)");
+             "auth, routes, limits, admin, handoff, drain, resume, lifecycle, log)");
+}
+
+TEST(ConfigResume, Values) {
+  Config c = ok(minimal(lines({"resume:", "  enabled: false", "  window_ms: 5000", "  max_detached: 7",
+                               "  buffer_bytes: 262144", "  advertise: 10.0.0.7:7443"})));
+  EXPECT_FALSE(c.resume.enabled);
+  EXPECT_EQ(c.resume.window_ms, 5000u);
+  EXPECT_EQ(c.resume.max_detached, 7u);
+  EXPECT_EQ(c.resume.buffer_bytes, 262144u);
+  EXPECT_EQ(c.resume.advertise, "10.0.0.7:7443");
+  Config empty = ok(minimal(lines({"resume:"})));
+  EXPECT_TRUE(empty.resume.enabled);
+}
+
+TEST(ConfigResume, Errors) {
+  EXPECT_ERR_PREFIX(minimal(lines({"resume:", "  buffer_bytes: 1000"})), "baton.yaml:11:17: resume.buffer_bytes: ");
+  EXPECT_ERR_PREFIX(minimal(lines({"resume:", "  window_ms: 0"})), "baton.yaml:11:14: resume.window_ms: ");
+  EXPECT_ERR_PREFIX(minimal(lines({"resume:", "  advertise: nowhere"})), "baton.yaml:11:14: resume.advertise: ");
+  EXPECT_ERR_PREFIX(minimal(lines({"resume:", "  enabled: maybe"})), "baton.yaml:11:12: resume.enabled: ");
+  EXPECT_ERR_PREFIX(minimal(lines({"resume:", "  windw_ms: 5"})), "baton.yaml:11:3: unknown key \"windw_ms\" in resume");
 }
 
 TEST(ConfigErrors, UnknownKeyNested) {

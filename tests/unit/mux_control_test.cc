@@ -227,7 +227,7 @@ TEST(MuxControl, UnknownFieldTagsAreSkipped) {
 }
 
 TEST(MuxControl, UnknownMessageTypeComesBackWithoutBody) {
-  for (uint8_t type : {uint8_t(0x00), uint8_t(0x05), uint8_t(0x42), uint8_t(0xff)}) {
+  for (uint8_t type : {uint8_t(0x00), uint8_t(0x07), uint8_t(0x42), uint8_t(0xff)}) {
     // The body is not even parsed: a "field" overrunning it is not malformed.
     const V in = cat({message(type, {0x01, 0xff, 0xff, 0x00}), kHelloBytes});
     ControlMessage m;
@@ -236,7 +236,7 @@ TEST(MuxControl, UnknownMessageTypeComesBackWithoutBody) {
     ASSERT_EQ(r.status, DecodeStatus::message);
     EXPECT_EQ(r.used, 7u);
     EXPECT_EQ(m.type, type);
-    EXPECT_FALSE(m.hello || m.welcome || m.reject || m.drain);
+    EXPECT_FALSE(m.hello || m.welcome || m.reject || m.drain || m.resumed || m.received);
   }
 }
 
@@ -501,6 +501,12 @@ TEST(MuxControl, EnumValuesMatchTheProtocol) {
   EXPECT_EQ(uint8_t(ControlType::welcome), 0x02);
   EXPECT_EQ(uint8_t(ControlType::reject), 0x03);
   EXPECT_EQ(uint8_t(ControlType::drain), 0x04);
+  EXPECT_EQ(uint8_t(ControlType::resumed), 0x05);
+  EXPECT_EQ(uint8_t(ControlType::received), 0x06);
+  EXPECT_EQ(uint16_t(ResumeRefusedCode::unknown_session), 1);
+  EXPECT_EQ(uint16_t(ResumeRefusedCode::credentials), 2);
+  EXPECT_EQ(uint16_t(ResumeRefusedCode::offsets), 3);
+  EXPECT_EQ(uint16_t(ResumeRefusedCode::unavailable), 4);
   EXPECT_EQ(uint16_t(RejectCode::unsupported_version), 1);
   EXPECT_EQ(uint16_t(RejectCode::unauthorized), 2);
   EXPECT_EQ(uint16_t(RejectCode::overloaded), 3);
@@ -650,3 +656,136 @@ TEST(MuxControl, WelcomeStreamLimitsSurviveAnOversizedServerId) {
     EXPECT_EQ(m.welcome->max_streams, std::optional<uint32_t>(9));
   }
 }
+
+// ---- session resume (docs/protocol.md 9) ----------------------------------
+
+namespace {
+
+ResumeSecret secret_of(uint8_t b) {
+  ResumeSecret s;
+  s.fill(b);
+  return s;
+}
+
+TEST(MuxControlResume, ResumingHelloLiteral) {
+  Hello h = sample_hello();
+  h.resume_capable = true;
+  h.resume = ResumeRequest{};
+  h.resume->session_id.fill(0x5a);
+  h.resume->secret = secret_of(0xc3);
+  h.resume->received = 0x0102030405060708ull;
+  const V want = message(0x01, cat({field(0x01, {0, 1}), field(0x02, str("tk")), field(0x03, str("c1")),
+                                    field(0x11, {1}), field(0x15, V(16, 0x5a)), field(0x12, V(32, 0xc3)),
+                                    field(0x16, {1, 2, 3, 4, 5, 6, 7, 8})}));
+  EXPECT_EQ(enc(h), want);
+  ControlMessage m;
+  ASSERT_EQ(dec(want, m).status, DecodeStatus::message);
+  EXPECT_TRUE(m.hello->resume_capable);
+  ASSERT_TRUE(m.hello->resume);
+  EXPECT_EQ(m.hello->resume->session_id, h.resume->session_id);
+  EXPECT_EQ(m.hello->resume->secret, h.resume->secret);
+  EXPECT_EQ(m.hello->resume->received, 0x0102030405060708ull);
+}
+
+TEST(MuxControlResume, PlainHelloHasNoResumeFields) {
+  EXPECT_EQ(enc(sample_hello()), kHelloBytes);
+  ControlMessage m;
+  ASSERT_EQ(dec(kHelloBytes, m).status, DecodeStatus::message);
+  EXPECT_FALSE(m.hello->resume_capable);
+  EXPECT_FALSE(m.hello->resume);
+}
+
+TEST(MuxControlResume, ResumingHelloNeedsAllThreeFields) {
+  const V sid = field(0x15, V(16, 1)), sec = field(0x12, V(32, 2)), rcv = field(0x16, V(8, 3));
+  for (const V& body : {sid, sec, rcv, cat({sid, sec}), cat({sid, rcv}), cat({sec, rcv})}) {
+    ControlMessage m;
+    DecodeResult r = dec(message(0x01, cat({field(0x01, {0, 1}), body})), m);
+    EXPECT_EQ(r.status, DecodeStatus::malformed);
+    EXPECT_NE(std::string(r.error).find("HELLO resume fields without"), std::string::npos) << r.error;
+  }
+  ControlMessage m;
+  ASSERT_EQ(dec(message(0x01, cat({field(0x01, {0, 1}), rcv, sec, sid})), m).status, DecodeStatus::message);
+  EXPECT_TRUE(m.hello->resume);
+}
+
+TEST(MuxControlResume, ResumeFieldsOfTheWrongSizeAreMalformed) {
+  for (const V& f : {field(0x11, {}), field(0x11, {1, 1}), field(0x15, V(15, 1)), field(0x12, V(33, 1)),
+                     field(0x16, V(7, 1))})
+    expect_malformed(message(0x01, f));
+  for (const V& f : {field(0x12, V(31, 1)), field(0x13, V(2, 1)), field(0x18, V(4, 1))})
+    expect_malformed(message(0x02, f));
+  expect_malformed(message(0x05, cat({field(0x16, V(8, 0)), field(0x12, V(16, 0)), field(0x13, V(4, 0))})));
+  expect_malformed(message(0x06, field(0x16, V(4, 0))));
+}
+
+TEST(MuxControlResume, WelcomeOffersAndRefusals) {
+  Welcome w{{}, "pod-a", 15000};
+  w.resume_secret = secret_of(0x11);
+  w.resume_window_ms = 30000;
+  w.resume_address = "10.0.0.7:7443";
+  w.resume_refused_code = uint16_t(ResumeRefusedCode::unknown_session);
+  w.resume_refused = "no such session here";
+  ControlMessage m;
+  ASSERT_EQ(dec(enc(w), m).status, DecodeStatus::message);
+  EXPECT_EQ(m.welcome->resume_secret, std::optional<ResumeSecret>(secret_of(0x11)));
+  EXPECT_EQ(m.welcome->resume_window_ms, std::optional<uint32_t>(30000));
+  EXPECT_EQ(m.welcome->resume_address, "10.0.0.7:7443");
+  EXPECT_EQ(m.welcome->resume_refused_code, std::optional<uint16_t>(1));
+  EXPECT_EQ(m.welcome->resume_refused, "no such session here");
+  // Without them: the bytes of a version-1 WELCOME.
+  Welcome plain{{}, "pod-a", 15000};
+  ASSERT_EQ(dec(enc(plain), m).status, DecodeStatus::message);
+  EXPECT_FALSE(m.welcome->resume_secret || m.welcome->resume_window_ms || m.welcome->resume_refused_code);
+  EXPECT_TRUE(m.welcome->resume_address.empty());
+}
+
+TEST(MuxControlResume, ResumeFieldsSurviveAnOversizedServerId) {
+  for (size_t n = 65400; n <= 65535; n += 7) {
+    Welcome w{{}, std::string(n, 's'), 15000};
+    w.resume_secret = secret_of(0x22);
+    w.resume_window_ms = 30000;
+    w.resume_address = "host:1";
+    w.resume_refused_code = 3;
+    w.resume_refused = "offsets";
+    ControlMessage m;
+    ASSERT_EQ(decode(enc(w), m).status, DecodeStatus::message) << n;
+    EXPECT_EQ(m.welcome->resume_secret, std::optional<ResumeSecret>(secret_of(0x22))) << n;
+    EXPECT_EQ(m.welcome->resume_window_ms, std::optional<uint32_t>(30000)) << n;
+    EXPECT_EQ(m.welcome->resume_refused_code, std::optional<uint16_t>(3)) << n;
+    Hello h{1, std::string(n, 't'), "edge"};
+    h.resume_capable = true;
+    h.resume = ResumeRequest{{}, secret_of(0x33), 77};
+    ASSERT_EQ(decode(enc(h), m).status, DecodeStatus::message) << n;
+    ASSERT_TRUE(m.hello->resume) << n;
+    EXPECT_EQ(m.hello->resume->secret, secret_of(0x33));
+    EXPECT_EQ(m.hello->resume->received, 77u);
+    EXPECT_EQ(m.hello->client_id, "edge");
+  }
+}
+
+TEST(MuxControlResume, ResumedAndReceivedLiterals) {
+  Resumed r{0x1122334455667788ull, secret_of(0x44), 30000};
+  const V want = message(0x05, cat({field(0x16, {0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88}),
+                                    field(0x12, V(32, 0x44)), field(0x13, {0, 0, 0x75, 0x30})}));
+  EXPECT_EQ(enc(r), want);
+  ControlMessage m;
+  ASSERT_EQ(dec(want, m).status, DecodeStatus::message);
+  ASSERT_TRUE(m.resumed);
+  EXPECT_EQ(m.resumed->received, r.received);
+  EXPECT_EQ(m.resumed->secret, r.secret);
+  EXPECT_EQ(m.resumed->window_ms, 30000u);
+  const V rcv = message(0x06, field(0x16, {0, 0, 0, 0, 0, 1, 0, 0}));
+  EXPECT_EQ(enc(Received{65536}), rcv);
+  ASSERT_EQ(dec(rcv, m).status, DecodeStatus::message);
+  ASSERT_TRUE(m.received);
+  EXPECT_EQ(m.received->received, 65536u);
+  // Each needs its fields; unknown ones are skipped.
+  for (const V& bad : {message(0x05, cat({field(0x12, V(32, 0)), field(0x13, V(4, 0))})),
+                       message(0x05, cat({field(0x16, V(8, 0)), field(0x13, V(4, 0))})),
+                       message(0x05, cat({field(0x16, V(8, 0)), field(0x12, V(32, 0))})),
+                       message(0x06, field(0x42, V(8, 0)))})
+    expect_malformed(bad);
+  ASSERT_EQ(dec(message(0x06, cat({field(0x42, {9}), field(0x16, V(8, 0))})), m).status, DecodeStatus::message);
+}
+
+}  // namespace
