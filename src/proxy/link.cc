@@ -15,6 +15,7 @@ const char* to_str(LinkPhase p) {
     case LinkPhase::awaiting_handshake: return "awaiting_handshake";
     case LinkPhase::awaiting_hello: return "awaiting_hello";
     case LinkPhase::serving: return "serving";
+    case LinkPhase::detached: return "detached";
     case LinkPhase::flushing: return "flushing";
     case LinkPhase::closed: return "closed";
   }
@@ -75,8 +76,17 @@ bool Link::congested() const {
 
 size_t Link::output_budget() const {
   if (!core_.record() || phase() != LinkPhase::serving) return 0;
-  size_t queued = core_.record()->state().output.size() + core_.session()->output().size();
-  return queued >= limits_.output_high_water ? 0 : limits_.output_high_water - queued;
+  const size_t session_out = core_.session()->output().size();
+  size_t queued = core_.record()->state().output.size() + session_out;
+  size_t budget = queued >= limits_.output_high_water ? 0 : limits_.output_high_water - queued;
+  const ResumeLog& log = core_.resume_log();
+  if (log.keeping()) {
+    // Kept for a resume: what the client has not proved it received, and
+    // what is queued to be sent (docs/protocol.md 9.1).
+    const size_t held = log.kept() + session_out;
+    budget = std::min<size_t>(budget, held >= limits_.resume_buffer_bytes ? 0 : limits_.resume_buffer_bytes - held);
+  }
+  return budget;
 }
 
 void Link::flush() {
@@ -114,8 +124,9 @@ void Link::on_read(std::span<const uint8_t> data) {
 
 void Link::on_read_end(int err) {
   EntryGuard g(this);
-  if (phase() >= LinkPhase::flushing) return;
+  if (phase() >= LinkPhase::flushing || phase() == LinkPhase::detached) return;
   // TCP FIN without close_notify, or a reset: nothing more can be said.
+  if (try_detach(err ? "connection error" : "peer closed the connection")) return;
   close(err ? "connection error" : "peer closed the connection", false);
   if (phase() == LinkPhase::flushing) finish_close();
 }
@@ -130,8 +141,10 @@ void Link::on_written(size_t n, int err) {
       // drained streams instead of cutting them.
       write_failed_ = true;
       if (tcp_) tcp_->read_pending();
+      if (phase() == LinkPhase::detached || try_detach("write to peer failed")) return;
       if (phase() < LinkPhase::flushing) close("write to peer failed", false);
     }
+    if (phase() == LinkPhase::detached) return;
     finish_close();
     return;
   }
@@ -196,9 +209,11 @@ void Link::record_input(std::span<const uint8_t> data) {
       return;
     case InputStatus::tls_error:
       spdlog::info("tunnel {}: TLS record error: {}", peer_, r.reason);
+      if (try_detach("TLS record error")) return;
       cut("tls_error", r.reason);  // the alert, if one is due, is sealed
       return;
   }
+  if (phase() == LinkPhase::awaiting_hello || phase() == LinkPhase::serving) on_input();
   flush();
 }
 
@@ -260,6 +275,7 @@ void Link::rearm_timer() {
     case LinkPhase::awaiting_handshake:
     case LinkPhase::awaiting_hello: deadline = core_.started_ms() + limits_.handshake_timeout_ms; break;
     case LinkPhase::serving: deadline = core_.last_rx_ms() + limits_.idle_timeout_ms; break;
+    case LinkPhase::detached: deadline = detached_ms_ + limits_.resume_window_ms; break;
     case LinkPhase::flushing: deadline = flush_deadline_ms_; break;
     case LinkPhase::closed: return;
   }
@@ -288,7 +304,17 @@ void Link::timer_cb(uv_timer_t* t) {
     case LinkPhase::serving:
       if (now >= l->core_.last_rx_ms() + l->limits_.idle_timeout_ms) {
         spdlog::info("tunnel {}: idle timeout ({} ms)", l->peer_, l->limits_.idle_timeout_ms);
+        if (l->try_detach("idle timeout")) return;
         l->cut("idle_timeout", "idle timeout", true);
+        return;
+      }
+      break;
+    case LinkPhase::detached:
+      if (now >= l->detached_ms_ + l->limits_.resume_window_ms) {
+        spdlog::info("tunnel {}: not resumed within {} ms; its streams are reset", l->peer_,
+                     l->limits_.resume_window_ms);
+        l->on_detach_expired();
+        l->close("resume window ended", false);
         return;
       }
       break;
@@ -310,6 +336,60 @@ void Link::timer_cb(uv_timer_t* t) {
   uint64_t role = l->phase() < LinkPhase::flushing ? l->role_deadline() : 0;
   if (role && now >= role) l->on_role_deadline();
   l->rearm_timer();
+}
+
+bool Link::resumable() const {
+  const mux::Session* s = core_.session();
+  return phase() == LinkPhase::serving && core_.resume_log().keeping() && s && !s->go_away_sent() &&
+         !s->go_away_received() && !s->failed() && !peer_closed_cleanly_;
+}
+
+bool Link::try_detach(const char* why) {
+  if (!resumable() || !on_break(why)) return false;
+  detach(why);
+  return true;
+}
+
+void Link::detach(const char* why) {
+  EntryGuard g(this);
+  spdlog::info("tunnel {}: connection lost ({}); session kept {} ms for a resume ({} bytes kept)", peer_, why,
+               limits_.resume_window_ms, core_.resume_log().kept());
+  if (tcp_) {
+    tcp_->close(true);  // the peer is gone or going: nothing it has not taken will reach it here
+    tcp_ = nullptr;
+  }
+  handshake_.reset();
+  core_.detach();
+  write_failed_ = false;
+  was_congested_ = false;
+  detached_ms_ = uv_now(loop_);
+  rearm_timer();
+}
+
+void Link::resume_from(Link& setup, uint64_t peer_received) {
+  EntryGuard g(this);
+  if (!core_.attach(setup.core_.release_record(), peer_received)) return;  // precondition: can_resume_from
+  tcp_ = setup.tcp_;
+  setup.tcp_ = nullptr;
+  tcp_->set_handler(this);
+  // The setup link ends without a word: the connection is this session's now.
+  setup.core_.set_phase(LinkPhase::closed);
+  uv_timer_stop(setup.timer_);
+  peer_ = tcp_->peer_address();
+  core_.received(0, uv_now(loop_));
+  tcp_->start_read();
+  flush();
+  wake_bridges();
+  flush();
+  rearm_timer();
+}
+
+void Link::wake_bridges() {
+  std::vector<uint32_t> ids;
+  ids.reserve(bridges_.size());
+  for (auto& [id, b] : bridges_) ids.push_back(id);
+  for (uint32_t id : ids)
+    if (Bridge* b = bridge(id)) b->link_decongested();
 }
 
 void Link::add_bridge(uint32_t id, std::unique_ptr<Bridge> b) {

@@ -48,6 +48,11 @@ struct LinkLimits {
   // the connection is reset (an orphaned socket would otherwise hold up to
   // the kernel's send buffer for minutes for a peer that reads nothing).
   uint32_t flush_timeout_ms = 2000;
+  // Session resume (docs/protocol.md 9): how long a detached session waits
+  // for its client, and the bytes kept for it (sent, not proved received,
+  // plus queued) beyond which bridges stop feeding the session.
+  uint32_t resume_window_ms = 30000;
+  uint32_t resume_buffer_bytes = 1u << 20;
 };
 
 class Link : public net::TcpHandler, public mux::SessionHandler {
@@ -78,6 +83,10 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   // Bytes bridges may still write into the session before the link is congested.
   size_t output_budget() const;
   size_t bridge_count() const { return bridges_.size(); }
+  // Session resume (docs/protocol.md 9): bytes kept for the peer.
+  size_t resume_kept() const { return core_.resume_log().kept(); }
+  // uv_now() when the connection broke (phase detached).
+  uint64_t detached_ms() const { return detached_ms_; }
 
   // Seals what the session queued and writes. Called by bridges after they
   // wrote into the session; cheap when there is nothing to do.
@@ -136,6 +145,8 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   virtual void on_role_deadline() {}
   // The last data stream of the link ended.
   virtual void on_last_bridge_gone() {}
+  // A batch of the peer's records was handled (the link is still open).
+  virtual void on_input() {}
   // The session refused a stream: max_streams reached.
   virtual void on_streams_limit() {}
   // The peer reset stream `id` (no Go Away received): true when the role
@@ -160,6 +171,36 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
            mux::GoAwayCode code = mux::GoAwayCode::normal);
 
   void set_phase(LinkPhase p) { core_.set_phase(p); }
+
+  // Session resume (docs/protocol.md 9).
+  ResumeLog& resume_log() { return core_.resume_log(); }
+  // True while a break of the connection would keep the session: it keeps
+  // its resume log, serves, and neither side ended it (Go Away, close_notify).
+  bool resumable() const;
+  // The connection broke (`why`, static text): true keeps the session (the
+  // link then detaches), false closes it as without resume. Asked only when
+  // resumable().
+  virtual bool on_break(const char* why) { (void)why; return false; }
+  // Keeps the session and its bridges, drops the socket and the TLS state;
+  // phase detached until resume_from() or the window's end (on_detach_expired,
+  // then close).
+  void detach(const char* why);
+  // The resume window ended while detached; close follows.
+  virtual void on_detach_expired() {}
+  // Whether resume_from(peer_received) can replay from there.
+  bool can_resume_from(uint64_t peer_received) const {
+    const ResumeLog& l = core_.resume_log();
+    return l.keeping() && peer_received >= l.acked() && peer_received <= l.sent();
+  }
+  // Carries this detached session on over `setup`'s connection: its socket
+  // and record layer (which already holds RESUMED, the last of the setup
+  // session), then this side's kept bytes from `peer_received`. `setup` is
+  // left closed without a word (the caller's callback stack deletes it).
+  // Precondition: detached, can_resume_from(peer_received), `setup` inside
+  // its own input handling.
+  void resume_from(Link& setup, uint64_t peer_received);
+  // Wakes the bridges after output room appeared (a receipt, a resume).
+  void wake_bridges();
   void rearm_timer();
   const tls::Handshake* handshake() const { return handshake_.get(); }
   const tls::PeerInfo& peer_info() const { return core_.peer_info(); }
@@ -211,6 +252,9 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   int depth_ = 0;
   bool was_congested_ = false;
   bool write_failed_ = false;  // the peer is gone: nothing more is written
+  uint64_t detached_ms_ = 0;
+  // A break: detaches if the session is resumable and the role keeps it.
+  bool try_detach(const char* why);
 };
 
 }  // namespace baton::proxy

@@ -42,6 +42,7 @@ InputResult LinkCore::input(std::span<const uint8_t> data, std::span<uint8_t> sc
     data = data.subspan(o.used);
     if (o.status == tls::OpenStatus::data) {
       if (o.plaintext.empty()) continue;
+      resume_.received_bytes(o.plaintext.size());
       mux::ConsumeResult r = session_->consume(o.plaintext);
       if (r.status != mux::ConsumeStatus::ok) return {InputStatus::protocol_error, r.error ? r.error : "?"};
       continue;
@@ -57,8 +58,26 @@ InputResult LinkCore::input(std::span<const uint8_t> data, std::span<uint8_t> sc
 void LinkCore::seal() {
   if (!record_ || !session_) return;
   util::ByteQueue& so = session_->output();
-  if (record_->state().close_notify_sent) so.clear();
-  else record_->seal_from(so);
+  if (record_->state().close_notify_sent) {
+    so.clear();
+    return;
+  }
+  resume_.sent_bytes(so);
+  record_->seal_from(so);
+}
+
+void LinkCore::detach() {
+  record_.reset();
+  phase_ = LinkPhase::detached;
+}
+
+bool LinkCore::attach(std::unique_ptr<tls::RecordLayer> record, uint64_t peer_received) {
+  util::ByteQueue again;
+  if (!resume_.replay_from(peer_received, again)) return false;
+  record_ = std::move(record);
+  if (!again.empty()) record_->seal_from(again);
+  phase_ = LinkPhase::serving;
+  return true;
 }
 
 void LinkCore::export_into(TunnelState& out, size_t written, uint64_t now) {

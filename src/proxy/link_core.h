@@ -17,6 +17,7 @@
 #include <span>
 
 #include "mux/session.h"
+#include "proxy/resume_log.h"
 #include "proxy/state.h"
 #include "tls/peer_info.h"
 #include "tls/record.h"
@@ -64,6 +65,18 @@ class LinkCore {
   // empty afterwards. Precondition: secured.
   void export_into(TunnelState& out, size_t written, uint64_t now);
 
+  // Session resume (docs/protocol.md 9). The connection broke: the record
+  // layer goes (its unsent records are in the resume log), the session
+  // stays; phase detached.
+  void detach();
+  // A new connection carries the session on: its record layer (holding
+  // what it sent already, RESUMED last), then our kept bytes from the
+  // peer's offset, sealed and not counted again. False (nothing changed)
+  // when the offset is outside what we keep. Phase serving.
+  [[nodiscard]] bool attach(std::unique_ptr<tls::RecordLayer> record, uint64_t peer_received);
+  // The record layer, given to a session this connection resumes.
+  std::unique_ptr<tls::RecordLayer> release_record() { return std::move(record_); }
+
   bool secured() const { return record_ != nullptr; }
   tls::RecordLayer* record() { return record_.get(); }
   const tls::RecordLayer* record() const { return record_.get(); }
@@ -74,6 +87,11 @@ class LinkCore {
   const tls::PeerInfo& peer_info() const { return peer_info_; }
   LinkCounters& counters() { return counters_; }
   const LinkCounters& counters() const { return counters_; }
+  // The session streams' offsets and what is kept for a resume
+  // (docs/protocol.md 9). Keeping from the first byte until the owner knows
+  // whether the session is resumable (stop_keeping() when it is not).
+  ResumeLog& resume_log() { return resume_; }
+  const ResumeLog& resume_log() const { return resume_; }
 
   // Clock readings (the caller's clock, ms).
   uint64_t started_ms() const { return started_ms_; }
@@ -93,6 +111,7 @@ class LinkCore {
   tls::PeerInfo peer_info_;
   LinkCounters counters_;
   LinkPhase phase_ = LinkPhase::awaiting_handshake;
+  ResumeLog resume_;
   uint64_t started_ms_ = 0;
   uint64_t last_rx_ms_ = 0;
 };

@@ -51,6 +51,12 @@ enum class Fam : uint8_t {
   limit_usage_ratio,
   uptime_seconds,
   tls_certificate_expiry_seconds,
+  sessions_detached,
+  resume_kept_bytes,
+  session_breaks_total,
+  session_resumes_total,
+  sessions_expired_total,
+  resume_replayed_bytes_total,
 };
 
 struct FamilyInfo {
@@ -126,6 +132,22 @@ inline constexpr FamilyInfo kFamilies[] = {
      "Earliest notAfter (unix time) of the certificates in a TLS file: cert=\"server\" (tls.cert), "
      "\"client_ca\" (tls.client_ca).",
      1, {"cert"}},
+    {Fam::sessions_detached, "baton_sessions_detached", "gauge",
+     "Resumable sessions whose connection broke, kept for a resume (resume.max_detached)."},
+    {Fam::resume_kept_bytes, "baton_resume_kept_bytes", "gauge",
+     "Bytes kept for resumes: sent to clients and not yet proved received, over all sessions."},
+    {Fam::session_breaks_total, "baton_session_breaks_total", "counter",
+     "Connections of resumable sessions that broke, by what became of the session: detached (kept for a resume), "
+     "max_detached (ended: too many detached).",
+     1, {"result"}},
+    {Fam::session_resumes_total, "baton_session_resumes_total", "counter",
+     "Resuming HELLOs by result: resumed, or refused (a fresh session instead): unknown_session, credentials, "
+     "offsets, unavailable.",
+     1, {"result"}},
+    {Fam::sessions_expired_total, "baton_sessions_expired_total", "counter",
+     "Detached sessions not resumed within resume.window_ms; their streams were reset."},
+    {Fam::resume_replayed_bytes_total, "baton_resume_replayed_bytes_total", "counter",
+     "Bytes sent to clients again after resumes: what their broken connections lost."},
 };
 
 constexpr const FamilyInfo& family(Fam f) { return kFamilies[size_t(f)]; }

@@ -205,8 +205,26 @@ Tunnel* Server::adopt(TunnelState& st, std::string& error) {
   return t;
 }
 
+void Server::register_session(Tunnel* t) {
+  const auto& id = t->session_id();
+  sessions_[std::string(id.begin(), id.end())] = t;
+}
+
+void Server::forget_session(Tunnel* t) {
+  const auto& id = t->session_id();
+  auto it = sessions_.find(std::string(id.begin(), id.end()));
+  if (it != sessions_.end() && it->second == t) sessions_.erase(it);
+}
+
+Tunnel* Server::find_session(const std::array<uint8_t, 16>& id) const {
+  auto it = sessions_.find(std::string(id.begin(), id.end()));
+  return it == sessions_.end() ? nullptr : it->second;
+}
+
 LinkLimits Server::link_limits() const {
   LinkLimits l;
+  l.resume_window_ms = cfg_.resume.window_ms;
+  l.resume_buffer_bytes = cfg_.resume.buffer_bytes;
   l.max_streams = cfg_.limits.max_streams_per_tunnel;
   l.handshake_timeout_ms = cfg_.limits.handshake_timeout_ms;
   l.idle_timeout_ms = cfg_.limits.idle_timeout_ms;
@@ -381,6 +399,10 @@ std::vector<Gauge> Server::gauges() const {
   g.emplace_back(series<Fam::tunnels_handshaking>(), double(handshaking_));
   g.emplace_back(series<Fam::tunnels_queued>(), double(handshake_queue_.size()));
   g.emplace_back(series<Fam::streams_active>(), double(active_streams()));
+  size_t kept = 0;
+  for (Tunnel* t : tunnels_) kept += t->resume_kept();
+  g.emplace_back(series<Fam::sessions_detached>(), double(detached_));
+  g.emplace_back(series<Fam::resume_kept_bytes>(), double(kept));
   // 0 serving, 1 notifying clients, 2 waiting for streams to end, 3 done
   double drain = 0;
   if (state_ == ServeState::draining)

@@ -4,12 +4,14 @@
 
 #include <uv.h>
 
+#include <array>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <map>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
@@ -93,6 +95,14 @@ class Server {
   // Open data streams per configured route.
   std::map<std::string, uint64_t> streams_by_route() const;
   void tunnel_serving(bool on) { on ? ++serving_ : --serving_; }
+  // Session resume (docs/protocol.md 9): sessions offered resume, by
+  // session_id, and how many are detached now (resume.max_detached).
+  void register_session(Tunnel* t);
+  void forget_session(Tunnel* t);
+  Tunnel* find_session(const std::array<uint8_t, 16>& id) const;
+  void tunnel_detached(bool on) { on ? ++detached_ : --detached_; }
+  bool may_detach() const { return detached_ < cfg_.resume.max_detached; }
+  size_t detached_sessions() const { return detached_; }
   // A tunnel left its TLS handshake (done, failed or closed): the next queued one starts.
   void handshake_finished(Tunnel* t);
   // /readyz: serving and holding an open listener (never "ready" while the
@@ -160,6 +170,8 @@ class Server {
   std::deque<Tunnel*> handshake_queue_;  // accepted, waiting for a handshake slot
   size_t handshaking_ = 0;               // tunnels holding a slot
   size_t serving_ = 0;                   // WELCOME sent, not closed
+  size_t detached_ = 0;                  // resumable sessions whose connection broke
+  std::unordered_map<std::string, Tunnel*> sessions_;  // session_id bytes -> tunnel offering resume
   uint64_t queue_refusal_logged_ms_ = 0;
   uint64_t queue_refusals_unlogged_ = 0;
   Metrics metrics_;

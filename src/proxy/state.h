@@ -25,8 +25,10 @@ enum class LinkPhase : uint8_t {
   awaiting_handshake = 0,  // TLS handshake in progress
   awaiting_hello = 1,      // server: TLS done, HELLO not yet accepted; client: WELCOME not yet received
   serving = 2,             // streams flow
-  flushing = 3,            // closing: writing the last bytes (alerts, Go Away) before TCP close
-  closed = 4,              // TCP closed; the object is deleted when the current callback returns
+  detached = 3,            // resumable session whose connection broke: no socket, no TLS; waiting for a
+                           // resume (docs/protocol.md 9) until the window ends
+  flushing = 4,            // closing: writing the last bytes (alerts, Go Away) before TCP close
+  closed = 5,              // TCP closed; the object is deleted when the current callback returns
 };
 const char* to_str(LinkPhase p);
 

@@ -25,6 +25,8 @@ Tunnel::~Tunnel() {
   end_bridges();  // their on_finished hooks count bytes into this tunnel's server
   release_handshake_slot();
   set_counted(false);
+  set_detached_counted(false);
+  if (offers_resume_) server_.forget_session(this);
   server_.forget(this);
 }
 
@@ -44,6 +46,12 @@ void Tunnel::set_counted(bool on) {
   if (counted_ == on) return;
   counted_ = on;
   server_.tunnel_serving(on);
+}
+
+void Tunnel::set_detached_counted(bool on) {
+  if (detached_counted_ == on) return;
+  detached_counted_ = on;
+  server_.tunnel_detached(on);
 }
 
 void Tunnel::on_handshake_failed() {
@@ -102,12 +110,59 @@ void Tunnel::on_secure() {
   release_handshake_slot();
   if (!peer_info().cert_subject.empty())
     spdlog::debug("tunnel {}: client certificate {}", peer(), util::quoted(peer_info().cert_subject));
+  // Offsets count from the session's first byte (docs/protocol.md 9.2): keep
+  // until HELLO says whether the client resumes.
+  if (server_.config().resume.enabled) resume_log().start_keeping();
+}
+
+bool Tunnel::on_break(const char* why) {
+  if (!offers_resume_) return false;
+  if (!server_.may_detach()) {
+    server_.metrics().inc(series<Fam::session_breaks_total>("max_detached"));
+    spdlog::info("tunnel {}: connection lost ({}); not kept: resume.max_detached ({}) sessions are detached", peer(),
+                 why, server_.config().resume.max_detached);
+    return false;
+  }
+  server_.metrics().inc(series<Fam::session_breaks_total>("detached"));
+  set_detached_counted(true);
+  return true;
+}
+
+void Tunnel::on_detach_expired() {
+  server_.metrics().inc(series<Fam::sessions_expired_total>());
+  set_detached_counted(false);
+}
+
+void Tunnel::on_input() {
+  ResumeLog& log = resume_log();
+  if (!offers_resume_ || phase() != LinkPhase::serving || !log.keeping()) return;
+  // docs/protocol.md 9.1: every 64 KiB, and at least once a second while
+  // anything arrived (the client's pings arrive every heartbeat).
+  const uint64_t now = uv_now(loop());
+  if (!log.receipt_due() && !(log.receipt_due(true) && now >= last_receipt_ms_ + 1000)) return;
+  last_receipt_ms_ = now;
+  std::vector<uint8_t> msg;
+  mux::encode(mux::Received{log.take_receipt()}, msg);
+  send_control(msg);
+}
+
+void Tunnel::handle_received(uint64_t offset) {
+  ResumeLog& log = resume_log();
+  if (!offers_resume_ || !log.keeping()) return;  // not a resumable session: ignored, like any unknown message
+  const bool was_full = output_budget() == 0;
+  if (log.acknowledge(offset) == ResumeLog::Ack::beyond_sent) {
+    spdlog::info("tunnel {}: RECEIVED {} is beyond the {} bytes sent", peer(), offset, log.sent());
+    cut("protocol_error", "RECEIVED beyond what was sent", true, mux::GoAwayCode::protocol_error);
+    return;
+  }
+  if (was_full && output_budget() > 0) wake_bridges();
 }
 
 void Tunnel::on_closed(const char* reason) {
   if (counted_) spdlog::info("tunnel {} ({}): closed: {}", peer(), util::quoted(client_id_), reason);
   release_handshake_slot();
   set_counted(false);
+  set_detached_counted(false);
 }
 
 void Tunnel::on_peer_stream(uint32_t id) {
@@ -181,7 +236,9 @@ Tunnel::Tunnel(Server& server, TunnelState& st, std::string& error)
 void Tunnel::drain(const std::string& reason, uint32_t grace_ms, const std::string& reconnect_hint) {
   EntryGuard g(this);
   if (phase() >= LinkPhase::flushing || draining()) return;
-  if (phase() != LinkPhase::serving) {
+  // A detached session is drained too: DRAIN and Go Away wait in its
+  // session for a resume (docs/protocol.md 9.4), within the grace.
+  if (phase() != LinkPhase::serving && phase() != LinkPhase::detached) {
     close("draining", true);
     return;
   }
@@ -316,9 +373,64 @@ void Tunnel::on_control_data() {
     if (m.hello && phase() == LinkPhase::awaiting_hello) {
       handle_hello(HelloView{*m.hello});
       if (phase() != LinkPhase::serving) return;
+    } else if (m.received && phase() == LinkPhase::serving) {
+      handle_received(m.received->received);
+      if (phase() != LinkPhase::serving) return;
     }
     // Anything else (unknown types, a second HELLO) is ignored, as docs/protocol.md 3 says.
   }
+}
+
+bool Tunnel::try_resume(const mux::ResumeRequest& r, const std::string& identity, std::string& refused,
+                        mux::ResumeRefusedCode& code) {
+  const config::Resume& rc = server_.config().resume;
+  if (!rc.enabled) {
+    code = mux::ResumeRefusedCode::unavailable;
+    refused = "this server does not resume sessions";
+    return false;
+  }
+  Tunnel* old = server_.find_session(r.session_id);
+  if (!old || old == this || !(old->phase() == LinkPhase::serving || old->phase() == LinkPhase::detached)) {
+    code = mux::ResumeRefusedCode::unknown_session;
+    refused = "no such session here (expired, or held by another server)";
+    return false;
+  }
+  // Both compared whatever the first says: the answer takes as long either way.
+  const bool secret_ok = util::equal_ct(r.secret, old->resume_secret_);
+  const bool identity_ok = util::equal_ct(util::as_bytes(identity), util::as_bytes(old->identity_));
+  if (!secret_ok || !identity_ok) {
+    code = mux::ResumeRefusedCode::credentials;
+    refused = "the credentials do not match";
+    return false;
+  }
+  if (!old->can_resume_from(r.received)) {
+    code = mux::ResumeRefusedCode::offsets;
+    refused = "offset " + std::to_string(r.received) + " is outside the " + std::to_string(old->resume_log().acked()) +
+              ".." + std::to_string(old->resume_log().sent()) + " this server holds";
+    return false;
+  }
+  // The old connection may still look alive here (a NAT rebinding leaves it
+  // silently dead): it is dropped now.
+  if (old->phase() == LinkPhase::serving) old->detach("the client resumed on a new connection");
+  old->set_detached_counted(false);
+  // A new secret: the one presented is spent.
+  (void)mbedtls_ctr_drbg_random(server_.tls().rng(), old->resume_secret_.data(), old->resume_secret_.size());
+  mux::Resumed m;
+  m.received = old->resume_log().received();
+  m.secret = old->resume_secret_;
+  m.window_ms = rc.window_ms;
+  std::vector<uint8_t> msg;
+  mux::encode(m, msg);
+  // RESUMED is the last frame of the setup session (docs/protocol.md 9.4):
+  // sealed now, so it ends its record; the old session's bytes follow.
+  send_control(msg);
+  const uint64_t replay = old->resume_log().sent() - r.received;
+  server_.metrics().inc(series<Fam::session_resumes_total>("resumed"));
+  server_.metrics().inc(series<Fam::resume_replayed_bytes_total>(), replay);
+  spdlog::info("tunnel {}: session {} ({}) resumed on a new connection; {} bytes sent again", peer(),
+               util::to_hex(old->session_id()).substr(0, 8), util::quoted(old->client_id()), replay);
+  old->resume_from(*this, r.received);
+  return true;
 }
 
 void Tunnel::handle_hello(const HelloView& hv) {
@@ -340,6 +452,18 @@ void Tunnel::handle_hello(const HelloView& hv) {
     reject(2, "unauthorized");
     return;
   }
+  const std::string identity =
+      !token_name.empty() ? "token " + token_name : "cert " + peer_info().cert_subject;
+  std::string refused;
+  mux::ResumeRefusedCode refused_code{};
+  if (h.resume) {
+    // docs/protocol.md 9.4: a resume adds no tunnel, so it is not held to
+    // max_tunnels, and a draining server accepts it and then drains it.
+    if (try_resume(*h.resume, identity, refused, refused_code)) return;
+    server_.metrics().inc(series<Fam::session_resumes_total>(to_str(refused_code)));
+    spdlog::info("tunnel {}: resume of session {} refused ({}); a fresh session starts", peer(),
+                 util::to_hex(h.resume->session_id).substr(0, 8), refused);
+  }
   if (server_.state() == ServeState::draining) {
     reject(4, "draining");
     return;
@@ -357,6 +481,21 @@ void Tunnel::handle_hello(const HelloView& hv) {
   w.stream_open_rate = cfg.limits.stream_open_rate;  // docs/protocol.md 3: the client paces its opens to them
   w.stream_open_burst = cfg.limits.stream_open_burst;
   w.max_streams = cfg.limits.max_streams_per_tunnel;
+  if (h.resume) {
+    w.resume_refused_code = uint16_t(refused_code);
+    w.resume_refused = refused;
+  }
+  identity_ = identity;
+  if (h.resume_capable && cfg.resume.enabled && resume_log().keeping()) {
+    offers_resume_ = true;
+    (void)mbedtls_ctr_drbg_random(server_.tls().rng(), resume_secret_.data(), resume_secret_.size());
+    w.resume_secret = resume_secret_;
+    w.resume_window_ms = cfg.resume.window_ms;
+    w.resume_address = cfg.resume.advertise;
+    server_.register_session(this);
+  } else {
+    resume_log().stop_keeping();
+  }
   std::vector<uint8_t> msg;
   mux::encode(w, msg);
   set_phase(LinkPhase::serving);

@@ -7,6 +7,7 @@
 #include <map>
 #include <string>
 
+#include "mux/control.h"
 #include "proxy/link.h"
 #include "proxy/metrics.h"
 
@@ -41,6 +42,9 @@ class Tunnel : public Link {
   // Adds this tunnel's open streams per route to `m`.
   void count_routes(std::map<std::string, uint64_t>& m) const;
   const std::string& client_id() const { return client_id_; }
+  // Session resume (docs/protocol.md 9): the session's latest secret and the
+  // identity that authenticated it ("token NAME" or "cert SUBJECT").
+  bool offers_resume() const { return offers_resume_; }
 
  protected:
   void on_secure() override;
@@ -57,6 +61,9 @@ class Tunnel : public Link {
   void on_role_deadline() override;
   void check_preambles(uint64_t now);
   void on_last_bridge_gone() override;
+  bool on_break(const char* why) override;
+  void on_detach_expired() override;
+  void on_input() override;
 
  private:
   Tunnel(Server& server, TunnelState& st, std::string& error);
@@ -67,12 +74,25 @@ class Tunnel : public Link {
   void handle_hello(const struct HelloView& h);
   void reject(uint16_t code, const std::string& reason);
   void send_control(const std::vector<uint8_t>& msg);
+  // A resuming HELLO (docs/protocol.md 9.4): true when this connection now
+  // carries that session (this tunnel is done); false with `refused` and
+  // `code` set when a fresh session is to be started instead.
+  bool try_resume(const mux::ResumeRequest& r, const std::string& identity, std::string& refused,
+                  mux::ResumeRefusedCode& code);
+  void handle_received(uint64_t offset);
+  void set_detached_counted(bool on);
 
   Server& server_;
   std::array<uint8_t, 16> session_id_{};
   std::string client_id_;
   bool control_open_ = false;
   bool counted_ = false;
+  // Session resume: offered in WELCOME; the credential and identity it is bound to.
+  bool offers_resume_ = false;
+  bool detached_counted_ = false;
+  mux::ResumeSecret resume_secret_{};
+  std::string identity_;
+  uint64_t last_receipt_ms_ = 0;
   uint64_t drain_deadline_ms_ = 0;
   // Route preambles (check_preambles): when to look next (0: no stream waits
   // for one), and the first look's time while a second look is pending.

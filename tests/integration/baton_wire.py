@@ -12,6 +12,11 @@ Layers, each usable on its own:
 * control-message TLV codec: ``encode_message`` / ``decode_message`` and the
   HELLO / WELCOME / REJECT / DRAIN helpers (section 3).
 * route preamble: ``encode_preamble`` (section 4).
+* session resume (section 9): ``Tunnel.connect(..., resume=True)`` keeps what
+  it sends until the server's RECEIVED proves it arrived, reports what it
+  received, and ``Tunnel.resume(addr)`` carries the session on over a new
+  connection after ``cut()`` (or with the old connection left silently
+  open).
 * ``Tunnel``: TLS 1.2 (Python ``ssl`` / OpenSSL through memory BIOs, so that one
   thread may read while another writes) plus a yamux session with streams,
   windows, pings and Go Away. A background reader thread dispatches incoming
@@ -135,6 +140,8 @@ MSG_HELLO = 0x01
 MSG_WELCOME = 0x02
 MSG_REJECT = 0x03
 MSG_DRAIN = 0x04
+MSG_RESUMED = 0x05
+MSG_RECEIVED = 0x06
 
 TAG_VERSION = 0x01
 TAG_TOKEN = 0x02
@@ -147,6 +154,15 @@ TAG_REASON = 0x0A
 TAG_GRACE_MS = 0x0B
 TAG_RECONNECT_HINT = 0x0C
 TAG_RETRY_AFTER_MS = 0x0D
+TAG_RESUME_CAPABLE = 0x11
+TAG_RESUME_SECRET = 0x12
+TAG_RESUME_WINDOW_MS = 0x13
+TAG_RESUME_ADDRESS = 0x14
+TAG_RESUME_SESSION_ID = 0x15
+TAG_RECEIVED = 0x16
+TAG_RESUME_REFUSED = 0x17
+TAG_RESUME_REFUSED_CODE = 0x18
+RECEIPT_EVERY = 64 * 1024
 
 REJECT_UNSUPPORTED_VERSION = 1
 REJECT_UNAUTHORIZED = 2
@@ -240,6 +256,18 @@ class ControlMessage:
     def text(self, tag: int) -> Optional[str]:
         v = self.get(tag)
         return None if v is None else v.decode("utf-8")
+
+    def u64(self, tag: int) -> Optional[int]:
+        v = self.get(tag)
+        if v is None:
+            return None
+        if len(v) != 8:
+            raise ValueError("field 0x%02x: expected 8 bytes, got %d" % (tag, len(v)))
+        return struct.unpack(">Q", v)[0]
+
+
+def received_message(offset: int) -> bytes:
+    return encode_message(MSG_RECEIVED, [(TAG_RECEIVED, struct.pack(">Q", offset))])
 
 
 # ---------------------------------------------------------------------------
@@ -383,6 +411,16 @@ class Rejected(WireError):
         self.code = msg.u16(TAG_CODE)
         self.reason = msg.text(TAG_REASON)
         super().__init__("REJECT code=%s reason=%r" % (self.code, self.reason))
+
+
+class ResumeRefused(WireError):
+    """The server answered a resuming HELLO with a fresh session (WELCOME
+    with resume_refused); .welcome is that WELCOME."""
+
+    def __init__(self, msg: ControlMessage):
+        self.welcome = msg
+        self.code = msg.u16(TAG_RESUME_REFUSED_CODE)
+        super().__init__("resume refused (code %s): %s" % (self.code, msg.text(TAG_RESUME_REFUSED)))
 
 
 class StreamReset(WireError):
@@ -623,6 +661,16 @@ class Tunnel:
         self._reading.set()
         self._plain = bytearray()
         self._reader: Optional[threading.Thread] = None
+        # Session resume (section 9): offsets of both session streams, and
+        # the bytes of ours the server has not yet reported received.
+        self.resume_keeping = False
+        self.sent_total = 0
+        self.kept = bytearray()  # our stream's bytes [kept_base, sent_total)
+        self.kept_base = 0
+        self.reported = 0  # our last RECEIVED
+        self.receipts = 0  # RECEIVEDs from the server
+        self.resume_secret: Optional[bytes] = None
+        self.connections = 1
 
     # -- construction ----------------------------------------------------
     @classmethod
@@ -630,6 +678,14 @@ class Tunnel:
                  session: Optional[ssl.SSLSession] = None, timeout: float = 10.0, **kw) -> "Tunnel":
         """TCP connect + TLS handshake; starts the reader thread. Raises
         ssl.SSLError / ConnectionError if the server refuses."""
+        sock, sslobj, incoming, outgoing = cls._tls_connection(addr, ctx, server_name, session, timeout)
+        t = cls(sock, sslobj, incoming, outgoing, **kw)
+        t._reader = threading.Thread(target=t._read_loop, name="baton-wire-reader", daemon=True)
+        t._reader.start()
+        return t
+
+    @staticmethod
+    def _tls_connection(addr, ctx, server_name, session, timeout):
         if ctx is None:
             ctx = client_context()
         sock = socket.create_connection(addr, timeout=timeout)
@@ -671,30 +727,36 @@ class Tunnel:
             sock.close()
             raise
         sock.settimeout(None)
-        t = cls(sock, sslobj, incoming, outgoing, **kw)
-        t._reader = threading.Thread(target=t._read_loop, name="baton-wire-reader", daemon=True)
-        t._reader.start()
-        return t
+        return sock, sslobj, incoming, outgoing
 
     @classmethod
     def connect(cls, addr: Tuple[str, int], token=b"", client_id: str = "pytest", ctx: Optional[ssl.SSLContext] = None,
                 server_name: str = "localhost", session: Optional[ssl.SSLSession] = None, timeout: float = 10.0,
-                syn_with_data: bool = False, **kw) -> "Tunnel":
+                syn_with_data: bool = False, resume: bool = False, **kw) -> "Tunnel":
         """Full session start: TLS, stream 1 SYN, HELLO, WELCOME. Raises
-        Rejected on REJECT."""
+        Rejected on REJECT. With resume, asks for a resumable session
+        (section 9.2) and keeps what it sends from the first byte."""
         t = cls.open_tls(addr, ctx=ctx, server_name=server_name, session=session, timeout=timeout, **kw)
         try:
-            t.hello(token=token, client_id=client_id, syn_with_data=syn_with_data)
-            t.wait_welcome(timeout)
+            t.resume_keeping = resume
+            t.hello(token=token, client_id=client_id, syn_with_data=syn_with_data, resume_capable=resume)
+            w = t.wait_welcome(timeout)
+            t.resume_secret = w.get(TAG_RESUME_SECRET)
+            if t.resume_secret is None:
+                with t._send_lock:
+                    t.resume_keeping = False
+                    t.kept.clear()
         except BaseException:
             t.close()
             raise
         return t
 
     def hello(self, token=b"", client_id: Optional[str] = "pytest", version: Optional[int] = 1,
-              syn_with_data: bool = False, raw_message: Optional[bytes] = None) -> Stream:
+              syn_with_data: bool = False, raw_message: Optional[bytes] = None,
+              resume_capable: bool = False) -> Stream:
         """Opens the control stream (id 1) and sends HELLO."""
-        msg = raw_message if raw_message is not None else hello_message(token, client_id, version)
+        extra = [(TAG_RESUME_CAPABLE, b"\x01")] if resume_capable else None
+        msg = raw_message if raw_message is not None else hello_message(token, client_id, version, extra)
         with self._lock:
             s = self.streams.get(1)
         if s is not None:  # control stream already opened with open_control()
@@ -754,13 +816,19 @@ class Tunnel:
     def send_raw(self, data: bytes) -> None:
         """Arbitrary plaintext bytes through TLS (one or more records)."""
         with self._send_lock:
-            with self._ssl_lock:
-                view = memoryview(data)
-                while len(view):
-                    n = self.ssl.write(view[:16384])
-                    view = view[n:]
-                enc = self._out.read()
-            self.sock.sendall(enc)
+            self.sent_total += len(data)
+            if self.resume_keeping:
+                self.kept += data
+            self._send_uncounted(data)
+
+    def _send_uncounted(self, data: bytes) -> None:  # _send_lock held
+        with self._ssl_lock:
+            view = memoryview(data)
+            while len(view):
+                n = self.ssl.write(view[:16384])
+                view = view[n:]
+            enc = self._out.read()
+        self.sock.sendall(enc)
 
     def send_frame(self, type_: int, flags: int, stream_id: int, length: Optional[int] = None, body: bytes = b"",
                    version: int = VERSION) -> None:
@@ -863,6 +931,32 @@ class Tunnel:
 
     def _on_plain(self, data: bytes) -> None:
         self.bytes_in_plain += len(data)
+        try:
+            self._parse_plain(data)
+        finally:
+            if self.resume_keeping and self.bytes_in_plain - self.reported >= RECEIPT_EVERY:
+                self.reported = self.bytes_in_plain
+                threading.Thread(target=self._send_receipt, args=(self.reported,), daemon=True).start()
+
+    def send_receipt(self) -> int:
+        """RECEIVED for everything received so far (section 9.1: a client
+        sends one at least once per heartbeat interval); returns the offset."""
+        offset = self.reported = self.bytes_in_plain
+        with self._lock:
+            s = self.streams[CONTROL_STREAM_ID]
+        s.send(received_message(offset))
+        return offset
+
+    def _send_receipt(self, offset: int) -> None:
+        try:
+            with self._lock:
+                s = self.streams.get(CONTROL_STREAM_ID)
+            if s is not None:
+                s.send(received_message(offset), timeout=30.0)
+        except (OSError, ssl.SSLError, ValueError, WireError, TimeoutError):
+            pass
+
+    def _parse_plain(self, data: bytes) -> None:
         self._plain += data
         buf = self._plain
         off = 0
@@ -941,7 +1035,21 @@ class Tunnel:
             type_, fields, used = r
             raw = bytes(self.control_buf[:used])
             del self.control_buf[:used]
-            self.control_msgs.put(ControlMessage(type_, fields, raw))
+            m = ControlMessage(type_, fields, raw)
+            if type_ == MSG_RECEIVED and self.resume_keeping:
+                self._on_receipt(m.u64(TAG_RECEIVED))
+                continue
+            self.control_msgs.put(m)
+
+    def _on_receipt(self, offset: int) -> None:
+        with self._send_lock:
+            self.receipts += 1
+            if offset > self.sent_total:
+                raise ValueError("RECEIVED %d beyond the %d bytes sent" % (offset, self.sent_total))
+            drop = offset - self.kept_base
+            if drop > 0:
+                del self.kept[:drop]
+                self.kept_base = offset
 
     def _safe_send(self, data: bytes) -> None:
         try:
@@ -1004,6 +1112,148 @@ class Tunnel:
                     raise TimeoutError("no Go Away within %ss" % timeout)
                 self.cond.wait(rem)
             return self.go_away
+
+    # -- session resume (section 9) -------------------------------------
+    def cut(self, reset: bool = True) -> None:
+        """The connection breaks under the session: a TCP reset (or, with
+        reset=False, a FIN without close_notify). The session stays here."""
+        # The reader first (SHUT_RD sends nothing): a close while another
+        # thread sits in recv() would not release the socket until that returns.
+        self._stop_reader()
+        if reset:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        self.sock.close()
+
+    def abandon(self) -> None:
+        """Stops using the connection without a word to the server (a NAT
+        rebinding: the server sees nothing): reading stops here (SHUT_RD
+        sends nothing), the socket stays open until resume() drops it."""
+        self._stop_reader()
+
+    def _stop_reader(self) -> None:
+        if self._reader is not None and self._reader.is_alive():
+            try:
+                self.sock.shutdown(socket.SHUT_RD)  # wakes the reader's recv; nothing goes to the peer
+            except OSError:
+                pass
+            self._reading.set()
+            self._reader.join(5)
+
+    def resume(self, addr: Tuple[str, int], token=b"", client_id: str = "pytest", ctx: Optional[ssl.SSLContext] = None,
+               server_name: str = "localhost", session: Optional[ssl.SSLSession] = None, timeout: float = 10.0,
+               secret: Optional[bytes] = None, received: Optional[int] = None,
+               session_id: Optional[bytes] = None) -> ControlMessage:
+        """Resumes this session over a new connection (section 9.4): HELLO
+        with the session id, secret and our received offset, then RESUMED,
+        then our kept bytes from the server's offset. Returns RESUMED.
+        secret / received / session_id override what is sent (negative
+        tests). Raises ResumeRefused when the server starts a fresh session
+        instead (the new connection is closed then), Rejected on REJECT."""
+        assert self.resume_secret is not None, "not a resumable session"
+        self._stop_reader()  # what we received is settled before we say how much
+        sock, sslobj, incoming, outgoing = self._tls_connection(addr, ctx, server_name, session, timeout)
+        sid = session_id if session_id is not None else self.session_id
+        rcv = received if received is not None else self.bytes_in_plain
+        fields = [(TAG_RESUME_CAPABLE, b"\x01"), (TAG_RESUME_SESSION_ID, sid),
+                  (TAG_RESUME_SECRET, secret if secret is not None else self.resume_secret),
+                  (TAG_RECEIVED, struct.pack(">Q", rcv))]
+        hello = hello_message(token, client_id, 1, fields)
+        setup = frame_bytes(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, 0) + frame_bytes(TYPE_DATA, 0, 1, len(hello), hello)
+
+        def send(data: bytes) -> None:
+            sslobj.write(data)
+            sock.sendall(outgoing.read())
+
+        send(setup)
+        # The setup session: frames up to RESUMED (which ends its record) or WELCOME.
+        plain = bytearray()
+        control = bytearray()
+        answer: Optional[ControlMessage] = None
+        after: List[bytes] = []  # plaintext records after RESUMED: the resumed session's
+        dl = _deadline(timeout)
+        try:
+            while answer is None:
+                sock.settimeout(max(0.001, _remaining(dl) or 0.001))
+                try:
+                    data = sock.recv(256 * 1024)
+                except socket.timeout:
+                    raise TimeoutError("no answer to the resuming HELLO within %ss" % timeout)
+                if not data:
+                    raise ConnectionError("server closed the connection before answering the resuming HELLO")
+                incoming.write(data)
+                while True:
+                    try:
+                        rec = sslobj.read(256 * 1024)  # one record's plaintext
+                    except ssl.SSLWantReadError:
+                        break
+                    if not rec:
+                        break
+                    if answer is not None:
+                        after.append(rec)
+                        continue
+                    plain += rec
+                    while len(plain) >= HEADER_SIZE:
+                        version, type_, flags, sid_, length = _HEADER.unpack_from(plain, 0)
+                        body_len = length if type_ == TYPE_DATA else 0
+                        if len(plain) < HEADER_SIZE + body_len:
+                            break
+                        body = bytes(plain[HEADER_SIZE:HEADER_SIZE + body_len])
+                        del plain[:HEADER_SIZE + body_len]
+                        if type_ == TYPE_DATA and sid_ == CONTROL_STREAM_ID:
+                            control += body
+                    while answer is None:
+                        r = decode_message(control)
+                        if r is None:
+                            break
+                        type_, fields_, used = r
+                        m = ControlMessage(type_, fields_, bytes(control[:used]))
+                        del control[:used]
+                        if type_ == MSG_REJECT:
+                            raise Rejected(m)
+                        if type_ in (MSG_RESUMED, MSG_WELCOME):
+                            answer = m
+                    if answer is not None and answer.type == MSG_RESUMED and (plain or control):
+                        raise WireError("RESUMED is not the last frame of its record (%d bytes follow)" %
+                                        (len(plain) + len(control)))
+        except BaseException:
+            sock.close()
+            raise
+        if answer.type == MSG_WELCOME:
+            sock.close()
+            raise ResumeRefused(answer)
+        # The old connection is done with (closed already after cut()).
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.sock.close()
+        except OSError:
+            pass
+        offset = answer.u64(TAG_RECEIVED)
+        with self._send_lock:
+            if offset < self.kept_base or offset > self.sent_total:
+                sock.close()
+                raise WireError("RESUMED offset %d outside the %d..%d kept" % (offset, self.kept_base, self.sent_total))
+            del self.kept[:offset - self.kept_base]
+            self.kept_base = offset
+            with self._ssl_lock:
+                self.sock, self.ssl, self._in, self._out = sock, sslobj, incoming, outgoing
+            self.resume_secret = answer.get(TAG_RESUME_SECRET)
+            self.connections += 1
+            with self.cond:
+                self.closed = False
+                self.close_reason = None
+            sock.settimeout(None)
+            self._send_uncounted(bytes(self.kept))  # sent again, still kept until RECEIVED
+        for rec in after:
+            self._on_plain(rec)
+        self._reading.set()
+        self._reader = threading.Thread(target=self._read_loop, name="baton-wire-reader", daemon=True)
+        self._reader.start()
+        return answer
 
     def close(self) -> None:
         try:

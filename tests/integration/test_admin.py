@@ -57,6 +57,12 @@ DOCUMENTED_FAMILIES = {
     "baton_admin_requests_rejected": "counter",  # baton_admin_requests_rejected_total
     "baton_admin_connections": "gauge",
     "baton_tls_certificate_expiry_seconds": "gauge",
+    "baton_sessions_detached": "gauge",
+    "baton_resume_kept_bytes": "gauge",
+    "baton_session_breaks": "counter",  # baton_session_breaks_total
+    "baton_session_resumes": "counter",  # baton_session_resumes_total
+    "baton_sessions_expired": "counter",  # baton_sessions_expired_total
+    "baton_resume_replayed_bytes": "counter",  # baton_resume_replayed_bytes_total
 }
 
 
