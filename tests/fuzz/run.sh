@@ -32,7 +32,7 @@ CXX_FUZZ=${CXX_FUZZ:-clang++}
 SEEDS=tests/fuzz/corpus
 TARGETS=(handoff_decoder handoff_midstream mux_frame mux_session control preamble tls_record config)
 # The sans-IO cores the targets feed; nothing that touches libuv or sockets.
-SRCS=(src/handoff/codec.cc src/proxy/link_core.cc src/proxy/metrics.cc src/tls/record.cc src/mux/session.cc src/mux/frame.cc
+SRCS=(src/handoff/codec.cc src/proxy/link_core.cc src/proxy/resume_log.cc src/proxy/metrics.cc src/tls/record.cc src/mux/session.cc src/mux/frame.cc
       src/mux/control.cc src/config/config.cc src/util/byte_queue.cc src/util/bytes.cc src/util/text.cc)
 LIBS=(-lcrypto -lmbedcrypto -lyaml)
 FLAGS=(-std=c++20 -g -O1 -fno-omit-frame-pointer -Wall -Wextra -Werror -Iinclude -Isrc
