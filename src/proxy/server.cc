@@ -337,7 +337,8 @@ std::map<std::string, uint64_t> Server::streams_by_route() const {
 std::vector<Tunnel*> Server::tunnels_to_drain() const {
   std::vector<Tunnel*> out;
   for (Tunnel* t : tunnels_)
-    if (t->phase() == LinkPhase::serving && !t->draining()) out.push_back(t);
+    // A detached session too: DRAIN waits in it for its resume.
+    if ((t->phase() == LinkPhase::serving || t->phase() == LinkPhase::detached) && !t->draining()) out.push_back(t);
   return out;
 }
 

@@ -111,6 +111,7 @@ def test_streams_survive_a_broken_connection(server, tunnel_factory, client_ctx,
 @pytest.fixture
 def relay(server):
     r = FaultRelay(server.addr)
+    r.server = server
     yield r
     r.close()
 
@@ -267,3 +268,63 @@ def test_received_beyond_what_was_sent_is_a_protocol_error(server, tunnel_factor
     fr, _ = t.read_until(lambda f: f.type == bw.TYPE_GO_AWAY, scaled(10))
     assert fr.length == bw.GOAWAY_PROTOCOL_ERROR
     assert t.wait_closed(scaled(10))
+
+
+def test_a_drain_meets_a_detached_session(server_factory, tunnel_factory, client_ctx):
+    """The pod starts draining while a session is detached: the resume is
+    accepted, DRAIN (queued in the session while it was detached) arrives,
+    the open stream finishes, and the process exits after it; a new session
+    is refused meanwhile (REJECT 4)."""
+    # delay_ms: the listener keeps accepting (resumes; REJECT 4 for new sessions) while endpoints go.
+    srv = server_factory(extra="drain:\n  delay_ms: 3000\n  spread_ms: 0\n  grace_ms: 20000\n")
+    a = Admin(srv)
+    t = tunnel_factory(srv, resume=True)
+    s = t.open_stream("echo")
+    s.send(b"before")
+    assert s.recv_exactly(6, timeout=scaled(10)) == b"before"
+    t.cut()
+    wait_until(lambda: detached(a) == 1, 10, what="the session detached")
+    r = a.request("POST", "/drain")
+    assert r.status == 200, r
+    t.resume(srv.addr, token=TOKEN.encode(), ctx=client_ctx, timeout=scaled(10))
+    m = t.next_control(scaled(10))
+    assert m.type == bw.MSG_DRAIN, m
+    s.send(b"after the resume")
+    assert s.recv_exactly(16, timeout=scaled(10)) == b"after the resume"
+    assert srv.proc.poll() is None, "exited with a stream open"
+    with pytest.raises(bw.Rejected):
+        tunnel_factory(srv)
+    s.close_write()
+    assert s.recv_all(scaled(10)) == b""
+    assert srv.wait_exit(scaled(10)) == 0
+
+
+def test_many_sessions_cut_at_once_all_resume(client_ctx, relay):
+    """Every connection through the relay is reset at once; each session
+    resumes and its stream carries on."""
+    n = 100
+    a = Admin(relay.server)  # the relay's target: the `server` fixture
+    tunnels, streams = [], []
+    try:
+        for i in range(n):
+            t = bw.Tunnel.connect(relay.addr, token=TOKEN.encode(), ctx=client_ctx, resume=True, timeout=scaled(10))
+            tunnels.append(t)
+            s = t.open_stream("echo")
+            s.send(b"%d before" % i)
+            streams.append(s)
+        for i, s in enumerate(streams):
+            assert s.recv_exactly(len(b"%d before" % i), timeout=scaled(10)) == b"%d before" % i
+        relay.reset()
+        wait_until(lambda: detached(a) == n, 20, what="every session detached")
+        for t in tunnels:
+            t.resume(relay.addr, token=TOKEN.encode(), ctx=client_ctx, timeout=scaled(10))
+        for i, s in enumerate(streams):
+            s.send(b"%d after" % i)
+            assert s.recv_exactly(len(b"%d after" % i), timeout=scaled(10)) == b"%d after" % i
+        m = a.metrics()
+        assert m.counter("baton_session_resumes_total", result="resumed") == n
+        assert m.get("baton_sessions_detached") == 0
+        assert relay.connections == 2 * n
+    finally:
+        for t in tunnels:
+            t.close()
