@@ -278,12 +278,7 @@ def test_a_drain_meets_a_detached_session(server_factory, tunnel_factory, client
     # delay_ms: the listener keeps accepting (resumes; REJECT 4 for new sessions) while endpoints go.
     srv = server_factory(extra="drain:\n  delay_ms: 3000\n  spread_ms: 0\n  grace_ms: 20000\n")
     a = Admin(srv)
-    t = tunnel_factory(srv, resume=True)
-    s = t.open_stream("echo")
-    s.send(b"before")
-    assert s.recv_exactly(6, timeout=scaled(10)) == b"before"
-    t.cut()
-    wait_until(lambda: detached(a) == 1, 10, what="the session detached")
+    t, s = broken_session(srv, tunnel_factory, a)
     r = a.request("POST", "/drain")
     assert r.status == 200, r
     t.resume(srv.addr, token=TOKEN.encode(), ctx=client_ctx, timeout=scaled(10))
