@@ -817,9 +817,16 @@ class Tunnel:
         """Arbitrary plaintext bytes through TLS (one or more records)."""
         with self._send_lock:
             self.sent_total += len(data)
-            if self.resume_keeping:
-                self.kept += data
-            self._send_uncounted(data)
+            if not self.resume_keeping:
+                self._send_uncounted(data)
+                return
+            self.kept += data
+            try:
+                self._send_uncounted(data)
+            except (OSError, ssl.SSLError):
+                # A resumable session outlives its connection: what could not
+                # go is kept, and resume() sends it (section 9).
+                pass
 
     def _send_uncounted(self, data: bytes) -> None:  # _send_lock held
         with self._ssl_lock:
