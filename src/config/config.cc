@@ -686,7 +686,7 @@ bool Loader::load_resume(const Entry& e, Config& cfg) {
     } else if (f.key == "buffer_bytes") {
       // At least the 256 KiB a stream's window lets through, so that one
       // stream never stalls on the bound alone.
-      if (!get_u32(f, p, 256 * 1024, 1u << 30, cfg.resume.buffer_bytes)) return false;
+      if (!get_u32(f, p, 256 * 1024, 64u << 20, cfg.resume.buffer_bytes)) return false;
     } else if (f.key == "advertise") {
       if (is_null(f.value)) continue;
       HostPort hp;

@@ -226,18 +226,22 @@ void put_direction(Writer& w, const tls::DirectionState& d) {
 
 void put_tunnel(Writer& w, const proxy::TunnelState& t, uint16_t& next_fd, uint16_t version) {
   auto fd_ref = [&](int fd) -> uint16_t { return fd >= 0 ? next_fd++ : kNoFd; };
+  // Precondition: a detached tunnel only in a version that carries one.
+  const bool detached = t.phase == proxy::LinkPhase::detached;
   w.u8(uint8_t(t.phase));
   w.u16(fd_ref(t.fd));
-  // TLS
-  const tls::RecordState& rs = t.record;
-  w.u16(rs.suite);
-  w.u8(uint8_t(rs.side));
-  put_direction(w, rs.read);
-  put_direction(w, rs.write);
-  w.boolean(rs.close_notify_received);
-  w.boolean(rs.close_notify_sent);
-  w.queue(rs.partial_input);
-  w.queue(rs.output);
+  // TLS (none while detached: the connection is gone)
+  if (!detached) {
+    const tls::RecordState& rs = t.record;
+    w.u16(rs.suite);
+    w.u8(uint8_t(rs.side));
+    put_direction(w, rs.read);
+    put_direction(w, rs.write);
+    w.boolean(rs.close_notify_received);
+    w.boolean(rs.close_notify_sent);
+    w.queue(rs.partial_input);
+    w.queue(rs.output);
+  }
   // yamux
   const mux::SessionState& ss = t.session;
   w.u8(uint8_t(ss.role));
@@ -307,6 +311,18 @@ void put_tunnel(Writer& w, const proxy::TunnelState& t, uint16_t& next_fd, uint1
     w.u64(b.bytes_down);
     w.u64(b.upstream_written);
   }
+  if (version >= kStateVersionResume) {
+    const proxy::ResumeState& rz = t.resume;
+    w.boolean(rz.offered);
+    w.bytes(rz.secret);
+    w.str(rz.identity);
+    w.boolean(rz.log.keeping);
+    w.u64(rz.log.sent);
+    w.u64(rz.log.received);
+    w.u64(rz.log.reported);
+    w.queue(rz.log.kept);
+    w.u64(rz.detached_ms);
+  }
 }
 
 void get_direction(Reader& r, tls::DirectionState& d) {
@@ -315,17 +331,25 @@ void get_direction(Reader& r, tls::DirectionState& d) {
   d.seq = r.u64("sequence number");
 }
 
+void get_record(Reader& r, tls::RecordState& rs);
+void get_session(Reader& r, proxy::TunnelState& t, uint16_t version);
+
 // Reads one tunnel. fd fields receive the index from the message (kNoFd -> -1).
 void get_tunnel(Reader& r, proxy::TunnelState& t, uint16_t version) {
   auto fd_index = [](uint16_t v) { return v == kNoFd ? -1 : int(v); };
   uint8_t phase = r.u8("tunnel phase");
-  if (phase != uint8_t(proxy::LinkPhase::awaiting_hello) && phase != uint8_t(proxy::LinkPhase::serving))
+  const bool detached = version >= kStateVersionResume && phase == uint8_t(proxy::LinkPhase::detached);
+  if (phase != uint8_t(proxy::LinkPhase::awaiting_hello) && phase != uint8_t(proxy::LinkPhase::serving) && !detached)
     r.fail("tunnel phase " + std::to_string(phase) + " cannot be handed over");
   t.phase = proxy::LinkPhase(phase);
   t.fd = fd_index(r.u16("tunnel fd"));
-  if (r.ok() && t.fd < 0) r.fail("tunnel without a socket");
+  if (r.ok() && t.fd < 0 && !detached) r.fail("tunnel without a socket");
+  if (r.ok() && t.fd >= 0 && detached) r.fail("detached tunnel with a socket");
+  if (!detached) get_record(r, t.record);
+  get_session(r, t, version);
+}
 
-  tls::RecordState& rs = t.record;
+void get_record(Reader& r, tls::RecordState& rs) {
   rs.suite = r.u16("cipher suite");
   tls::Cipher cipher;
   if (r.ok() && !tls::cipher_of_suite(rs.suite, cipher)) r.fail("cipher suite " + std::to_string(rs.suite) + " is not allowed");
@@ -339,7 +363,10 @@ void get_tunnel(Reader& r, proxy::TunnelState& t, uint16_t version) {
   // A partial record is shorter than the longest record.
   r.queue(rs.partial_input, "TLS partial input", uint32_t(tls::kHeaderSize + tls::kMaxCiphertext));
   r.queue(rs.output, "TLS output");
+}
 
+void get_session(Reader& r, proxy::TunnelState& t, uint16_t version) {
+  auto fd_index = [](uint16_t v) { return v == kNoFd ? -1 : int(v); };
   mux::SessionState& ss = t.session;
   uint8_t role = r.u8("yamux role");
   if (r.ok() && role != uint8_t(mux::Role::server)) r.fail("yamux role must be server");
@@ -458,6 +485,22 @@ void get_tunnel(Reader& r, proxy::TunnelState& t, uint16_t version) {
       if (b.upstream_written > inbound) r.fail("bridge " + std::to_string(b.id) + ": more written than was queued");
     }
     if (r.ok()) t.bridges.push_back(std::move(b));
+  }
+  if (version >= kStateVersionResume) {
+    proxy::ResumeState& rz = t.resume;
+    rz.offered = r.boolean("resume offered");
+    r.bytes(rz.secret, "resume secret");
+    rz.identity = r.str("resume identity");
+    rz.log.keeping = r.boolean("resume keeping");
+    rz.log.sent = r.u64("resume sent");
+    rz.log.received = r.u64("resume received");
+    rz.log.reported = r.u64("resume reported");
+    r.queue(rz.log.kept, "resume kept bytes");
+    rz.detached_ms = r.u64("detached for");
+    if (r.ok() && rz.log.kept.size() > rz.log.sent) r.fail("resume: more kept than was sent");
+    if (r.ok() && rz.log.reported > rz.log.received) r.fail("resume: more reported than was received");
+    if (r.ok() && t.phase == proxy::LinkPhase::detached && !(rz.offered && rz.log.keeping))
+      r.fail("a detached tunnel that is not resumable");
   }
 }
 
@@ -606,6 +649,7 @@ size_t encoded_size(const proxy::TunnelState& t) {
              4 * t.session.remote_ids_ahead.size();
   for (const auto& [id, s] : t.session.streams) n += 32 + s.inbound.size();
   for (const proxy::BridgeState& b : t.bridges) n += 64 + b.route.size() + b.pending.size();
+  n += 96 + t.resume.identity.size() + t.resume.log.kept.size();
   return n;
 }
 

@@ -28,7 +28,12 @@ constexpr uint16_t kProtocolVersion = 1;
 // adds the peer stream ids spent out of order (mux::SessionState::
 // remote_ids_ahead); a version-1 reader gets the highest spent id instead,
 // every lower one counting as spent.
-constexpr uint16_t kStateVersion = 2;
+// Version 3 adds session resume (docs/protocol.md 9): each tunnel's resume
+// state (credential, identity, offsets, kept bytes), and detached tunnels
+// (no socket, no record state). An older reader gets no resume state (its
+// sessions are not resumable) and no detached tunnel (they stay behind).
+constexpr uint16_t kStateVersion = 3;
+constexpr uint16_t kStateVersionResume = 3;
 constexpr uint16_t kMinStateVersion = 1;
 constexpr size_t kHeaderSize = 12;
 constexpr size_t kMaxFdsPerMessage = 253;  // SCM_MAX_FD

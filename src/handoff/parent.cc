@@ -124,11 +124,11 @@ class ServerParentHost final : public ParentHost {
   // on the list may have ended or changed since: each is checked again. At
   // the list's end it is taken again once, for tunnels that became
   // exportable meanwhile (a handshake that finished).
-  bool export_next(proxy::TunnelState& out) override {
+  bool export_next(proxy::TunnelState& out, uint16_t state_version) override {
     for (int pass = 0; pass < 2; ++pass) {
       while (next_ < listed_.size()) {
         proxy::Tunnel* t = listed_[next_++];
-        if (!server_.has_tunnel(t) || !t->exportable() || t->draining()) continue;
+        if (!server_.has_tunnel(t) || !movable(t, state_version)) continue;
         if (proxy::Tunnel::export_state(t, out)) return true;
         spdlog::warn("handoff: a tunnel could not be exported (no descriptors left?); it stays here and drains");
         t->drain("rolling_update", opts_.drain_grace_ms, opts_.reconnect_hint);
@@ -139,10 +139,16 @@ class ServerParentHost final : public ParentHost {
     }
     return false;
   }
-  bool any_exportable() const override {
+  bool any_exportable(uint16_t state_version) const override {
     for (proxy::Tunnel* t : server_.exportable_tunnels())
-      if (!t->draining()) return true;
+      if (movable(t, state_version)) return true;
     return false;
+  }
+  // A detached session (no socket, no TLS state) moves only in a layout
+  // that carries one; in an older one it stays here.
+  static bool movable(const proxy::Tunnel* t, uint16_t state_version) {
+    if (!t->exportable() || t->draining()) return false;
+    return state_version >= kStateVersionResume || t->phase() != proxy::LinkPhase::detached;
   }
   size_t handshaking() const override { return server_.handshaking_tunnels(); }
   size_t close_handshaking(const std::string& why) override { return server_.close_handshaking(why.c_str()); }

@@ -187,14 +187,14 @@ void ParentLogic::pump(Step& s, uint64_t now) {
     held_.clear();
     for (auto& st : held) take(std::move(st));
     proxy::TunnelState st;
-    while (held_.empty() && host_.export_next(st)) {
+    while (held_.empty() && host_.export_next(st, state_version_)) {
       take(std::move(st));
       st = proxy::TunnelState{};
     }
     if (!batch.empty()) send_batch(s, std::move(batch), now);
   }
   if (!in_flight_.empty()) return;
-  bool more = child_takes_tunnels_ && (!held_.empty() || host_.any_exportable());
+  bool more = child_takes_tunnels_ && (!held_.empty() || host_.any_exportable(state_version_));
   size_t handshaking = host_.handshaking();
   if (handshaking && now >= handshake_cutoff_) {
     size_t n = host_.close_handshaking("hot restart: handshake not finished in time");

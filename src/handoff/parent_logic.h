@@ -52,11 +52,12 @@ class ParentHost {
   // socket to send along (still owned here), or -1.
   virtual ServerStateMsg server_state(int& listener_fd) = 0;
   virtual void stop_accepting() = 0;
-  // The next tunnel that can move (serving or awaiting HELLO, not draining),
+  // The next tunnel that can move in state layout `state_version` (serving
+  // or awaiting HELLO, not draining; detached too from version 3),
   // exported: its Tunnel is gone, `out` owns its fds. False when none is
   // left. A tunnel that cannot be exported stays and drains (the host).
-  virtual bool export_next(proxy::TunnelState& out) = 0;
-  virtual bool any_exportable() const = 0;
+  virtual bool export_next(proxy::TunnelState& out, uint16_t state_version) = 0;
+  virtual bool any_exportable(uint16_t state_version) const = 0;
   virtual size_t handshaking() const = 0;  // tunnels still in their TLS handshake
   virtual size_t close_handshaking(const std::string& why) = 0;
   // A state back into a tunnel of this process, started; drained at once

@@ -481,17 +481,24 @@ Link::Link(uv_loop_t* loop, tls::Context& tls_ctx, mux::Role role, const LinkLim
       limits_(limits), core_(role, *this, limits.max_streams, uv_now(loop)) {
   uv_timer_init(loop_, timer_);
   timer_->data = this;
-  tcp_ = net::Tcp::create(loop_, this);
-  int err = tcp_->open_fd(st.fd);
-  if (err != 0) {
-    error = std::string("cannot adopt the client socket: ") + uv_strerror(err);
-    close_fds(st);
-    core_.set_phase(LinkPhase::closed);
-    return;
+  if (st.phase == LinkPhase::detached) {
+    // A session waiting for its resume: no connection to adopt.
+    const uint64_t now = uv_now(loop_);
+    detached_ms_ = now > st.resume.detached_ms ? now - st.resume.detached_ms : 0;
+    peer_ = "(detached)";
+  } else {
+    tcp_ = net::Tcp::create(loop_, this);
+    int err = tcp_->open_fd(st.fd);
+    if (err != 0) {
+      error = std::string("cannot adopt the client socket: ") + uv_strerror(err);
+      close_fds(st);
+      core_.set_phase(LinkPhase::closed);
+      return;
+    }
+    st.fd = -1;
+    tcp_->set_read_size(256 * 1024);
+    peer_ = tcp_->peer_address();
   }
-  st.fd = -1;
-  tcp_->set_read_size(256 * 1024);
-  peer_ = tcp_->peer_address();
   core_ = LinkCore(st, *this, limits_.max_streams, uv_now(loop_));
   for (BridgeState& bs : st.bridges) {
     std::string berr;
@@ -510,7 +517,7 @@ Link::Link(uv_loop_t* loop, tls::Context& tls_ctx, mux::Role role, const LinkLim
 void Link::start_adopted() {
   EntryGuard g(this);
   if (phase() == LinkPhase::closed) return;
-  tcp_->start_read();
+  if (tcp_) tcp_->start_read();
   std::vector<uint32_t> ids;
   for (auto& [id, b] : bridges_) ids.push_back(id);
   for (uint32_t id : ids)
@@ -532,14 +539,20 @@ void Link::abandon() {
 
 bool Link::export_link(TunnelState& out) {
   size_t written = 0;
-  tcp_->stop_read();
-  int fd = tcp_->release(written);
-  if (fd < 0) {
-    tcp_->start_read();
-    return false;
+  if (tcp_) {
+    tcp_->stop_read();
+    int fd = tcp_->release(written);
+    if (fd < 0) {
+      tcp_->start_read();
+      return false;
+    }
+    tcp_ = nullptr;
+    out.fd = fd;
+  } else {
+    out.fd = -1;  // detached
+    const uint64_t now = uv_now(loop_);
+    out.resume.detached_ms = now - std::min(now, detached_ms_);
   }
-  tcp_ = nullptr;
-  out.fd = fd;
   for (auto& [id, b] : bridges_) {
     BridgeState bs;
     b->export_state(bs);

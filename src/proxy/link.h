@@ -99,7 +99,10 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   void remove_bridge(uint32_t id);
 
   // Handoff, old process: true when the link can move (TLS done, not closing).
-  bool exportable() const { return phase() == LinkPhase::awaiting_hello || phase() == LinkPhase::serving; }
+  // A detached session moves too (in a state layout that carries one).
+  bool exportable() const {
+    return phase() == LinkPhase::awaiting_hello || phase() == LinkPhase::serving || phase() == LinkPhase::detached;
+  }
   // Starts I/O on a link built from exported state (see the protected constructor).
   void start_adopted();
   // Handoff, adopting process, handoff called off: lets go of the sockets

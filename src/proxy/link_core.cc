@@ -25,8 +25,10 @@ LinkCore::LinkCore(TunnelState& st, mux::SessionHandler& handler, uint32_t max_d
   peer_info_ = st.peer_info;
   counters_ = st.counters;
   phase_ = st.phase;
-  record_ = std::make_unique<tls::RecordLayer>(std::move(st.record));
+  // A detached session has no connection, so no record layer.
+  if (phase_ != LinkPhase::detached) record_ = std::make_unique<tls::RecordLayer>(std::move(st.record));
   session_ = std::make_unique<mux::Session>(std::move(st.session), *handler_, session_limits(max_data_streams_));
+  resume_ = ResumeLog(std::move(st.resume.log));
 }
 
 void LinkCore::secure(tls::RecordState record, const tls::PeerInfo& peer) {
@@ -81,13 +83,17 @@ bool LinkCore::attach(std::unique_ptr<tls::RecordLayer> record, uint64_t peer_re
 }
 
 void LinkCore::export_into(TunnelState& out, size_t written, uint64_t now) {
-  // Frames the session queued become records now, so only two queues travel.
-  seal();
-  record_->output().pop(written);
-  counters_.bytes_out += written;
+  // Frames the session queued become records now, so only two queues travel
+  // (while detached they wait in the session for the resume).
+  if (record_) {
+    seal();
+    record_->output().pop(written);
+    counters_.bytes_out += written;
+    out.record = record_->take_state();
+  }
   out.phase = phase_;
-  out.record = record_->take_state();
   out.session = session_->take_state();
+  out.resume.log = resume_.take_state();
   out.peer_info = peer_info_;
   out.counters = counters_;
   out.idle_ms = now - std::min(now, last_rx_ms_);

@@ -61,8 +61,8 @@ class LinkCore {
   // Moves the core into `out`: seals what the session queued, drops the
   // first `written` bytes of record output (the kernel took them while the
   // socket was released) and counts them, takes the record and session
-  // state, phase, peer facts, counters and ages. The core is closed and
-  // empty afterwards. Precondition: secured.
+  // state, phase, peer facts, counters, ages and resume log. The core is
+  // closed and empty afterwards. Precondition: secured, or detached.
   void export_into(TunnelState& out, size_t written, uint64_t now);
 
   // Session resume (docs/protocol.md 9). The connection broke: the record

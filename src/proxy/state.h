@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "mux/session.h"
+#include "proxy/resume_log.h"
 #include "tls/peer_info.h"
 #include "tls/record.h"
 #include "util/byte_queue.h"
@@ -71,8 +72,17 @@ struct LinkCounters {
   uint64_t streams_reset = 0;
 };
 
+// Session resume (docs/protocol.md 9): what a session offered resume carries.
+struct ResumeState {
+  bool offered = false;              // WELCOME offered resume
+  std::array<uint8_t, 32> secret{};  // the latest credential (never logged, never on disk)
+  std::string identity;              // what authenticated the session: "token NAME" or "cert SUBJECT"
+  ResumeLog::State log;              // offsets of both streams, the bytes kept for the client
+  uint64_t detached_ms = 0;          // phase detached: since the connection broke
+};
+
 struct TunnelState {
-  LinkPhase phase{};           // awaiting_hello or serving
+  LinkPhase phase{};           // awaiting_hello, serving, or detached (no fd, no record state)
   tls::RecordState record;     // keys, sequence numbers, partial input, unsent records
   mux::SessionState session;   // streams, windows, buffered bytes, pings
   tls::PeerInfo peer_info;
@@ -84,7 +94,8 @@ struct TunnelState {
   bool control_open = false;   // stream 1 accepted
   bool counted = false;        // WELCOME sent (counted as established)
   std::vector<BridgeState> bridges;
-  int fd = -1;                 // the client connection
+  ResumeState resume;
+  int fd = -1;                 // the client connection (-1 when detached)
 };
 
 // Closes every fd the state holds and sets them to -1.

@@ -230,7 +230,15 @@ Tunnel::Tunnel(Server& server, TunnelState& st, std::string& error)
     if (b->phase() == BridgePhase::awaiting_preamble)
       preamble_check_ms_ = accepted_ms_ + server_.config().limits.handshake_timeout_ms;
   }
-  if (error.empty()) set_counted(st.counted);
+  if (error.empty()) {
+    set_counted(st.counted);
+    // Session resume: the credential and identity travel with the session.
+    offers_resume_ = st.resume.offered;
+    resume_secret_ = st.resume.secret;
+    identity_ = st.resume.identity;
+    if (offers_resume_) server_.register_session(this);
+    if (phase() == LinkPhase::detached) set_detached_counted(true);
+  }
 }
 
 void Tunnel::drain(const std::string& reason, uint32_t grace_ms, const std::string& reconnect_hint) {
@@ -326,6 +334,9 @@ bool Tunnel::export_state(Tunnel* t, TunnelState& out) {
   out.client_id = t->client_id_;
   out.control_open = t->control_open_;
   out.counted = t->counted_;
+  out.resume.offered = t->offers_resume_;
+  out.resume.secret = t->resume_secret_;
+  out.resume.identity = t->identity_;
   delete t;
   return true;
 }

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -69,13 +70,15 @@ void put_frame(V& out, mux::FrameType type, uint16_t flags, uint32_t id, uint32_
 void exercise(proxy::TunnelState t) {
   static V scratch(tls::kScratchSize);
   NullHandler handler;
-  tls::RecordLayer rec(std::move(t.record));
   mux::Session ses(std::move(t.session), handler);
+  // A detached tunnel has no record state (no connection): the session alone.
+  std::optional<tls::RecordLayer> rec;
+  if (t.phase != proxy::LinkPhase::detached) rec.emplace(std::move(t.record));
 
   // Whatever partial_input holds is opened first (forged records fail to
   // authenticate, but framing and lengths are checked before that).
-  for (int i = 0; i < 4; ++i) {
-    tls::Opened o = rec.open({}, scratch);
+  for (int i = 0; rec && i < 4; ++i) {
+    tls::Opened o = rec->open({}, scratch);
     if (o.status != tls::OpenStatus::data) break;
     if (!o.plaintext.empty()) (void)ses.consume(o.plaintext);
   }
@@ -104,13 +107,14 @@ void exercise(proxy::TunnelState t) {
   ses.go_away(mux::GoAwayCode::normal);
 
   // Frames become records, as Link::flush does.
-  while (!ses.output().empty() && !rec.state().close_notify_sent) {
+  if (!rec) return;
+  while (!ses.output().empty() && !rec->state().close_notify_sent) {
     V chunk(std::min(ses.output().size(), tls::kMaxPlaintext));
     ses.output().peek(chunk);
     ses.output().pop(chunk.size());
-    rec.seal(chunk);
+    rec->seal(chunk);
   }
-  rec.seal_alert(tls::alert::close_notify, false);
+  rec->seal_alert(tls::alert::close_notify, false);
 }
 
 // Two properties the codec once lacked (found by this fuzzer): always checked now.

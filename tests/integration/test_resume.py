@@ -162,10 +162,13 @@ def test_a_cut_inside_a_tls_record(server, client_ctx, relay, direction):
         data = os.urandom(300000)
         # 16 KiB records of ~16,4xx bytes: 5,000 bytes in is inside the first one.
         relay.cut_after(direction, 5000)
+        # Writes that meet the cut are kept by the session (baton_wire: the
+        # sender does not see the break), as a resumable client's are.
         sender = threading.Thread(target=lambda: s.send(data[:100000], timeout=scaled(10)), daemon=True)
         sender.start()
         relay.wait(lambda: relay.resets == 1, scaled(10), "the cut")
         sender.join(scaled(10))
+        assert not sender.is_alive()
         wait_until(lambda: detached(a) == 1, 10, what="the session detached")
         t.resume(relay.addr, token=TOKEN.encode(), ctx=client_ctx, timeout=scaled(10))
         s.send(data[100000:])
@@ -323,3 +326,44 @@ def test_many_sessions_cut_at_once_all_resume(client_ctx, relay):
     finally:
         for t in tunnels:
             t.close()
+
+
+def restart(server_factory, old):
+    new = server_factory(successor_of=old)
+    assert new.ready["takeover"] is True, new.ready
+    assert old.wait_exit(scaled(10)) == 0
+    return new
+
+
+def test_a_detached_session_resumes_in_the_new_process(server_factory, tunnel_factory, client_ctx):
+    """Broken, then the server hot-restarts: the detached session (its
+    streams, upstream connections, kept bytes and credential) moves to the
+    new process, where the client resumes it."""
+    srv = server_factory()
+    t, s = broken_session(srv, tunnel_factory, Admin(srv))
+    srv = restart(server_factory, srv)
+    a = Admin(srv)
+    assert detached(a) == 1
+    t.resume(srv.addr, token=TOKEN.encode(), ctx=client_ctx, timeout=scaled(10))
+    s.send(b"in the new process")
+    assert s.recv_exactly(18, timeout=scaled(10)) == b"in the new process"
+    assert a.metrics().counter("baton_session_resumes_total", result="resumed") == 1
+
+
+def test_a_resumable_session_stays_resumable_across_a_hot_restart(server_factory, tunnel_factory, client_ctx):
+    """Attached during the restart (the connection moves as always), broken
+    after it: the new process resumes it, sending again what was in flight."""
+    srv = server_factory()
+    t = tunnel_factory(srv, resume=True)
+    s = t.open_stream("echo")
+    s.send(b"x" * 100000)
+    assert s.recv_exactly(100000, timeout=scaled(10)) == b"x" * 100000
+    srv = restart(server_factory, srv)
+    a = Admin(srv)
+    s.send(b"y" * 100000)
+    assert s.recv_exactly(100000, timeout=scaled(10)) == b"y" * 100000
+    t.cut()
+    wait_until(lambda: detached(a) == 1, 10, what="the session detached in the new process")
+    t.resume(srv.addr, token=TOKEN.encode(), ctx=client_ctx, timeout=scaled(10))
+    s.send(b"z" * 1000)
+    assert s.recv_exactly(1000, timeout=scaled(10)) == b"z" * 1000

@@ -160,6 +160,24 @@ TunnelState rich_state() {
   bridge(7, BridgePhase::awaiting_upstream, -1, "db");
   bridge(9, BridgePhase::awaiting_preamble, -1, "");
   bridge(11, BridgePhase::done, -1, "gone")->tcp_eof = true;
+  t.resume.offered = true;
+  for (size_t i = 0; i < 32; ++i) t.resume.secret[i] = uint8_t(0x5A ^ i);
+  t.resume.identity = "token fleet";
+  t.resume.log.keeping = true;
+  t.resume.log.sent = 90000;
+  t.resume.log.received = 70000;
+  t.resume.log.reported = 65536;
+  t.resume.log.kept.append(V(40, 0x3C));
+  return t;
+}
+
+// rich_state() with its connection gone: detached (docs/protocol.md 9).
+TunnelState detached_state() {
+  TunnelState t = rich_state();
+  t.phase = LinkPhase::detached;
+  t.fd = -1;
+  t.record = tls::RecordState{};
+  t.resume.detached_ms = 4200;
   return t;
 }
 
@@ -421,7 +439,7 @@ TunnelState empty_tunnel(int fd = 5) {
   t.session.next_local_id = 2;
   return t;
 }
-constexpr size_t kEmptyTunnelSize = 251;
+constexpr size_t kEmptyTunnelSize = 325;  // state version 3 (74 bytes of resume state)
 
 // The one buffered state random runs seldom catch: the server is skipping the
 // body of a Data frame for a stream it reset, and only part of that body has
@@ -470,6 +488,7 @@ TEST(HandoffCodec, OversizeCountsAndLengthsAllocateNothing) {
       {148, "yamux partial input"}, {152, "yamux output"},      {156, "stream count"},
       {160, "ping count"},        {165, "ALPN"},                {169, "certificate subject"},
       {173, "suite name"},        {241, "client id"},           {247, "bridge count"},
+      {284, "resume identity"},   {313, "resume kept bytes"},
   };
   for (const Field& f : fields) {
     ASSERT_EQ(util::load_u32(&base[f.at]), 0u) << f.name;
@@ -620,6 +639,74 @@ TEST(HandoffCodec, VersionOneCarriesTheHighestSpentId) {
   TunnelState back;
   ASSERT_EQ(handoff::decode_tunnel(one, back, 1), "");
   EXPECT_EQ(back.session.remote_next_id, 1u);
+}
+
+TEST(HandoffCodec, ResumeStateAndDetachedTunnelsRideVersion3) {
+  // A resumable session, attached: its credential, identity, offsets and kept bytes.
+  TunnelState t = rich_state();
+  TunnelState d;
+  ASSERT_EQ(handoff::decode_tunnel(encode(t), d), "");
+  EXPECT_TRUE(d.resume.offered);
+  EXPECT_EQ(d.resume.secret, t.resume.secret);
+  EXPECT_EQ(d.resume.identity, "token fleet");
+  EXPECT_TRUE(d.resume.log.keeping);
+  EXPECT_EQ(d.resume.log.sent, 90000u);
+  EXPECT_EQ(d.resume.log.received, 70000u);
+  EXPECT_EQ(d.resume.log.reported, 65536u);
+  EXPECT_EQ(d.resume.log.kept.to_vector(), V(40, 0x3C));
+  // Detached: no socket, no record state; the bridges keep theirs.
+  TunnelState x = detached_state();
+  Batch b;
+  b.seq = 1;
+  b.tunnels.push_back(detached_state());
+  V msg;
+  std::vector<int> fds;
+  handoff::encode_batch(b, msg, fds);
+  EXPECT_EQ(fds, (std::vector<int>{11, 12}));
+  Batch out;
+  BatchResult r = handoff::decode_batch(std::span(msg).subspan(handoff::kHeaderSize), fds, out);
+  ASSERT_EQ(r.error, BatchError::none) << r.message;
+  ASSERT_EQ(out.tunnels.size(), 1u);
+  const TunnelState& y = out.tunnels[0];
+  EXPECT_EQ(y.phase, LinkPhase::detached);
+  EXPECT_EQ(y.fd, -1);
+  EXPECT_EQ(y.resume.detached_ms, 4200u);
+  EXPECT_EQ(y.session.streams.size(), 4u);
+  EXPECT_TRUE(y.record.output.empty());
+  V again;
+  handoff::encode_tunnel(y, again);
+  TunnelState z;
+  ASSERT_EQ(handoff::decode_tunnel(again, z), "");
+  // Version 2 carries no resume state (its reader's sessions are not
+  // resumable) and knows no detached phase.
+  V two;
+  handoff::encode_tunnel(rich_state(), two, 2);
+  TunnelState w;
+  ASSERT_EQ(handoff::decode_tunnel(two, w, 2), "");
+  EXPECT_FALSE(w.resume.offered);
+  EXPECT_FALSE(w.resume.log.keeping);
+  EXPECT_TRUE(w.resume.log.kept.empty());
+  TunnelState v;
+  EXPECT_NE(handoff::decode_tunnel(encode(x), v, 2), "");
+}
+
+TEST(HandoffCodec, ResumeStateRules) {
+  auto error_of = [](const TunnelState& t) {
+    TunnelState out;
+    return handoff::decode_tunnel(encode(t), out);
+  };
+  TunnelState more_kept = rich_state();
+  more_kept.resume.log.kept.append(V(100000, 1));
+  EXPECT_NE(error_of(more_kept).find("more kept than was sent"), std::string::npos);
+  TunnelState reported = rich_state();
+  reported.resume.log.reported = reported.resume.log.received + 1;
+  EXPECT_NE(error_of(reported).find("more reported than was received"), std::string::npos);
+  TunnelState not_resumable = detached_state();
+  not_resumable.resume.offered = false;
+  EXPECT_NE(error_of(not_resumable).find("not resumable"), std::string::npos);
+  TunnelState with_socket = detached_state();
+  with_socket.fd = 10;
+  EXPECT_NE(error_of(with_socket).find("detached tunnel with a socket"), std::string::npos);
 }
 
 TEST(HandoffCodec, UnknownStateVersionIsReportedAsSuch) {

@@ -147,13 +147,13 @@ class FakeParentHost : public ParentHost {
     return s;
   }
   void stop_accepting() override { accepting = false; }
-  bool export_next(proxy::TunnelState& out) override {
+  bool export_next(proxy::TunnelState& out, uint16_t) override {
     if (movable.empty()) return false;
     out = std::move(movable.front());
     movable.pop_front();
     return true;
   }
-  bool any_exportable() const override { return !movable.empty(); }
+  bool any_exportable(uint16_t) const override { return !movable.empty(); }
   size_t handshaking() const override { return in_handshake; }
   size_t close_handshaking(const std::string&) override {
     size_t n = in_handshake;
