@@ -157,12 +157,7 @@ void Link::on_written(size_t n, int err) {
   }
   if (was_congested_ && core_.record() && core_.record()->state().output.size() <= limits_.output_high_water / 2) {
     was_congested_ = false;
-    // A bridge may finish (and be removed) while it catches up: walk ids.
-    std::vector<uint32_t> ids;
-    ids.reserve(bridges_.size());
-    for (auto& [id, b] : bridges_) ids.push_back(id);
-    for (uint32_t id : ids)
-      if (Bridge* b = bridge(id)) b->link_decongested();
+    wake_bridges();
     flush();
   }
 }
@@ -378,12 +373,13 @@ void Link::resume_from(Link& setup, uint64_t peer_received) {
   peer_ = tcp_->peer_address();
   core_.received(0, uv_now(loop_));
   tcp_->start_read();
-  flush();
+  // The replay is sealed already; what the bridges write now follows it.
   wake_bridges();
   flush();
   rearm_timer();
 }
 
+// A bridge may finish (and be removed) while it catches up: walk ids.
 void Link::wake_bridges() {
   std::vector<uint32_t> ids;
   ids.reserve(bridges_.size());
