@@ -390,8 +390,11 @@ size_t open_fds() {
 
 std::vector<Gauge> Server::gauges() const {
   const config::Limits& l = cfg_.limits;
-  size_t max_streams = 0;
-  for (Tunnel* t : tunnels_) max_streams = std::max(max_streams, t->bridge_count());
+  size_t max_streams = 0, kept = 0;  // one walk over the tunnels for both
+  for (Tunnel* t : tunnels_) {
+    max_streams = std::max(max_streams, t->bridge_count());
+    kept += t->resume_kept();
+  }
   rlimit rl{};
   getrlimit(RLIMIT_NOFILE, &rl);
   double fd_limit = rl.rlim_cur == RLIM_INFINITY ? 1e9 : double(rl.rlim_cur);
@@ -400,8 +403,6 @@ std::vector<Gauge> Server::gauges() const {
   g.emplace_back(series<Fam::tunnels_handshaking>(), double(handshaking_));
   g.emplace_back(series<Fam::tunnels_queued>(), double(handshake_queue_.size()));
   g.emplace_back(series<Fam::streams_active>(), double(active_streams()));
-  size_t kept = 0;
-  for (Tunnel* t : tunnels_) kept += t->resume_kept();
   g.emplace_back(series<Fam::sessions_detached>(), double(detached_));
   g.emplace_back(series<Fam::resume_kept_bytes>(), double(kept));
   // 0 serving, 1 notifying clients, 2 waiting for streams to end, 3 done
