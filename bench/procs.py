@@ -15,6 +15,7 @@ A broken step raises Broken; the caller prints it and exits 1.
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -231,6 +232,36 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_run(paths, tools, fds):
+    """A benchmark's start: checks that the baton binary and `tools` (names
+    in BUILD/bench) are built, empties its run directory, and raises the
+    descriptor limit towards `fds` (to the hard limit, or beyond it as root).
+    Returns the soft limit now in force."""
+    import resource
+    for f in [paths.baton] + [paths.tools / t for t in tools]:
+        if not os.access(f, os.X_OK):
+            raise Broken("%s is missing: build first" % f)
+    shutil.rmtree(paths.run, ignore_errors=True)
+    paths.run.mkdir(parents=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(hard, fds)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))  # raising the hard limit needs root
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def print_results(lines, path):
+    """Prints `bench: <name> <value> <unit>` for each (name, value, unit)
+    after an empty line, and writes them to path as JSON {name: {value, unit}}."""
+    print()
+    for name, value, unit in lines:
+        print("bench: %s %s %s" % (name, value, unit))
+    with open(path, "w") as f:
+        json.dump({name: {"value": value, "unit": unit} for name, value, unit in lines}, f, indent=1)
 
 
 def wait_for(check, timeout, what, step=0.01):

@@ -21,9 +21,7 @@ BENCH_RESTART_INTERVAL_MS (100), BENCH_RESTART_WINDOW_S (2).
 Exit status 0 when every measurement ran, 1 when something broke.
 """
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from procs import Broken, Paths, Procs, baton_config, bench_setup, rss_kib, run_main  # noqa: E402
+from procs import (Broken, Paths, Procs, baton_config, bench_setup, print_results, rss_kib, run_main,  # noqa: E402
+                   start_run)
 
 PATHS = Paths("restart")
 ROOT, BUILD, BATON, TOOLS, RUN = PATHS.root, PATHS.build, PATHS.baton, PATHS.tools, PATHS.run
@@ -102,18 +101,8 @@ def run(n, active, certs, token, digest, echo):
 
 def main():
     import resource
-    for f in (BATON, TOOLS / "bench_upstream", TOOLS / "tunnel_load"):
-        if not os.access(f, os.X_OK):
-            raise Broken("%s is missing: build first" % f)
-    shutil.rmtree(RUN, ignore_errors=True)
-    RUN.mkdir(parents=True)
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max(hard, 4 * max(COUNTS) + 4096)  # tunnel_load: 3 fds a tunnel; baton: 2 (+ copies during handoff)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))  # raising the hard limit needs root
-    except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # tunnel_load: 3 fds a tunnel; baton: 2 (+ copies during handoff)
+    start_run(PATHS, ("bench_upstream", "tunnel_load"), 4 * max(COUNTS) + 4096)
     setup = bench_setup(procs, PATHS)
     certs, token, digest, echo = setup["certs"], setup["token"], setup["digest"], setup["echo"]
 
@@ -165,11 +154,7 @@ def main():
             lines.append(("restart_1000_pause_p99_verdict",
                           "PASS" if r["during"]["tunnel_max_p99_us"] < TARGET_PAUSE_MS * 1000 else "FAIL",
                           "<%dms" % TARGET_PAUSE_MS))
-    print()
-    for name, value, unit in lines:
-        print("bench: %s %s %s" % (name, value, unit))
-    json.dump({name: {"value": value, "unit": unit} for name, value, unit in lines},
-              open(RUN / "restart.json", "w"), indent=1)
+    print_results(lines, RUN / "restart.json")
     return 0
 
 

@@ -40,10 +40,16 @@
 //              max_us includes the age of requests still outstanding at the
 //              mark; stalled_streams counts streams whose request has been
 //              outstanding for more than 1 s at the mark. NAME opens the next window.
+//   back       the network is about to come back: prints {"event":"back_armed"},
+//              then, once every ready tunnel completed a round trip after it,
+//              {"event":"back","tunnels":N,"p50_ms":..,"p99_ms":..,"max_ms":..}
+//              (from `back` to each tunnel's first round trip completed).
 //   quit       (or EOF on stdin, SIGTERM, SIGINT) prints the last window's
 //              line, then
 //     {"event":"done","rtts_total":..,"errors_total":..,"error_samples":[...],
 //      "port_changes_total":..,"churn_ok_total":..,"churn_failures_total":..,
+//      "detached_total":..,"resumed_total":..,"sessions_lost_total":..,"resume_failed_total":..,
+//      "resume_pause_p50_ms":..,"resume_pause_p99_ms":..,"resume_pause_max_ms":..,
 //      "churn_failure_samples":[...]}
 //              stops every client (Go Away, close_notify) and exits 0, errors
 //              or not: the caller judges the numbers.
@@ -173,6 +179,7 @@ struct Tunnel {
   bool ready = false;
   bool failed = false;  // rejected or closed: counted once
   uint32_t win_max_us = 0;  // longest round trip of this tunnel in the current window
+  bool back_done = false;   // `back`: this tunnel's first round trip since is timed
   std::vector<std::unique_ptr<Stream>> streams;
 };
 
@@ -196,6 +203,11 @@ class Tool {
   uint64_t t_start = 0;
   Window win;
   uint64_t rtts_total = 0, errors_total = 0, port_changes_total = 0, churn_ok_total = 0, churn_failures_total = 0;
+  // Session resume (the load's tunnels): connections that broke and kept
+  // their session, resumes, sessions lost (not resumed) and resumes that
+  // failed (refused or window ended: the tunnel's streams were reset).
+  uint64_t detached_total = 0, resumed_total = 0, sessions_lost_total = 0, resume_failed_total = 0;
+  std::vector<uint32_t> resume_pause_ms;
   std::vector<std::string> error_samples, churn_samples;
 
   // stdin
@@ -250,6 +262,14 @@ class Tool {
   void report(bool final_window);
   void mark(const std::string& name);
   void quit();
+  // `back`: the network is about to come back (the caller restores it after
+  // the "back_armed" line). Each tunnel's first round trip completed after
+  // this moment is timed; once every ready tunnel has one, one line:
+  //   {"event":"back","tunnels":N,"p50_ms":..,"p99_ms":..,"max_ms":..}
+  uint64_t back_ns = 0;
+  std::vector<uint64_t> back_lat_ns;
+  void arm_back();
+  void back_rtt(Tunnel& tn, uint64_t now);
   void retire(std::unique_ptr<baton::Client> c);
 };
 
@@ -418,6 +438,19 @@ void Tool::start_tunnel(size_t i) {
     tunnel_failed(i, "rejected (code " + std::to_string(code) + ": " + reason + ")");
   };
   ev.on_closed = [this, i](const std::string& err) { tunnel_failed(i, "session closed: " + err); };
+  ev.on_detached = [this](uint64_t, const std::string&, uint32_t) { ++detached_total; };
+  ev.on_resumed = [this](uint64_t, const std::string&, uint64_t paused_ms, uint64_t) {
+    ++resumed_total;
+    resume_pause_ms.push_back(uint32_t(std::min<uint64_t>(paused_ms, UINT32_MAX)));
+  };
+  ev.on_session_lost = [this, i](uint64_t, const std::string& why) {
+    ++sessions_lost_total;
+    if (error_samples.size() < kMaxSamples) error_samples.push_back("tunnel " + std::to_string(i) + ": session lost: " + why);
+  };
+  ev.on_resume_failed = [this, i](uint64_t, const std::string& why) {
+    ++resume_failed_total;
+    if (error_samples.size() < kMaxSamples) error_samples.push_back("tunnel " + std::to_string(i) + ": " + why);
+  };
   t.client = std::make_unique<baton::Client>(loop, client_options(o.client_id + "-" + std::to_string(i)), ev);
   std::string err = t.client->start();
   if (!err.empty()) fatal("tunnel " + std::to_string(i) + ": " + err);
@@ -488,6 +521,7 @@ void Tool::record_rtt(Stream* s, uint64_t ns) {
   win.us.push_back(us);
   Tunnel& tn = tunnels[s->tunnel];
   tn.win_max_us = std::max(tn.win_max_us, us);
+  if (back_ns && !tn.back_done) back_rtt(tn, uv_hrtime());
   if (ready) ++rtts_total;
   if (s->rtts == 1) {
     ++streams_warm;
@@ -672,7 +706,32 @@ void Tool::command(const std::string& raw) {
   }
   if (cmd == "mark") mark(arg.empty() ? "unnamed" : arg);
   else if (cmd == "quit") quit();
-  else std::fprintf(stderr, "tunnel_load: unknown command \"%s\" (mark NAME | quit)\n", line.c_str());
+  else if (cmd == "back") arm_back();
+  else std::fprintf(stderr, "tunnel_load: unknown command \"%s\" (mark NAME | back | quit)\n", line.c_str());
+}
+
+void Tool::arm_back() {
+  back_lat_ns.clear();
+  for (Tunnel& t : tunnels) t.back_done = false;
+  back_ns = uv_hrtime();
+  print_line("{\"event\":\"back_armed\"}");
+}
+
+void Tool::back_rtt(Tunnel& tn, uint64_t now) {
+  tn.back_done = true;
+  back_lat_ns.push_back(now - back_ns);
+  size_t live = 0;
+  for (const Tunnel& t : tunnels) live += t.ready && !t.failed;
+  if (back_lat_ns.size() < live) return;
+  std::vector<uint64_t> v = back_lat_ns;
+  std::sort(v.begin(), v.end());
+  auto q = [&](double f) { return double(v[std::min(v.size() - 1, size_t(f * v.size()))]) / 1e6; };
+  print_line(baton::util::json_text(baton::util::Json{{"event", "back"},
+                                                      {"tunnels", v.size()},
+                                                      {"p50_ms", q(0.5)},
+                                                      {"p99_ms", q(0.99)},
+                                                      {"max_ms", double(v.back()) / 1e6}}));
+  back_ns = 0;
 }
 
 // Prints the current window's line (after checking the tunnels' addresses).
@@ -745,15 +804,26 @@ void Tool::mark(const std::string& name) {
 void Tool::quit() {
   if (quitting) return;
   report(true);
-  char b[256];
-  std::snprintf(b, sizeof b,
-                "{\"event\":\"done\",\"rtts_total\":%llu,\"errors_total\":%llu,\"port_changes_total\":%llu,"
-                "\"churn_ok_total\":%llu,\"churn_failures_total\":%llu,",
-                static_cast<unsigned long long>(rtts_total), static_cast<unsigned long long>(errors_total),
-                static_cast<unsigned long long>(port_changes_total), static_cast<unsigned long long>(churn_ok_total),
-                static_cast<unsigned long long>(churn_failures_total));
-  print_line(std::string(b) + "\"error_samples\":" + baton::util::json_text(baton::util::Json(error_samples)) +
-             ",\"churn_failure_samples\":" + baton::util::json_text(baton::util::Json(churn_samples)) + "}");
+  std::sort(resume_pause_ms.begin(), resume_pause_ms.end());
+  auto pause_q = [&](double q) -> uint32_t {
+    return resume_pause_ms.empty() ? 0 : resume_pause_ms[std::min(resume_pause_ms.size() - 1, size_t(q * resume_pause_ms.size()))];
+  };
+  baton::util::Json done = {{"event", "done"},
+                            {"rtts_total", rtts_total},
+                            {"errors_total", errors_total},
+                            {"port_changes_total", port_changes_total},
+                            {"churn_ok_total", churn_ok_total},
+                            {"churn_failures_total", churn_failures_total},
+                            {"detached_total", detached_total},
+                            {"resumed_total", resumed_total},
+                            {"sessions_lost_total", sessions_lost_total},
+                            {"resume_failed_total", resume_failed_total},
+                            {"resume_pause_p50_ms", pause_q(0.5)},
+                            {"resume_pause_p99_ms", pause_q(0.99)},
+                            {"resume_pause_max_ms", resume_pause_ms.empty() ? 0u : resume_pause_ms.back()},
+                            {"error_samples", error_samples},
+                            {"churn_failure_samples", churn_samples}};
+  print_line(baton::util::json_text(done));
   quitting = true;
 
   // Stop everything; the loop ends when the last Go Away is flushed.

@@ -32,6 +32,7 @@ struct LogOptions {
 struct ServeOptions {
   std::string config;
   bool no_takeover = false;
+  std::string resume_advertise;  // overrides resume.advertise
   LogOptions log;
 };
 

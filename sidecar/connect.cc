@@ -97,6 +97,20 @@ int run_connect(ConnectOptions opts) {
                  {"target", target},
                  {"time_ms", unix_time_ms()}});
   };
+  ev.on_detached = [&](uint64_t n, const std::string& why, uint32_t window_ms) {
+    print_event({{"event", "detached"}, {"n", n}, {"reason", why}, {"window_ms", window_ms}, {"time_ms", unix_time_ms()}});
+  };
+  ev.on_resumed = [&](uint64_t n, const std::string& server, uint64_t paused_ms, uint64_t replayed) {
+    print_event({{"event", "resumed"},
+                 {"n", n},
+                 {"server", server},
+                 {"paused_ms", paused_ms},
+                 {"replayed_bytes", replayed},
+                 {"time_ms", unix_time_ms()}});
+  };
+  ev.on_resume_failed = [&](uint64_t n, const std::string& why) {
+    print_event({{"event", "resume_failed"}, {"n", n}, {"reason", why}, {"time_ms", unix_time_ms()}});
+  };
   ev.on_reject = [&](uint16_t code, const std::string& reason) {
     static const char* names[] = {"?", "unsupported version", "unauthorized", "overloaded", "draining"};
     spdlog::error("rejected by server: code {} ({}): {}", code, code < 5 ? names[code] : "?", reason);

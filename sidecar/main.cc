@@ -55,6 +55,10 @@ int main(int argc, char** argv) {
       ->required()
       ->type_name("FILE");
   c_serve->add_flag("--no-takeover", serve.no_takeover, "start without taking over from a running baton");
+  c_serve->add_option("--resume-advertise", serve.resume_advertise,
+                      "overrides resume.advertise of FILE (in Kubernetes: \"$(POD_IP):7443\", the pod IP from "
+                      "the Downward API; docs/kubernetes.md)")
+      ->type_name("HOST:PORT");
   log_options(c_serve, serve.log, "log_level of FILE", "log_format of FILE");
 
   ConnectOptions conn;
@@ -92,6 +96,12 @@ int main(int argc, char** argv) {
                    "TCP keepalive / TCP_USER_TIMEOUT bound");
   number<uint32_t>(c_conn, "--max-waiting", conn.client.max_waiting, 1,
                    "local connections waiting at once; one more is reset at once");
+  bool no_resume = false;
+  c_conn->add_flag("--no-resume", no_resume,
+                   "do not ask for session resume: a broken connection ends the session and its streams "
+                   "(docs/client.md)");
+  number<uint32_t>(c_conn, "--resume-buffer-bytes", conn.client.resume_buffer_bytes, 64 * 1024,
+                   "bytes kept for a resume before local connections stop being read");
   c_conn->add_option("--status-listen", conn.status_listen, "GET /status there answers the client's state as JSON")
       ->type_name("HOST:PORT");
   log_options(c_conn, conn.log, "info", "text");
@@ -149,7 +159,10 @@ int main(int argc, char** argv) {
   }
 
   if (c_serve->parsed()) return run_serve(serve);
-  if (c_conn->parsed()) return run_connect(conn);
+  if (c_conn->parsed()) {
+    conn.client.resume = !no_resume;
+    return run_connect(conn);
+  }
   if (c_check->parsed()) return run_check(check);
   if (c_certs->parsed()) return run_certs(certs);
   if (c_drain->parsed()) return run_drain(drain);

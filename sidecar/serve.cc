@@ -18,12 +18,18 @@
 #include "handoff/parent.h"
 #include "proxy/server.h"
 #include "sidecar/cli.h"
+#include "util/text.h"
 
 namespace baton::cli {
 
 int run_serve(const ServeOptions& opts) {
   config::Config cfg;
   if (int rc = load_config(opts.config, cfg)) return rc;
+  if (!opts.resume_advertise.empty()) {
+    auto hp = config::parse_host_port(opts.resume_advertise, false);
+    if (!hp) return usage_error("--resume-advertise: expected host:port (port 1..65535), got " + util::quoted(opts.resume_advertise));
+    cfg.resume.advertise = hp->to_string();
+  }
   if (!setup_logging(opts.log.level.empty() ? cfg.log_level : opts.log.level,
                      opts.log.format.empty() ? cfg.log_format : opts.log.format))
     return kExitUsage;

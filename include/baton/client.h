@@ -34,6 +34,19 @@
 // (max_reconnects; or no server reachable at all before the first session),
 // stop the client: on_closed.
 //
+// Session resume (docs/protocol.md 9, `resume`): the client asks every new
+// session to be resumable. When the connection under a resumable session
+// breaks (reset, EOF, TLS error, two unanswered pings) the session is kept
+// (detached): its streams and local connections stay open, local data waits
+// (within resume_buffer_bytes), new local connections wait in the queue. The
+// client dials at once (the server's resume_address first, if it gave one),
+// then with backoff, and resumes the session on the new connection: what
+// either side sent that the other did not receive is sent again and the
+// applications see only a pause. If the server refuses (the session expired
+// or is held elsewhere) the new connection is a fresh session and the old
+// session's local connections are reset; likewise when the server's
+// resume_window_ms passes without a resume.
+//
 // Threading: every call must come from the loop's thread.
 #pragma once
 
@@ -83,6 +96,13 @@ struct ClientOptions {
   // TCP keepalive and TCP_USER_TIMEOUT on the tunnel socket find a dead path
   // within about this long; 0 leaves the system defaults.
   uint32_t dead_after_ms = 10000;
+  // Ask for session resume (docs/protocol.md 9); false: a session ends with
+  // its connection, as in protocol version 1.
+  bool resume = true;
+  // Bytes kept for a resume (sent, not yet proved received, and queued) at
+  // which local connections stop being read until the server's receipts
+  // (or the resume) make room.
+  uint32_t resume_buffer_bytes = 1u << 20;
 };
 
 struct ClientCounters {
@@ -106,6 +126,16 @@ struct ClientCounters {
   // connect_timeout_ms, or at once because max_waiting were already waiting.
   uint64_t waiting_expired = 0;
   uint64_t waiting_overflow = 0;
+  // Session resume: connections that broke under a resumable session (kept,
+  // detached), sessions resumed on a new connection, resumes the server
+  // refused (a fresh session instead) or that did not happen within the
+  // window (the kept session's local connections are reset either way), and
+  // bytes sent again on resumes.
+  uint64_t sessions_detached = 0;
+  uint64_t sessions_resumed = 0;
+  uint64_t resumes_refused = 0;
+  uint64_t resumes_expired = 0;
+  uint64_t resume_replayed_bytes = 0;
 };
 
 // One session that became ready (the first one too).
@@ -122,8 +152,9 @@ struct ClientSessionInfo {
 // What the client is doing now (for status displays).
 struct ClientStatus {
   // "connected": a session takes new streams; "moving": the session is
-  // draining and its replacement is being set up; "connecting": no session
-  // takes streams (local connections wait).
+  // draining and its replacement is being set up; "detached": the session's
+  // connection broke and the client is resuming it (its streams wait);
+  // "connecting": no session takes streams (local connections wait).
   std::string state;
   uint64_t session = 0;     // number of the session new streams go to (0: none)
   std::string server;       // its "host:port"
@@ -142,6 +173,10 @@ struct ClientStatus {
   uint32_t server_max_streams = 0;
   uint32_t open_rate = 0;   // streams/s the client opens at most (0: not paced)
   uint32_t open_burst = 0;  // ... and at once
+  bool resumable = false;        // the session can be resumed after a break
+  uint64_t detached_for_ms = 0;  // state "detached": since the break
+  uint32_t resume_window_ms = 0; // the server keeps the session this long after a break
+  size_t resume_kept_bytes = 0;  // kept for a resume: sent, not proved received
   ClientCounters counters;
 };
 
@@ -169,6 +204,15 @@ struct ClientEvents {
   // DRAIN received on session n (the one taking new streams): the client is
   // dialing `target` (the reconnect hint or the same address) and moves there.
   std::function<void(uint64_t n, const std::string& reason, uint32_t grace_ms, const std::string& target)> on_drain;
+  // Session resume: session n's connection broke and the session is kept
+  // for at most window_ms while the client resumes it.
+  std::function<void(uint64_t n, const std::string& reason, uint32_t window_ms)> on_detached;
+  // Session n carries on over a new connection to `server`, after a pause
+  // of paused_ms; replayed: bytes this side sent again.
+  std::function<void(uint64_t n, const std::string& server, uint64_t paused_ms, uint64_t replayed)> on_resumed;
+  // Session n could not be resumed (refused: a fresh session follows; or its
+  // window ended): its local connections were reset.
+  std::function<void(uint64_t n, const std::string& reason)> on_resume_failed;
 };
 
 class Client {

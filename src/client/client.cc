@@ -75,6 +75,22 @@ class ClientLink : public Link {
   bool draining = false;         // DRAIN received: takes no new streams
   std::optional<mux::Reject> reject;  // REJECT received before WELCOME
   bool resumed() const { return peer_info().resumed; }
+
+  // --- session resume (docs/protocol.md 9) ---
+  mux::SessionId session_id{};
+  std::optional<mux::ResumeSecret> resume_secret;  // the latest (WELCOME, RESUMED); never logged
+  uint32_t resume_window_ms = 0;
+  std::string resume_address;   // from WELCOME: reaches this same server directly
+  // A setup session: the detached session its HELLO asks to resume.
+  ClientLink* resume_of = nullptr;
+  bool resumable_session() const { return resume_secret.has_value(); }
+  bool detached() const { return phase() == LinkPhase::detached; }
+  void set_window(uint32_t ms) { set_resume_window(ms); }
+  bool can_resume_at(uint64_t server_received) const { return can_resume_from(server_received); }
+  uint64_t kept_acked() const { return core_log().acked(); }
+  uint64_t kept_sent() const { return core_log().sent(); }
+  // Hands this detached session's connection over to `setup` and back.
+  void take_over_from(ClientLink& setup, uint64_t server_received) { setup.hand_session_to(*this, server_received); }
   // Takes new streams.
   bool usable() {
     return phase() == LinkPhase::serving && !draining && !session().go_away_received();
@@ -164,6 +180,12 @@ class ClientLink : public Link {
   }
   bool peer_refused(uint32_t id) const override { return unanswered_.count(id) != 0; }
   void on_ping_answered(uint32_t value, uint64_t sent_at_ms) override;
+  bool on_break(const char* why) override;
+  void on_detach_expired() override;
+  void on_reattached() override;
+  void on_input() override {
+    if (resumable_session()) send_receipt_if_due();
+  }
 
  private:
   struct Marker {
@@ -237,6 +259,8 @@ struct Client::Impl {
   bool ever_ready = false;
   uint32_t failures = 0;          // consecutive failed tries (reset by WELCOME)
   uint32_t initial_failures = 0;  // transport failures before the first session
+  uint32_t resume_tries = 0;      // dials since the active session detached
+  uint64_t resume_replay_ = 0;    // bytes the resume under way sends again
   ClientCounters counters;
   std::mt19937_64 rng{std::random_device{}()};
 
@@ -379,15 +403,31 @@ struct Client::Impl {
     proxy::LinkLimits limits;
     limits.handshake_timeout_ms = opts.connect_timeout_ms;
     limits.idle_timeout_ms = UINT32_MAX / 2;  // the client relies on heartbeats instead
+    limits.resume_buffer_bytes = opts.resume_buffer_bytes;
     pending = new ClientLink(*this, tcp, *tls, limits, dial_target, &resume);
     pending->start();
+  }
+
+  // The next address to dial: while resuming, the server's resume_address
+  // (it reaches the server that holds the session) on every other try.
+  Target next_target() {
+    if (active && active->detached() && !active->resume_address.empty() && resume_tries++ % 2 == 0) {
+      if (auto hp = config::parse_host_port(active->resume_address, false)) {
+        Target t = target_of(*hp);
+        // The certificate is the same server's: the name it was checked
+        // against before, unless the operator set one.
+        t.name = active->target.name;
+        return t;
+      }
+    }
+    return target_of(servers[cur]);
   }
 
   void retry_fired() {
     if (stopped) return;
     if (retry_waiting) {
       retry_waiting = false;
-      dial(target_of(servers[cur]));
+      dial(next_target());
       return;
     }
     // TCP connect (or resolve) took longer than connect_timeout_ms.
@@ -447,6 +487,22 @@ struct Client::Impl {
     ever_ready = true;
     failures = 0;
     initial_failures = 0;
+    if (active && active->detached()) {
+      // docs/protocol.md 9.4: a resume refused (or a server that does not
+      // resume): this connection is a fresh session and the kept one ends,
+      // its local connections reset.
+      ClientLink* kept = active;
+      active = nullptr;
+      l->resume_of = nullptr;
+      counters.resumes_refused++;
+      std::string why = w.resume_refused.empty() ? "the server does not resume sessions" : w.resume_refused;
+      if (w.resume_refused_code) why += " (" + std::string(mux::to_str(mux::ResumeRefusedCode(*w.resume_refused_code))) + ")";
+      spdlog::warn("session {}: resume refused by {}: {}; its {} streams are reset, a fresh session starts", kept->n,
+                   l->target.str(), why, kept->bridge_count());
+      if (events.on_resume_failed) events.on_resume_failed(kept->n, "resume refused: " + why);
+      kept->close("resume refused", false);
+      if (stopped) return;
+    }
     counters.sessions_opened++;
     if (counters.sessions_opened > 1) counters.reconnects++;
     if (l->resumed()) counters.resumed_handshakes++;
@@ -502,6 +558,73 @@ struct Client::Impl {
     if (events.on_session) events.on_session(info);
     if (stopped) return;
     pump();
+  }
+
+  // --- session resume (docs/protocol.md 9) ---
+
+  // The active session's connection broke: true keeps the session (it
+  // detaches) and a resume starts at once.
+  bool link_broke(ClientLink* l, const char* why) {
+    if (stopped || l != active || !opts.resume || !l->resumable_session()) return false;
+    counters.sessions_detached++;
+    resume_tries = 0;
+    failures = 0;
+    spdlog::warn("session {} to {}: connection lost ({}); resuming it (the server keeps it {} ms, {} streams wait)",
+                 l->n, l->target.str(), why, l->resume_window_ms, l->bridge_count());
+    if (events.on_detached) events.on_detached(l->n, why, l->resume_window_ms);
+    if (stopped) return true;
+    // After the link has detached (this runs inside its break).
+    uv_timer_stop(retry_timer);
+    retry_waiting = true;
+    uv_timer_start(retry_timer, retry_cb, 0, 0);
+    return true;
+  }
+
+  // RESUMED on setup session `l`: the kept session carries on over l's connection.
+  void resumed(ClientLink* l, const mux::Resumed& m) {
+    ClientLink* kept = l->resume_of;
+    if (l != pending || !kept || kept != active || !kept->detached()) {
+      // We asked for no resume (or gave it up: the window ended meanwhile).
+      l->close("RESUMED for a session no longer kept", true);
+      return;
+    }
+    if (!kept->can_resume_at(m.received)) {
+      spdlog::warn("session {}: RESUMED from offset {}, outside the {}..{} kept here; a fresh session follows",
+                   kept->n, m.received, kept->kept_acked(), kept->kept_sent());
+      l->close("RESUMED offset out of range", true, mux::GoAwayCode::protocol_error);
+      return;
+    }
+    pending = nullptr;
+    l->resume_of = nullptr;
+    kept->resume_secret = m.secret;
+    kept->resume_window_ms = m.window_ms;
+    kept->set_window(m.window_ms);
+    kept->target = l->target;
+    resume_replay_ = kept->kept_sent() - m.received;
+    kept->take_over_from(*l, m.received);
+  }
+
+  // The kept session is attached again (after resumed()).
+  void reattached(ClientLink* l) {
+    failures = 0;
+    counters.sessions_resumed++;
+    counters.resume_replayed_bytes += resume_replay_;
+    const uint64_t paused = uv_now(loop) - l->detached_ms();
+    spdlog::info("session {} resumed on a new connection to {} after {} ms; {} bytes sent again", l->n,
+                 l->target.str(), paused, resume_replay_);
+    if (events.on_resumed) events.on_resumed(l->n, l->target.str(), paused, resume_replay_);
+    if (stopped) return;
+    schedule_pump();  // local connections that waited for the session
+  }
+
+  // The resume window of the kept session ended (close follows).
+  void resume_expired(ClientLink* l) {
+    counters.resumes_expired++;
+    if (pending && pending->resume_of == l) pending->resume_of = nullptr;
+    spdlog::warn("session {}: not resumed within {} ms; its {} streams are reset", l->n, l->resume_window_ms,
+                 l->bridge_count());
+    if (events.on_resume_failed)
+      events.on_resume_failed(l->n, "not resumed within " + std::to_string(l->resume_window_ms) + " ms");
   }
 
   void rejected(ClientLink* l, const mux::Reject& r) {
@@ -560,6 +683,7 @@ struct Client::Impl {
     }
     if (l == active) {
       active = nullptr;
+      if (pending && pending->resume_of == l) pending->resume_of = nullptr;
       if (stopped) return;
       if (l->draining) {
         // docs/protocol.md 6: a drained session closes when its last stream ends,
@@ -789,11 +913,24 @@ namespace {
 uv_loop_t* ClientLink::owner_loop(Client::Impl& o) { return o.loop; }
 
 void ClientLink::on_secure() {
+  // Offsets count from the session's first byte (docs/protocol.md 9.2): keep
+  // until WELCOME says whether the session is resumable.
+  if (owner_.opts.resume) resume_log().start_keeping();
   uint32_t id = session().open();  // 1: the control stream
   mux::Hello h;
   h.version = 1;
   h.token = owner_.opts.token;
   h.client_id = owner_.opts.client_id;
+  h.resume_capable = owner_.opts.resume;
+  // A detached session: this connection's HELLO asks to resume it.
+  if (owner_.active && owner_.active->detached()) resume_of = owner_.active;
+  if (resume_of && resume_of->detached() && resume_of->resume_secret) {
+    mux::ResumeRequest r;
+    r.session_id = resume_of->session_id;
+    r.secret = *resume_of->resume_secret;
+    r.received = resume_of->resume_log().received();
+    h.resume = r;
+  }
   std::vector<uint8_t> msg;
   mux::encode(h, msg);
   (void)session().write(id, msg);
@@ -822,9 +959,27 @@ void ClientLink::on_control_data() {
       set_phase(LinkPhase::serving);
       heartbeat_ms = m.welcome->heartbeat_ms;
       if (heartbeat_ms) next_ping_ms_ = uv_now(loop()) + heartbeat_ms;
+      session_id = m.welcome->session_id;
+      m.welcome->resume_address = util::printable(m.welcome->resume_address);
+      m.welcome->resume_refused = util::printable(m.welcome->resume_refused);
+      if (owner_.opts.resume && m.welcome->resume_secret) {
+        resume_secret = m.welcome->resume_secret;
+        resume_window_ms = m.welcome->resume_window_ms.value_or(0);
+        resume_address = m.welcome->resume_address;
+        set_window(resume_window_ms);
+      } else {
+        resume_log().stop_keeping();
+      }
       rearm_timer();
       EntryGuard g(this);
       owner_.welcomed(this, *m.welcome);
+    } else if (m.resumed && phase() == LinkPhase::awaiting_hello) {
+      // docs/protocol.md 9.4: the last frame of this setup session.
+      EntryGuard g(this);
+      owner_.resumed(this, *m.resumed);
+      return;
+    } else if (m.received && phase() == LinkPhase::serving) {
+      if (resumable_session() && !take_receipt(m.received->received)) return;
     } else if (m.reject) {
       owner_.rejected(this, *m.reject);
       close("rejected by server", false);
@@ -849,9 +1004,21 @@ void ClientLink::on_role_deadline() {
     next_ping_ms_ = now + heartbeat_ms;
   }
   if (now >= last_rx_ms() + 2 * uint64_t(heartbeat_ms) && session().pending_pings().size() >= 2) {
+    // A dead path: the session is kept for a resume when it can be.
+    if (try_detach("heartbeat lost: 2 pings unanswered")) return;
     close("heartbeat lost: 2 pings unanswered", true);
     return;
   }
+}
+
+bool ClientLink::on_break(const char* why) { return owner_.link_broke(this, why); }
+
+void ClientLink::on_detach_expired() { owner_.resume_expired(this); }
+
+void ClientLink::on_reattached() {
+  // Pings start over from the resume.
+  if (heartbeat_ms) next_ping_ms_ = uv_now(loop()) + heartbeat_ms;
+  owner_.reattached(this);
 }
 
 void ClientLink::on_last_bridge_gone() { owner_.link_idle(this); }
@@ -976,6 +1143,7 @@ ClientStatus Client::status() const {
     s.session_age_ms = uv_now(i.loop) - a->ready_ms;
   }
   if (a && a->usable()) s.state = "connected";
+  else if (a && a->detached()) s.state = "detached";
   else if (a) s.state = "moving";
   else s.state = "connecting";
   if (i.pending) s.dialing = i.pending->target.str();
@@ -990,6 +1158,10 @@ ClientStatus Client::status() const {
     s.server_max_streams = a->server_max_streams;
     s.open_rate = a->pace_rate;
     s.open_burst = a->pace_burst;
+    s.resumable = a->resumable_session();
+    s.resume_window_ms = a->resume_window_ms;
+    s.resume_kept_bytes = a->resume_kept();
+    if (a->detached()) s.detached_for_ms = uv_now(i.loop) - a->detached_ms();
   }
   s.counters = i.counters;
   return s;

@@ -28,6 +28,11 @@ std::string status_json(const ClientStatus& s) {
               {"stream_open_burst", s.server_open_burst},
               {"max_streams", s.server_max_streams}}},
             {"pacing", {{"rate", s.open_rate}, {"burst", s.open_burst}}},
+            {"resume",
+             {{"resumable", s.resumable},
+              {"window_ms", s.resume_window_ms},
+              {"kept_bytes", s.resume_kept_bytes},
+              {"detached_for_ms", s.detached_for_ms}}},
             {"counters",
              {{"sessions_opened", c.sessions_opened},
               {"reconnects", c.reconnects},
@@ -40,7 +45,12 @@ std::string status_json(const ClientStatus& s) {
               {"opens_refused", c.opens_refused},
               {"opens_retried", c.opens_retried},
               {"waiting_expired", c.waiting_expired},
-              {"waiting_overflow", c.waiting_overflow}}}};
+              {"waiting_overflow", c.waiting_overflow},
+              {"sessions_detached", c.sessions_detached},
+              {"sessions_resumed", c.sessions_resumed},
+              {"resumes_refused", c.resumes_refused},
+              {"resumes_expired", c.resumes_expired},
+              {"resume_replayed_bytes", c.resume_replayed_bytes}}}};
   // server_id came from the server: printable() already (client.cc).
   return util::json_text(o) + "\n";
 }

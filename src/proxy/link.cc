@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "mux/control.h"
 #include "proxy/bridge.h"
 
 namespace baton::proxy {
@@ -208,6 +209,16 @@ void Link::record_input(std::span<const uint8_t> data) {
       cut("tls_error", r.reason);  // the alert, if one is due, is sealed
       return;
   }
+  if (hand_to_ && phase() == LinkPhase::awaiting_hello) {
+    // Nothing of the setup session goes out after this: its last frame
+    // (the server's RESUMED) is sealed already, and what it queued since
+    // (a window update for the bytes just read) would land in the resumed
+    // session's stream. It is dropped with the setup link.
+    Link* old = hand_to_;
+    hand_to_ = nullptr;
+    old->resume_from(*this, hand_received_);
+    return;
+  }
   if (phase() == LinkPhase::awaiting_hello || phase() == LinkPhase::serving) on_input();
   flush();
 }
@@ -361,6 +372,12 @@ void Link::detach(const char* why) {
   rearm_timer();
 }
 
+void Link::hand_session_to(Link& old, uint64_t peer_received) {
+  hand_to_ = &old;
+  hand_received_ = peer_received;
+  core_.hold_input();
+}
+
 void Link::resume_from(Link& setup, uint64_t peer_received) {
   EntryGuard g(this);
   if (!core_.attach(setup.core_.release_record(), peer_received)) return;  // precondition: can_resume_from
@@ -377,6 +394,40 @@ void Link::resume_from(Link& setup, uint64_t peer_received) {
   wake_bridges();
   flush();
   rearm_timer();
+  on_reattached();
+  // The peer's records that came behind the setup session's last one.
+  if (phase() == LinkPhase::serving && core_.record() && core_.record()->has_input()) record_input({});
+}
+
+void Link::send_control(const std::vector<uint8_t>& msg) {
+  size_t n = session().write(1, msg);
+  // The control stream's window is 256 KiB and a handful of small messages
+  // go on it; a peer that never returns credit loses them.
+  if (n < msg.size()) spdlog::warn("tunnel {}: control stream window exhausted", peer_);
+  flush();
+}
+
+void Link::send_receipt_if_due() {
+  ResumeLog& log = core_.resume_log();
+  if (phase() != LinkPhase::serving || !log.keeping()) return;
+  const uint64_t now = uv_now(loop_);
+  if (!log.receipt_due() && !(log.receipt_due(true) && now >= last_receipt_ms_ + 1000)) return;
+  last_receipt_ms_ = now;
+  std::vector<uint8_t> msg;
+  mux::encode(mux::Received{log.take_receipt()}, msg);
+  send_control(msg);
+}
+
+bool Link::take_receipt(uint64_t offset) {
+  ResumeLog& log = core_.resume_log();
+  const bool was_full = output_budget() == 0;
+  if (log.acknowledge(offset) == ResumeLog::Ack::beyond_sent) {
+    spdlog::info("tunnel {}: RECEIVED {} is beyond the {} bytes sent", peer_, offset, log.sent());
+    cut("protocol_error", "RECEIVED beyond what was sent", true, mux::GoAwayCode::protocol_error);
+    return false;
+  }
+  if (was_full && output_budget() > 0) wake_bridges();
+  return true;
 }
 
 // A bridge may finish (and be removed) while it catches up: walk ids.

@@ -174,9 +174,12 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
            mux::GoAwayCode code = mux::GoAwayCode::normal);
 
   void set_phase(LinkPhase p) { core_.set_phase(p); }
+  // The peer's resume window (a client learns it from WELCOME or RESUMED).
+  void set_resume_window(uint32_t ms) { limits_.resume_window_ms = ms; }
 
   // Session resume (docs/protocol.md 9).
   ResumeLog& resume_log() { return core_.resume_log(); }
+  const ResumeLog& core_log() const { return core_.resume_log(); }
   // True while a break of the connection would keep the session: it keeps
   // its resume log, serves, and neither side ended it (Go Away, close_notify).
   bool resumable() const;
@@ -195,13 +198,24 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
     const ResumeLog& l = core_.resume_log();
     return l.keeping() && peer_received >= l.acked() && peer_received <= l.sent();
   }
-  // Carries this detached session on over `setup`'s connection: its socket
-  // and record layer (which already holds RESUMED, the last of the setup
-  // session), then this side's kept bytes from `peer_received`. `setup` is
-  // left closed without a word (the caller's callback stack deletes it).
-  // Precondition: detached, can_resume_from(peer_received), `setup` inside
-  // its own input handling.
-  void resume_from(Link& setup, uint64_t peer_received);
+  // From this link's control stream handling (its setup session): the
+  // record being read is the last of the setup session (docs/protocol.md
+  // 9.4). Once it is read, `old` (detached, can_resume_from(peer_received))
+  // carries on over this connection (resume_from) and this link is left
+  // closed without a word; the caller's callback stack deletes it.
+  void hand_session_to(Link& old, uint64_t peer_received);
+  // The session carries on over a new connection (after resume_from).
+  virtual void on_reattached() {}
+  // A break: detaches if the session is resumable and the role keeps it.
+  bool try_detach(const char* why);
+  // docs/protocol.md 9.1: RECEIVED every 64 KiB of the peer's stream, and at
+  // least once a second while anything arrived. Call after input.
+  void send_receipt_if_due();
+  // The peer's RECEIVED: drops what it proved it has. False when the offset
+  // lies beyond what was sent: the link is cut (protocol error).
+  bool take_receipt(uint64_t offset);
+  // Writes a control message on stream 1 and flushes.
+  void send_control(const std::vector<uint8_t>& msg);
   // Wakes the bridges after output room appeared (a receipt, a resume).
   void wake_bridges();
   void rearm_timer();
@@ -256,8 +270,13 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   bool was_congested_ = false;
   bool write_failed_ = false;  // the peer is gone: nothing more is written
   uint64_t detached_ms_ = 0;
-  // A break: detaches if the session is resumable and the role keeps it.
-  bool try_detach(const char* why);
+  uint64_t last_receipt_ms_ = 0;
+  Link* hand_to_ = nullptr;  // hand_session_to(): the session this connection goes to
+  uint64_t hand_received_ = 0;
+  // Carries this detached session on over `setup`'s connection: its socket
+  // and record layer, then this side's kept bytes from `peer_received`, then
+  // the peer's records read past the setup session's last.
+  void resume_from(Link& setup, uint64_t peer_received);
 };
 
 }  // namespace baton::proxy

@@ -40,6 +40,10 @@ void LinkCore::secure(tls::RecordState record, const tls::PeerInfo& peer) {
 
 InputResult LinkCore::input(std::span<const uint8_t> data, std::span<uint8_t> scratch) {
   while (phase_ == LinkPhase::awaiting_hello || phase_ == LinkPhase::serving) {
+    if (held_) {
+      record_->keep_input(data);
+      break;
+    }
     tls::Opened o = record_->open(data, scratch);
     data = data.subspan(o.used);
     if (o.status == tls::OpenStatus::data) {

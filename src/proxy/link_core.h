@@ -53,7 +53,13 @@ class LinkCore {
   // while the link is open (awaiting_hello or serving; a session callback
   // that closes the link stops it). Bytes of an incomplete record wait in
   // the record layer. `scratch` is tls::kScratchSize bytes.
+  // After hold_input() (from a session callback) it stops at the end of the
+  // current record and keeps the rest unopened in the record layer.
   InputResult input(std::span<const uint8_t> data, std::span<uint8_t> scratch);
+  // The record being opened is the last one this session reads: what follows
+  // belongs to the session the record layer goes to next (a resume,
+  // docs/protocol.md 9.4).
+  void hold_input() { held_ = true; }
   // Seals what the session queued into records (dropped once close_notify
   // is sent: nothing may follow it).
   void seal();
@@ -114,6 +120,7 @@ class LinkCore {
   ResumeLog resume_;
   uint64_t started_ms_ = 0;
   uint64_t last_rx_ms_ = 0;
+  bool held_ = false;  // hold_input()
 };
 
 }  // namespace baton::proxy

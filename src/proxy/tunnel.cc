@@ -133,29 +133,9 @@ void Tunnel::on_detach_expired() {
   set_detached_counted(false);
 }
 
+// The client's pings arrive every heartbeat: receipts go at least that often.
 void Tunnel::on_input() {
-  ResumeLog& log = resume_log();
-  if (!offers_resume_ || phase() != LinkPhase::serving || !log.keeping()) return;
-  // docs/protocol.md 9.1: every 64 KiB, and at least once a second while
-  // anything arrived (the client's pings arrive every heartbeat).
-  const uint64_t now = uv_now(loop());
-  if (!log.receipt_due() && !(log.receipt_due(true) && now >= last_receipt_ms_ + 1000)) return;
-  last_receipt_ms_ = now;
-  std::vector<uint8_t> msg;
-  mux::encode(mux::Received{log.take_receipt()}, msg);
-  send_control(msg);
-}
-
-void Tunnel::handle_received(uint64_t offset) {
-  ResumeLog& log = resume_log();
-  if (!offers_resume_ || !log.keeping()) return;  // not a resumable session: ignored, like any unknown message
-  const bool was_full = output_budget() == 0;
-  if (log.acknowledge(offset) == ResumeLog::Ack::beyond_sent) {
-    spdlog::info("tunnel {}: RECEIVED {} is beyond the {} bytes sent", peer(), offset, log.sent());
-    cut("protocol_error", "RECEIVED beyond what was sent", true, mux::GoAwayCode::protocol_error);
-    return;
-  }
-  if (was_full && output_budget() > 0) wake_bridges();
+  if (offers_resume_) send_receipt_if_due();
 }
 
 void Tunnel::on_closed(const char* reason) {
@@ -341,14 +321,6 @@ bool Tunnel::export_state(Tunnel* t, TunnelState& out) {
   return true;
 }
 
-void Tunnel::send_control(const std::vector<uint8_t>& msg) {
-  size_t n = session().write(1, msg);
-  // The control stream's window is 256 KiB and the server sends a handful of
-  // small messages; a peer that never returns credit loses them.
-  if (n < msg.size()) spdlog::warn("tunnel {}: control stream window exhausted", peer());
-  flush();
-}
-
 void Tunnel::reject(uint16_t code, const std::string& reason) {
   const char* result = code == 2 ? "auth_failed" : code == 3 ? "rejected_overload" : code == 4 ? "rejected_draining"
                                                                                                 : "rejected";
@@ -385,8 +357,8 @@ void Tunnel::on_control_data() {
       handle_hello(HelloView{*m.hello});
       if (phase() != LinkPhase::serving) return;
     } else if (m.received && phase() == LinkPhase::serving) {
-      handle_received(m.received->received);
-      if (phase() != LinkPhase::serving) return;
+      // Not a resumable session: ignored, like any unknown message.
+      if (offers_resume_ && resume_log().keeping() && !take_receipt(m.received->received)) return;
     }
     // Anything else (unknown types, a second HELLO) is ignored, as docs/protocol.md 3 says.
   }
@@ -440,7 +412,7 @@ bool Tunnel::try_resume(const mux::ResumeRequest& r, const std::string& identity
   server_.metrics().inc(series<Fam::resume_replayed_bytes_total>(), replay);
   spdlog::info("tunnel {}: session {} ({}) resumed on a new connection; {} bytes sent again", peer(),
                util::to_hex(old->session_id()).substr(0, 8), util::quoted(old->client_id()), replay);
-  old->resume_from(*this, r.received);
+  hand_session_to(*old, r.received);
   return true;
 }
 

@@ -73,13 +73,11 @@ class Tunnel : public Link {
   void set_counted(bool on);
   void handle_hello(const struct HelloView& h);
   void reject(uint16_t code, const std::string& reason);
-  void send_control(const std::vector<uint8_t>& msg);
   // A resuming HELLO (docs/protocol.md 9.4): true when this connection now
   // carries that session (this tunnel is done); false with `refused` and
   // `code` set when a fresh session is to be started instead.
   bool try_resume(const mux::ResumeRequest& r, const std::string& identity, std::string& refused,
                   mux::ResumeRefusedCode& code);
-  void handle_received(uint64_t offset);
   void set_detached_counted(bool on);
 
   Server& server_;
@@ -92,7 +90,6 @@ class Tunnel : public Link {
   bool detached_counted_ = false;
   mux::ResumeSecret resume_secret_{};
   std::string identity_;
-  uint64_t last_receipt_ms_ = 0;
   uint64_t drain_deadline_ms_ = 0;
   // Route preambles (check_preambles): when to look next (0: no stream waits
   // for one), and the first look's time while a second look is pending.

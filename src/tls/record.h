@@ -117,6 +117,11 @@ class RecordLayer {
   // must hold kScratchSize bytes; the returned plaintext lives there until
   // the next call. Call again with in.subspan(used) until need_more.
   [[nodiscard]] Opened open(std::span<const uint8_t> in, std::span<uint8_t> scratch);
+  // Keeps `in` unopened, behind partial_input: open({}) takes its records
+  // later (records that belong to whoever this layer is handed to next).
+  void keep_input(std::span<const uint8_t> in) { st_.partial_input.append(in); }
+  // Whole or partial records kept (keep_input, or read past a handshake).
+  bool has_input() const { return !st_.partial_input.empty(); }
 
   // Seals `data` as application_data records of at most kMaxPlaintext bytes
   // each and appends them to output(). Precondition: !close_notify_sent.

@@ -549,6 +549,52 @@ def describe_hang(pid: int) -> dict:
     return {"lsan_exit": lsan, "text": "; ".join(lines)}
 
 
+class BigSender:
+    """Sends `total` bytes on socket s from a thread, then shuts its write
+    side: position-dependent chunks (never periodic), hashed as they go.
+    sent[0] counts what sendall took; errors holds an OSError that ended it."""
+
+    def __init__(self, s: socket.socket, total: int, chunk: int = 1 << 20):
+        self.s, self.total, self.chunk = s, total, chunk
+        self.sha = hashlib.sha256()
+        self.sent = [0]
+        self.errors: List[Exception] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            block = os.urandom(self.chunk)
+            i = 0
+            while self.sent[0] < self.total:
+                chunk = (hashlib.sha256(i.to_bytes(8, "big")).digest() + block[32:])[:self.total - self.sent[0]]
+                self.sha.update(chunk)
+                self.s.sendall(chunk)
+                self.sent[0] += len(chunk)
+                i += 1
+            self.s.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            self.errors.append(e)
+
+    def start(self) -> "BigSender":
+        self.thread.start()
+        return self
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+
+    def check_echoed(self, echo, n_back: int, sha_back) -> None:
+        """After the echo came back (n_back bytes hashed into sha_back):
+        everything went both ways, intact, through the echo upstream `echo`."""
+        self.join(scaled(60))
+        assert not self.errors, self.errors
+        assert n_back == self.total, "got %d of %d bytes back" % (n_back, self.total)
+        rec = echo.wait_conns(1)[0]
+        assert rec.done.wait(scaled(10))
+        assert rec.received == self.total
+        assert rec.sha_in.hexdigest() == self.sha.hexdigest(), "client -> upstream direction corrupted"
+        assert sha_back.hexdigest() == self.sha.hexdigest(), "upstream -> client direction corrupted"
+
+
 def check_exit(what: str, status: Optional[int], allowed=(0,)) -> Optional[str]:
     """What is wrong with how a process ended, or None."""
     if status is None:
@@ -593,6 +639,23 @@ def _teardown(procs: List[BatonProcess]) -> None:
             problems.append(problem)
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def spawn_tool():
+    """spawn_tool(args, **popen_kw) -> Popen of a helper process (a bench
+    tool, an upstream), killed at teardown if still running."""
+    procs: List[subprocess.Popen] = []
+
+    def spawn(args, **kw) -> subprocess.Popen:
+        procs.append(subprocess.Popen([str(a) for a in args], **kw))
+        return procs[-1]
+
+    yield spawn
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 @pytest.fixture

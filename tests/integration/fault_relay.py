@@ -10,7 +10,9 @@ ways networks do:
 * ``blackhole_then_reset(ms)``: both directions held for ms, then reset;
 * ``cut_after(direction, n)``: n more bytes are forwarded in that direction,
   then both sides are reset, so the cut falls at a chosen byte (inside a TLS
-  record, inside a frame).
+  record, inside a frame);
+* ``down()`` / ``up()``: the network is gone: every relayed connection is
+  reset and new ones are refused (reset at once) until ``up()``.
 
 Counts what it forwarded and what it dropped. Everything it starts is
 stopped by close()."""
@@ -129,6 +131,8 @@ class FaultRelay:
         self.dropped = {"up": 0, "down": 0}
         self.connections = 0
         self.resets = 0
+        self.refusing = False
+        self.refused = 0
         self._pairs: List[_Pair] = []
         self._dead: List[_Pair] = []
         self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -149,6 +153,12 @@ class FaultRelay:
             if self._stop:
                 conn.close()
                 return
+            if self.refusing:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+                with self.lock:
+                    self.refused += 1
+                continue
             try:
                 up = socket.create_connection(self.target, timeout=10)
                 up.settimeout(None)
@@ -192,6 +202,15 @@ class FaultRelay:
     def reset(self) -> None:
         """Resets every relayed connection on both sides; held bytes are lost."""
         self._reset_all()
+
+    def down(self) -> None:
+        """The network goes away: resets everything, refuses new connections."""
+        self.refusing = True
+        self._reset_all()
+
+    def up(self) -> None:
+        """The network is back: new connections are relayed again."""
+        self.refusing = False
 
     def blackhole_then_reset(self, ms: int) -> None:
         self.hold("up")

@@ -105,7 +105,11 @@ def test_runtime_stage_runs_the_hot_restarter_as_non_root():
     assert pod["securityContext"]["runAsUser"] == int(user[0])
     baton = [c for c in pod.get("initContainers", []) if c["name"] == "baton"]
     assert baton and baton[0]["args"][0] == "--", "args go to the hot-restarter: -- baton serve ..."
-    assert json.loads(instr["CMD"]) == baton[0]["args"], (instr["CMD"], baton[0]["args"])
+    # The image's default command, then what only Kubernetes knows: the pod
+    # IP for session resume (--resume-advertise $(POD_IP):7443).
+    cmd = json.loads(instr["CMD"])
+    assert baton[0]["args"][:len(cmd)] == cmd, (instr["CMD"], baton[0]["args"])
+    assert baton[0]["args"][len(cmd):] == ["--resume-advertise", "$(POD_IP):7443"], baton[0]["args"]
 
 
 def test_dockerignore_keeps_build_outputs_and_secrets_out():

@@ -479,8 +479,11 @@ def test_dead_replica_detected_and_local_connections_wait(server_factory, connec
     up = upstream_factory("echo")
     a = server_factory(routes={"echo": up}, limits=lim, server_id="srv-a")
     b = server_factory(routes={"echo": up}, limits=lim, server_id="srv-b")
+    # Protocol version 1's behaviour: the session ends with its connection
+    # (with resume the client would keep it and try A again first;
+    # test_resume_client.py covers that).
     c = connect_factory(a, extra_args=["--server", addr_str(b), "--connect-timeout-ms", str(ct_ms),
-                                       "--status-listen", "127.0.0.1:0"])
+                                       "--status-listen", "127.0.0.1:0", "--no-resume"])
     assert c.ready["server_id"] == "srv-a"
     assert "heartbeat %d ms" % heartbeat_ms in c.stderr_text()
     addr = c.forward_addr("echo")
@@ -586,24 +589,27 @@ def test_dead_replica_detected_and_local_connections_wait(server_factory, connec
              reset_after, ct_ms))
 
 
-def test_silent_replica_detected_within_two_heartbeats(server_factory, connect_factory):
+@pytest.mark.parametrize("resume", [False, True], ids=["no_resume", "resume"])
+def test_silent_replica_detected_within_two_heartbeats(server_factory, connect_factory, resume):
     """docs/client.md: a dead path is found "within 2 heartbeats in any
     case". A is stopped just after the client's first ping was answered (the
-    worst moment); the session must be declared lost within 2 heartbeats
+    worst moment); the session must be declared lost (with resume: its
+    connection declared dead and the session detached) within 2 heartbeats
     (+ a small margin) of the stop."""
     heartbeat_ms = 500
     hb = heartbeat_ms / 1000.0
     lim = {"heartbeat_ms": heartbeat_ms, "idle_timeout_ms": 60000}
     a = server_factory(limits=lim, server_id="srv-a")
     b = server_factory(limits=lim, server_id="srv-b")
-    c = connect_factory(a, extra_args=["--server", addr_str(b)])
+    c = connect_factory(a, extra_args=["--server", addr_str(b)] + ([] if resume else ["--no-resume"]))
     # WELCOME at t_up: the client pings at t_up + k * heartbeat
     t_up = log_time(c, "tunnel up")
     time.sleep(max(0.0, t_up + 1.2 * hb - time.time()))  # pacing: just past the first ping's answer
     t_stop = time.time()
     os.kill(a.pid, signal.SIGSTOP)
     try:
-        t_lost = log_time(c, "session 1 lost", timeout=scaled(3 * hb + 2))
+        lost = "connection lost (heartbeat lost" if resume else "session 1 lost"
+        t_lost = log_time(c, lost, timeout=scaled(3 * hb + 2))
     finally:
         a.kill()
     detect = t_lost - t_stop

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import baton_wire as bw
-from conftest import BIG_BYTES, scaled
+from conftest import BIG_BYTES, BigSender, scaled
 
 
 def _connect(addr, timeout=10.0):
@@ -95,41 +95,14 @@ def test_one_big_stream_echoed_intact(server_factory, upstream_factory, connect_
     total = BIG_BYTES
     s = _connect(client.forward_addr("echo"))
     s.settimeout(scaled(120))
-    sha_out = hashlib.sha256()
-    errors = []
-
-    def sender():
-        try:
-            left = total
-            block = os.urandom(4 << 20)
-            i = 0
-            while left:
-                # a fresh, position-dependent chunk each time: XOR-free, cheap, never periodic
-                chunk = hashlib.sha256(i.to_bytes(8, "big")).digest() + block[32:min(len(block), left)]
-                chunk = chunk[:min(len(chunk), left)]
-                sha_out.update(chunk)
-                s.sendall(chunk)
-                left -= len(chunk)
-                i += 1
-            s.shutdown(socket.SHUT_WR)
-        except OSError as e:
-            errors.append(e)
-
-    th = threading.Thread(target=sender)
     t0 = time.monotonic()
-    th.start()
+    snd = BigSender(s, total, chunk=4 << 20).start()
     sha_in = hashlib.sha256()
     n = _recv_until_eof(s, sha_in)
-    th.join(scaled(60))
+    snd.join(scaled(60))
     elapsed = time.monotonic() - t0
     s.close()
-    assert not errors, errors
-    assert n == total, "got %d of %d bytes back" % (n, total)
-    rec = echo.wait_conns(1)[0]
-    assert rec.done.wait(scaled(10))
-    assert rec.received == total
-    assert rec.sha_in.hexdigest() == sha_out.hexdigest(), "client -> upstream direction corrupted"
-    assert sha_in.hexdigest() == sha_out.hexdigest(), "upstream -> client direction corrupted"
+    snd.check_echoed(echo, n, sha_in)
     print("big stream: %d bytes each way in %.1f s (%.0f MiB/s)" % (total, elapsed, total / elapsed / (1 << 20)))
 
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 import baton_wire as bw
-from conftest import BIG_BYTES, TOKEN, proc_state, scaled, stream_echo, wait_until
+from conftest import BIG_BYTES, TOKEN, BigSender, proc_state, scaled, stream_echo, wait_until
 
 
 def hot_restart(server_factory, old, env=None, extra_args=None):
@@ -99,26 +99,8 @@ def test_stalled_client_big_transfer_survives_restarts(server_factory, upstream_
     total = BIG_BYTES
     s = socket.create_connection(client.forward_addr("echo"))
     s.settimeout(scaled(120))
-    sha_out = hashlib.sha256()
-    sent = [0]
-    errors = []
-
-    def sender():
-        try:
-            block = os.urandom(1 << 20)
-            i = 0
-            while sent[0] < total:
-                chunk = (hashlib.sha256(i.to_bytes(8, "big")).digest() + block[32:])[:total - sent[0]]
-                sha_out.update(chunk)
-                s.sendall(chunk)
-                sent[0] += len(chunk)
-                i += 1
-            s.shutdown(socket.SHUT_WR)
-        except OSError as e:
-            errors.append(e)
-
-    th = threading.Thread(target=sender, daemon=True)
-    th.start()
+    snd = BigSender(s, total).start()
+    sha_out, sent, errors, th = snd.sha, snd.sent, snd.errors, snd.thread
     sha_in = hashlib.sha256()
     received = 0
     stalls = [total // 4, total // 2, 3 * total // 4]
@@ -343,6 +325,20 @@ def _tool(name: str) -> str:
     return path
 
 
+def _quit_load(load, windows):
+    """Ends a tunnel_load run (`mark end`, `quit`): adds the last window
+    lines to `windows`, checks it exited 0 with no stream error, and returns
+    its done line."""
+    load.stdin.write(b"mark end\nquit\n")
+    load.stdin.flush()
+    lines = _json_lines(load, lambda o: o.get("event") == "done", 60)
+    windows += [o for o in lines if "window" in o]
+    done = lines[-1]
+    assert load.wait(scaled(30)) == 0
+    assert done["errors_total"] == 0, done["error_samples"]
+    return done
+
+
 def _json_lines(proc, want, timeout):
     """Reads JSON lines from proc.stdout until one satisfies want(obj); returns all read."""
     import json
@@ -398,13 +394,7 @@ def test_twenty_restarts_under_load(server_factory, certs):
             pids.add(srv.pid)
             gones.append(gone)
             assert srv.ready["tunnels"] >= 200, srv.ready
-        load.stdin.write(b"mark end\nquit\n")
-        load.stdin.flush()
-        lines = _json_lines(load, lambda o: o.get("event") == "done", 60)
-        windows += [o for o in lines if "window" in o]
-        done = lines[-1]
-        assert load.wait(scaled(30)) == 0
-        assert done["errors_total"] == 0, done["error_samples"]
+        done = _quit_load(load, windows)
         assert done["port_changes_total"] == 0, done["error_samples"]
         assert done["churn_failures_total"] == 0, done["churn_failure_samples"]
         assert done["churn_ok_total"] > 0

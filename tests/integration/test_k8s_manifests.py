@@ -414,8 +414,27 @@ def rule_images(pod: Pod) -> List[str]:
     return out
 
 
+def rule_resume_advertise(pod: Pod) -> List[str]:
+    """Behind a Service a resume may land on another replica: each baton
+    advertises its pod's own address (docs/protocol.md 9.2), the pod IP from
+    the Downward API and the tunnel port, which Kubernetes expands in args."""
+    out = []
+    for c in pod.batons:
+        who = "%s: %s" % (pod.owner, c["name"])
+        argv = [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
+        want = "$(POD_IP):%d" % pod.config(c).listen_port
+        if "--resume-advertise" not in argv or argv.index("--resume-advertise") + 1 >= len(argv) or \
+                argv[argv.index("--resume-advertise") + 1] != want:
+            out.append("%s: no `--resume-advertise %s` in its command line" % (who, want))
+        env = {e.get("name"): e for e in c.get("env") or []}
+        src = ((env.get("POD_IP") or {}).get("valueFrom") or {}).get("fieldRef") or {}
+        if src.get("fieldPath") != "status.podIP":
+            out.append("%s: env POD_IP does not come from fieldRef status.podIP" % who)
+    return out
+
+
 RULES = [rule_images, rule_native_sidecar, rule_probes, rule_container_ports, rule_service_and_selectors, rule_prestop,
-         rule_grace_period, rule_handoff_volume, rule_security, rule_resources]
+         rule_grace_period, rule_handoff_volume, rule_security, rule_resources, rule_resume_advertise]
 
 
 def baton_pods(r: Rendered) -> List[Pod]:
@@ -509,6 +528,11 @@ def container(pod: Pod, name: str) -> dict:
 
 BREAKS = [
     # (rule, kustomization, description, change(pod, docs), expected text)
+    (rule_resume_advertise, "k8s", "no POD_IP",
+     lambda p, d: p.batons[0].pop("env"), "env POD_IP does not come from fieldRef status.podIP"),
+    (rule_resume_advertise, "k8s", "the wrong port",
+     lambda p, d: p.batons[0].update(args=[a.replace(":7443", ":7444") for a in p.batons[0]["args"]]),
+     "no `--resume-advertise $(POD_IP):7443`"),
     (rule_images, "k8s", "the bare image name",
      lambda p, d: p.batons[0].update(image="baton"), "image 'baton' is not a pinned registry image"),
     (rule_images, "k8s", "latest",

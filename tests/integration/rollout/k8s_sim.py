@@ -371,15 +371,48 @@ class Container:
 
     # -- what the kubelet computes from the spec --
 
+    def env(self) -> dict:
+        """The container's env: values, and the Downward API fields the
+        kubelet fills in (status.podIP, metadata.name)."""
+        out = {}
+        for e in self.spec.get("env") or []:
+            if "valueFrom" in e:
+                path = ((e["valueFrom"] or {}).get("fieldRef") or {}).get("fieldPath")
+                fields = {"status.podIP": self.pod.ip, "metadata.name": self.pod.name}
+                assert path in fields, "the simulation has no env source %r" % e["valueFrom"]
+                out[e["name"]] = fields[path]
+            else:
+                out[e["name"]] = str(e.get("value", ""))
+        return out
+
+    @staticmethod
+    def expand(s: str, env: dict) -> str:
+        """Kubernetes' $(VAR) expansion in command and args: a variable of the
+        container's env is replaced, $$ is a literal $, anything else stays."""
+        out, i = [], 0
+        while i < len(s):
+            if s.startswith("$$", i):
+                out.append("$")
+                i += 2
+            elif s.startswith("$(", i) and s.find(")", i) > 0 and s[i + 2:s.find(")", i)] in env:
+                j = s.find(")", i)
+                out.append(env[s[i + 2:j]])
+                i = j + 1
+            else:
+                out.append(s[i])
+                i += 1
+        return "".join(out)
+
     def argv(self) -> List[str]:
         """command overrides ENTRYPOINT, args overrides CMD (and a command
-        without args drops CMD)."""
+        without args drops CMD); $(VAR) in command and args is expanded."""
         command = self.spec.get("command") or self.image.entrypoint
         if "args" in self.spec:
             args = self.spec["args"]
         else:
             args = [] if self.spec.get("command") else self.image.cmd
-        return [str(a) for a in command + args]
+        env = self.env()
+        return [self.expand(str(a), env) for a in command + args]
 
     def security(self) -> dict:
         psc = self.pod.spec.get("securityContext") or {}
@@ -434,7 +467,7 @@ class Container:
         if s["no_new_privs"]:
             priv += ["--no-new-privs"]
         env = ["PATH=" + IMAGE_PATH, "HOSTNAME=" + self.pod.name, "HOME=/"]
-        env += ["%s=%s" % (e["name"], e.get("value", "")) for e in self.spec.get("env") or []]
+        env += ["%s=%s" % kv for kv in self.env().items()]
         script = self.dir / "mounts.sh"
         script.write_text(self.mount_script())
         argv = (["ip", "netns", "exec", self.pod.ns, "unshare", "--mount", "--uts", "--propagation", "private", "--",
