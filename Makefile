@@ -63,6 +63,7 @@ bench: build
 	@bench/run.sh $(BUILD)
 	@bench/restart.py $(BUILD)
 	@bench/storm.py $(BUILD)
+	@bench/resume.py $(BUILD)
 	@bench/peers.py $(BUILD)
 
 clean:

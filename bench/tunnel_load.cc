@@ -975,7 +975,9 @@ int main(int argc, char** argv) {
 
   // Logs of the project's classes go to stderr: stdout carries the JSON lines.
   auto logger = std::make_shared<spdlog::logger>("tunnel_load", std::make_shared<spdlog::sinks::stderr_sink_mt>());
-  logger->set_level(spdlog::level::warn);
+  // TUNNEL_LOAD_LOG=debug|info: more of the client's own log (default warn).
+  const char* lvl = std::getenv("TUNNEL_LOAD_LOG");
+  logger->set_level(lvl ? spdlog::level::from_str(lvl) : spdlog::level::warn);
   spdlog::set_default_logger(logger);
   std::signal(SIGPIPE, SIG_IGN);
 

@@ -138,7 +138,7 @@ class FaultRelay:
         self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.lsock.bind((host, 0))
-        self.lsock.listen(128)
+        self.lsock.listen(4096)  # a thousand clients may dial at once
         self.addr = self.lsock.getsockname()
         self._stop = False
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
