@@ -17,7 +17,9 @@ Targets: 10,000 tunnels handed over in under 500 ms; p99 client pause under
 
 Prints human lines, then `bench: <name> <value> <unit>` lines; also writes
 BUILD_DIR/bench-run/restart.json. Knobs: BENCH_RESTART_TUNNELS ("1000 10000"),
-BENCH_RESTART_INTERVAL_MS (100), BENCH_RESTART_WINDOW_S (2).
+BENCH_RESTART_INTERVAL_MS (100), BENCH_RESTART_WINDOW_S (2),
+BENCH_RESTART_RESUME (1: clients ask for session resume, as baton connect
+does; 0: they do not).
 Exit status 0 when every measurement ran, 1 when something broke.
 """
 
@@ -36,6 +38,9 @@ PATHS = Paths("restart")
 ROOT, BUILD, BATON, TOOLS, RUN = PATHS.root, PATHS.build, PATHS.baton, PATHS.tools, PATHS.run
 COUNTS = [int(x) for x in os.environ.get("BENCH_RESTART_TUNNELS", "1000 10000").split()]
 INTERVAL_MS = int(os.environ.get("BENCH_RESTART_INTERVAL_MS", "100"))
+# 1: the clients ask for session resume (the default of baton connect), so
+# every tunnel's resume state moves too; 0: protocol version 1 sessions.
+RESUME = int(os.environ.get("BENCH_RESTART_RESUME", "1"))
 WINDOW_S = float(os.environ.get("BENCH_RESTART_WINDOW_S", "2"))
 TARGET_HANDOFF_MS = 500
 TARGET_PAUSE_MS = 50
@@ -53,7 +58,7 @@ def run(n, active, certs, token, digest, echo):
     env = dict(os.environ, BATON_TOKEN=token)
     load = procs.spawn("load-%d" % n, [TOOLS / "tunnel_load", "--server", ready["listen"], "--ca", certs / "ca.crt",
                                  "--server-name", "localhost", "--route", "echo", "--tunnels", n, "--streams", 1,
-                                 "--active", active,
+                                 "--active", active, "--resume", RESUME,
                                  "--size", 1024, "--interval-ms", INTERVAL_MS, "--connect-concurrency", 200,
                                  "--timeout-ms", 300000], stdin=subprocess.PIPE, env=env)
     t0 = time.monotonic()
@@ -106,8 +111,9 @@ def main():
     setup = bench_setup(procs, PATHS)
     certs, token, digest, echo = setup["certs"], setup["token"], setup["digest"], setup["echo"]
 
-    print("baton hot-restart benchmark (%s, %d cores): one stream per tunnel, 1 KiB request/response every %d ms" %
-          (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), os.cpu_count(), INTERVAL_MS))
+    print("baton hot-restart benchmark (%s, %d cores): one stream per tunnel, 1 KiB request/response every %d ms; "
+          "clients %s session resume" % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), os.cpu_count(),
+                                         INTERVAL_MS, "ask for" if RESUME else "do not ask for"))
     # Each active tunnel costs baton two descriptors (client, upstream), and
     # tunnel_load three; the hard limit may be below what all-active needs
     # (raising it takes CAP_SYS_RESOURCE). Then only some tunnels carry traffic.

@@ -3,6 +3,8 @@
 //   tunnel_load --server HOST:PORT --ca FILE --server-name NAME --route echo
 //               [--tunnels 200] [--streams 5] [--size 1024] [--churn 0|1] [--interval-ms 0]
 //               [--active N] [--connect-concurrency 50] [--timeout-ms 10000] [--client-id PREFIX]
+//               [--resume 0|1]
+//   --resume 0: the clients do not ask for session resume (default 1: they do).
 //   --active N: only the first N tunnels open streams (the others stay idle).
 //   The token comes from the BATON_TOKEN environment variable.
 //
@@ -101,6 +103,7 @@ struct Options {
   size_t streams = 5;
   size_t size = 1024;
   bool churn = false;
+  bool resume = true;  // the clients ask for session resume (docs/protocol.md 9)
   uint64_t interval_ms = 0;  // pause between a response and the next request (0: none)
   size_t active = SIZE_MAX;  // only the first `active` tunnels open streams; the rest stay idle
   size_t connect_concurrency = 50;
@@ -397,6 +400,7 @@ baton::ClientOptions Tool::client_options(const std::string& id) const {
   co.client_id = id;
   co.ca_file = o.ca_file;
   co.connect_timeout_ms = uint32_t(std::min<uint64_t>(o.timeout_ms, UINT32_MAX));
+  co.resume = o.resume;
   return co;
 }
 
@@ -927,7 +931,7 @@ int Tool::run() {
 void usage() {
   std::fprintf(stderr,
                "usage: tunnel_load --server HOST:PORT --ca FILE --server-name NAME --route ROUTE\n"
-               "                   [--tunnels 200] [--streams 5] [--size 1024] [--churn 0|1] [--interval-ms 0] [--active N]\n"
+               "                   [--tunnels 200] [--streams 5] [--size 1024] [--churn 0|1] [--resume 0|1] [--interval-ms 0] [--active N]\n"
                "                   [--connect-concurrency 50] [--timeout-ms 10000] [--client-id PREFIX]\n"
                "  token: BATON_TOKEN environment variable. stdin commands: mark NAME | quit\n");
 }
@@ -958,6 +962,7 @@ int main(int argc, char** argv) {
     else if (a == "--active") o.active = size_t(std::atol(v.c_str()));
     else if (a == "--size") o.size = size_t(std::atol(v.c_str()));
     else if (a == "--churn") o.churn = std::atoi(v.c_str()) != 0;
+    else if (a == "--resume") o.resume = std::atoi(v.c_str()) != 0;
     else if (a == "--interval-ms") o.interval_ms = uint64_t(std::atoll(v.c_str()));
     else if (a == "--connect-concurrency") o.connect_concurrency = size_t(std::atol(v.c_str()));
     else if (a == "--timeout-ms") o.timeout_ms = uint64_t(std::atoll(v.c_str()));

@@ -93,6 +93,7 @@ size_t Link::output_budget() const {
 void Link::flush() {
   if (phase() == LinkPhase::closed) return;
   if (core_.secured()) {
+    piggyback_receipt();
     core_.seal();
     if (congested()) was_congested_ = true;
     if (core_.record()->broken() && phase() < LinkPhase::flushing) {
@@ -405,6 +406,23 @@ void Link::send_control(const std::vector<uint8_t>& msg) {
   // go on it; a peer that never returns credit loses them.
   if (n < msg.size()) spdlog::warn("tunnel {}: control stream window exhausted", peer_);
   flush();
+}
+
+// A receipt rides on output that goes anyway (one more frame in the same
+// record, no write of its own) once anything arrived and kPiggybackMs
+// passed: what the peer keeps for a resume, and what a hot restart moves,
+// stays near what is in flight instead of a second's worth of traffic.
+void Link::piggyback_receipt() {
+  ResumeLog& log = core_.resume_log();
+  if (phase() != LinkPhase::serving || !log.keeping() || core_.session()->output().empty() ||
+      !log.receipt_due(true))
+    return;
+  const uint64_t now = uv_now(loop_);
+  if (now < last_receipt_ms_ + kPiggybackMs && !log.receipt_due()) return;
+  last_receipt_ms_ = now;
+  std::vector<uint8_t> msg;
+  mux::encode(mux::Received{log.take_receipt()}, msg);
+  (void)session().write(1, msg);
 }
 
 void Link::send_receipt_if_due() {

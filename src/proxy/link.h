@@ -271,6 +271,8 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   bool write_failed_ = false;  // the peer is gone: nothing more is written
   uint64_t detached_ms_ = 0;
   uint64_t last_receipt_ms_ = 0;
+  static constexpr uint64_t kPiggybackMs = 50;
+  void piggyback_receipt();
   Link* hand_to_ = nullptr;  // hand_session_to(): the session this connection goes to
   uint64_t hand_received_ = 0;
   // Carries this detached session on over `setup`'s connection: its socket

@@ -339,3 +339,22 @@ def test_hundred_tunnels_resume_across_cuts(server_factory, certs, relay_to, spa
     print("[resume_100] 300 resumes of 100 tunnels x 5 streams: pause p50 %d ms, p99 %d ms, max %d ms; "
           "%d round trips, 0 errors" % (done["resume_pause_p50_ms"], done["resume_pause_p99_ms"],
                                         done["resume_pause_max_ms"], done["rtts_total"]))
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_cut_inside_a_tls_record(server, relay, connect_factory, direction):
+    """The connection is reset a few thousand bytes into a 64 KiB echo, in
+    one direction: the cut falls inside a TLS record (records carry up to 16
+    KiB) and inside a frame. The record's start is lost with the connection;
+    the resume sends it again whole, and the echo arrives intact, once."""
+    c = connect_factory(Via(relay.addr))
+    s = local(c)
+    echoed(s, b"warm")
+    for i, n in enumerate((7001, 12345, 3)):
+        msg = os.urandom(65536)
+        relay.cut_after(direction, n)
+        s.sendall(msg)
+        assert recv_exactly(s, len(msg)) == msg
+        assert len(wait_event(c, "resumed", i + 1)) == i + 1
+    assert relay.resets == 3
+    assert not events_of(c, "session_lost") and not events_of(c, "resume_failed")
