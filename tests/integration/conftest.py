@@ -95,6 +95,31 @@ def _sanitizer_reports():
 ROOT_ONLY_SKIPPED = []  # (test, reason): root-only tests skipped because this run is not root
 
 
+# The ThreadSanitizer pass (BATON_TEST_TSAN=1) looks for races between
+# threads. baton's threads are the admin API's (its gate's I/O thread and
+# workers, which hand jobs to the loop) and libuv's pool (the client's
+# getaddrinfo); everything else runs on the one event loop. These modules
+# drive only the loop's single-threaded paths -- wire parsing, yamux flow
+# control, TLS records, the resume protocol, certificate files, manifests --
+# which the release and ASan+UBSan passes run in full; the TSan pass skips
+# them (saying so) to keep CI under its 30 minutes. Every module that starts
+# the admin API's threads under load, signals, drains, hot restarts or runs
+# baton connect's dials stays in the TSan pass. When TLS handshakes move off
+# the loop (issue 22), test_tls and test_hostile must come back to it.
+TSAN = os.environ.get("BATON_TEST_TSAN", "0") == "1"
+TSAN_SINGLE_THREADED = {
+    "test_hostile", "test_yamux_orders", "test_wire", "test_peer_input", "test_interop_go", "test_replay",
+    "test_backpressure", "test_tls", "test_cert_files", "test_resume", "test_k8s_manifests", "test_open_burst",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TSAN and item.module.__name__ in TSAN_SINGLE_THREADED:
+            item.add_marker(pytest.mark.skip(reason="TSan pass: this module drives only the event loop's "
+                                                    "single-threaded paths (conftest.py TSAN_SINGLE_THREADED)"))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (the 1 GiB stream)")
     config.addinivalue_line("markers", "root_only(reason): needs root (another uid, a network namespace); "

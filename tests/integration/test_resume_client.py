@@ -11,6 +11,7 @@ Python wire client (test_resume.py)."""
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -358,3 +359,36 @@ def test_cut_inside_a_tls_record(server, relay, connect_factory, direction):
         assert len(wait_event(c, "resumed", i + 1)) == i + 1
     assert relay.resets == 3
     assert not events_of(c, "session_lost") and not events_of(c, "resume_failed")
+
+
+def test_sigterm_while_detached(server_factory, connect_factory, relay_to):
+    """The pod gets SIGTERM while baton connect's session is detached (the
+    path is down): the server drains, the path comes back within
+    drain.delay_ms, the session resumes, DRAIN (queued while detached)
+    arrives and the client starts moving; the local connection's stream
+    finishes on the resumed session, bytes intact; the server exits 0 once
+    it is closed."""
+    srv = server_factory(extra="drain:\n  delay_ms: 3000\n  spread_ms: 0\n  grace_ms: 20000\n")
+    relay = relay_to(srv)
+    a = Admin(srv)
+    c = connect_factory(Via(relay.addr))
+    s = local(c)
+    echoed(s, b"before")
+    relay.down()
+    wait_event(c, "detached")
+    wait_until(lambda: a.metrics().get("baton_sessions_detached") == 1, 10, what="the server kept the session")
+    srv.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "drain (SIGTERM)" in srv.stderr_text(), 10, what="the drain to start")
+    s.sendall(b"sent while detached")  # waits in the client, goes on the resume
+    relay.up()
+    wait_event(c, "resumed")
+    drain = wait_event(c, "drain")[0]
+    assert drain["n"] == 1, drain
+    assert recv_exactly(s, 19) == b"sent while detached"
+    echoed(s, b"after the drain began")
+    assert srv.proc.poll() is None, "exited with a stream open"
+    s.shutdown(socket.SHUT_WR)
+    assert s.recv(10) == b""
+    s.close()
+    assert srv.wait_exit(scaled(10)) == 0
+    assert not events_of(c, "resume_failed")
