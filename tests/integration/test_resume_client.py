@@ -64,6 +64,18 @@ def echoed(s, msg):
     assert recv_exactly(s, len(msg)) == msg
 
 
+def relayed_client(server_factory, relay_to, connect_factory, extra="", limits=None):
+    """A `baton serve` (config `extra`, `limits`), a fault relay in front of
+    it, a `baton connect` through the relay and one local connection that
+    has echoed once: (server, relay, admin, client, local socket)."""
+    srv = server_factory(extra=extra, limits=limits)
+    relay = relay_to(srv)
+    c = connect_factory(Via(relay.addr))
+    s = local(c)
+    echoed(s, b"before")
+    return srv, relay, Admin(srv), c, s
+
+
 def events_of(client, kind):
     return [e for e in client.events() if e.get("event") == kind]
 
@@ -175,12 +187,7 @@ def test_black_hole_found_by_heartbeats(server_factory, connect_factory, relay_t
     """The path goes silent (nothing is reset): the client finds it by two
     unanswered pings, keeps the session and resumes it once the path is
     back; the server still thinks the old connection alive and drops it."""
-    srv = server_factory(limits={"heartbeat_ms": 300})
-    relay = relay_to(srv)
-    a = Admin(srv)
-    c = connect_factory(Via(relay.addr))
-    s = local(c)
-    echoed(s, b"before")
+    srv, relay, a, c, s = relayed_client(server_factory, relay_to, connect_factory, limits={"heartbeat_ms": 300})
     relay.hold("up")
     relay.hold("down")
     s.sendall(b"during the black hole")  # waits in the client (kept), then goes on the resume
@@ -198,12 +205,7 @@ def test_refused_resume_gives_a_fresh_session(server_factory, connect_factory, r
     """The server keeps no detached session (resume.max_detached 0): the
     resume is refused, the old stream's local connection is reset, a fresh
     session (n 2) takes new connections."""
-    srv = server_factory(extra="resume:\n  max_detached: 0\n")
-    relay = relay_to(srv)
-    a = Admin(srv)
-    c = connect_factory(Via(relay.addr))
-    s = local(c)
-    echoed(s, b"ping")
+    srv, relay, a, c, s = relayed_client(server_factory, relay_to, connect_factory, "resume:\n  max_detached: 0\n")
     relay.reset()
     fail = wait_event(c, "resume_failed")[0]
     assert "resume refused" in fail["reason"] and "unknown_session" in fail["reason"], fail
@@ -368,12 +370,8 @@ def test_sigterm_while_detached(server_factory, connect_factory, relay_to):
     arrives and the client starts moving; the local connection's stream
     finishes on the resumed session, bytes intact; the server exits 0 once
     it is closed."""
-    srv = server_factory(extra="drain:\n  delay_ms: 3000\n  spread_ms: 0\n  grace_ms: 20000\n")
-    relay = relay_to(srv)
-    a = Admin(srv)
-    c = connect_factory(Via(relay.addr))
-    s = local(c)
-    echoed(s, b"before")
+    srv, relay, a, c, s = relayed_client(server_factory, relay_to, connect_factory,
+                                         "drain:\n  delay_ms: 3000\n  spread_ms: 0\n  grace_ms: 20000\n")
     relay.down()
     wait_event(c, "detached")
     wait_until(lambda: a.metrics().get("baton_sessions_detached") == 1, 10, what="the server kept the session")
