@@ -85,10 +85,9 @@ class ClientLink : public Link {
   ClientLink* resume_of = nullptr;
   bool resumable_session() const { return resume_secret.has_value(); }
   bool detached() const { return phase() == LinkPhase::detached; }
-  void set_window(uint32_t ms) { set_resume_window(ms); }
-  bool can_resume_at(uint64_t server_received) const { return can_resume_from(server_received); }
-  uint64_t kept_acked() const { return core_log().acked(); }
-  uint64_t kept_sent() const { return core_log().sent(); }
+  using Link::can_resume_from;
+  using Link::core_log;
+  using Link::set_resume_window;
   // Hands this detached session's connection over to `setup` and back.
   void take_over_from(ClientLink& setup, uint64_t server_received) { setup.hand_session_to(*this, server_received); }
   // Takes new streams.
@@ -588,9 +587,9 @@ struct Client::Impl {
       l->close("RESUMED for a session no longer kept", true);
       return;
     }
-    if (!kept->can_resume_at(m.received)) {
+    if (!kept->can_resume_from(m.received)) {
       spdlog::warn("session {}: RESUMED from offset {}, outside the {}..{} kept here; a fresh session follows",
-                   kept->n, m.received, kept->kept_acked(), kept->kept_sent());
+                   kept->n, m.received, kept->core_log().acked(), kept->core_log().sent());
       l->close("RESUMED offset out of range", true, mux::GoAwayCode::protocol_error);
       return;
     }
@@ -598,9 +597,9 @@ struct Client::Impl {
     l->resume_of = nullptr;
     kept->resume_secret = m.secret;
     kept->resume_window_ms = m.window_ms;
-    kept->set_window(m.window_ms);
+    kept->set_resume_window(m.window_ms);
     kept->target = l->target;
-    resume_replay_ = kept->kept_sent() - m.received;
+    resume_replay_ = kept->core_log().sent() - m.received;
     kept->take_over_from(*l, m.received);
   }
 
@@ -966,7 +965,7 @@ void ClientLink::on_control_data() {
         resume_secret = m.welcome->resume_secret;
         resume_window_ms = m.welcome->resume_window_ms.value_or(0);
         resume_address = m.welcome->resume_address;
-        set_window(resume_window_ms);
+        set_resume_window(resume_window_ms);
       } else {
         resume_log().stop_keeping();
       }

@@ -400,12 +400,23 @@ void Link::resume_from(Link& setup, uint64_t peer_received) {
   if (phase() == LinkPhase::serving && core_.record() && core_.record()->has_input()) record_input({});
 }
 
-void Link::send_control(const std::vector<uint8_t>& msg) {
+void Link::write_control(const std::vector<uint8_t>& msg) {
   size_t n = session().write(1, msg);
   // The control stream's window is 256 KiB and a handful of small messages
   // go on it; a peer that never returns credit loses them.
   if (n < msg.size()) spdlog::warn("tunnel {}: control stream window exhausted", peer_);
+}
+
+void Link::send_control(const std::vector<uint8_t>& msg) {
+  write_control(msg);
   flush();
+}
+
+void Link::write_receipt(uint64_t now) {
+  last_receipt_ms_ = now;
+  std::vector<uint8_t> msg;
+  mux::encode(mux::Received{core_.resume_log().take_receipt()}, msg);
+  write_control(msg);
 }
 
 // A receipt rides on output that goes anyway (one more frame in the same
@@ -419,10 +430,7 @@ void Link::piggyback_receipt() {
     return;
   const uint64_t now = uv_now(loop_);
   if (now < last_receipt_ms_ + kPiggybackMs && !log.receipt_due()) return;
-  last_receipt_ms_ = now;
-  std::vector<uint8_t> msg;
-  mux::encode(mux::Received{log.take_receipt()}, msg);
-  (void)session().write(1, msg);
+  write_receipt(now);  // sealed by the flush under way
 }
 
 void Link::send_receipt_if_due() {
@@ -430,10 +438,8 @@ void Link::send_receipt_if_due() {
   if (phase() != LinkPhase::serving || !log.keeping()) return;
   const uint64_t now = uv_now(loop_);
   if (!log.receipt_due() && !(log.receipt_due(true) && now >= last_receipt_ms_ + 1000)) return;
-  last_receipt_ms_ = now;
-  std::vector<uint8_t> msg;
-  mux::encode(mux::Received{log.take_receipt()}, msg);
-  send_control(msg);
+  write_receipt(now);
+  flush();
 }
 
 bool Link::take_receipt(uint64_t offset) {

@@ -216,6 +216,8 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   bool take_receipt(uint64_t offset);
   // Writes a control message on stream 1 and flushes.
   void send_control(const std::vector<uint8_t>& msg);
+  // Writes it without flushing (from inside a flush, or before one).
+  void write_control(const std::vector<uint8_t>& msg);
   // Wakes the bridges after output room appeared (a receipt, a resume).
   void wake_bridges();
   void rearm_timer();
@@ -273,6 +275,7 @@ class Link : public net::TcpHandler, public mux::SessionHandler {
   uint64_t last_receipt_ms_ = 0;
   static constexpr uint64_t kPiggybackMs = 50;
   void piggyback_receipt();
+  void write_receipt(uint64_t now);  // RECEIVED with what arrived so far
   Link* hand_to_ = nullptr;  // hand_session_to(): the session this connection goes to
   uint64_t hand_received_ = 0;
   // Carries this detached session on over `setup`'s connection: its socket
