@@ -22,7 +22,7 @@ connection every half second.
   every replica's baton restarts in place (`kubectl exec POD -c baton -- kill
   -HUP 1`, i.e. SIGHUP to the hot-restarter): not one request fails, no
   client reconnects or sees DRAIN, no pod leaves the Service, each old baton
-  process is gone within 2 s, each new one runs the new binary.
+  process is gone within 5 s (not lingering), each new one runs the new binary.
 
 - test_without_the_app_prestop_requests_fail: the control; without the
   app's preStop hook, requests do fail.
@@ -333,10 +333,12 @@ def test_in_pod_hot_restart(sim: Env, capsys):
             assert handed, "%s: no handed_over line from pid %d: %s" % (pod.name, old_pid, baton.lines())
             assert sha256_file("/proc/%d/exe" % new["pid"]) == digest, "%s: the new baton does not run the new binary" % pod.name
             assert baton.running, "%s: the hot-restarter exited" % pod.name
-            # Gone, not lingering: 2 s holds the new process's whole start (exec,
-            # config, keys) beside 100 clients' load and the CI's background
-            # build (1.02 s seen once with a 1 s bound); bench/restart.py times it.
-            assert gone_s < scaled(2.0), "%s: the old baton lived %.2f s after SIGHUP" % (pod.name, gone_s)
+            # Gone, not lingering (a drain would keep it for its 30 s grace):
+            # the bound holds the new process's whole start (exec, config,
+            # keys) and the hand-over on two cores saturated by 100 clients
+            # and their load generator, where 1.02 s and 2.19 s were seen
+            # (typically 0.1-0.3 s). bench/restart.py times hot restarts.
+            assert gone_s < scaled(5.0), "%s: the old baton lived %.2f s after SIGHUP" % (pod.name, gone_s)
             report.append("%s: %d tunnels handed over in %d ms, old process gone %d ms after SIGHUP" % (
                 pod.name, handed[0]["tunnels"], handed[0]["ms"], gone_s * 1000))
     finally:
