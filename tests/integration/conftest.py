@@ -666,6 +666,39 @@ def _teardown(procs: List[BatonProcess]) -> None:
         pytest.fail("; ".join(problems), pytrace=False)
 
 
+# --- breaking connections (fault_relay.py) ---------------------------------
+
+class Via:
+    """What connect_factory needs of a server: its address (the relay's)."""
+
+    def __init__(self, addr):
+        self.addr = addr
+
+
+@pytest.fixture
+def relay_to():
+    """relay_to(server) -> a FaultRelay in front of it, closed at teardown."""
+    made = []
+
+    def make(server):
+        from fault_relay import FaultRelay
+        made.append(FaultRelay(server.addr))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def assert_stream_over(s):
+    """The local connection was ended (reset or closed), not left hanging."""
+    s.settimeout(scaled(10))
+    try:
+        assert s.recv(10) == b""
+    except ConnectionResetError:
+        pass
+
+
 @pytest.fixture
 def spawn_tool():
     """spawn_tool(args, **popen_kw) -> Popen of a helper process (a bench

@@ -19,44 +19,13 @@ import time
 
 import pytest
 
-from conftest import BIG_BYTES, TOKEN, Admin, BigSender, scaled, wait_until
-from fault_relay import FaultRelay
+from conftest import BIG_BYTES, TOKEN, Admin, BigSender, Via, assert_stream_over, scaled, wait_until
 from test_client_status_http import get_status
-
-
-class Via:
-    """What connect_factory needs of a server: its address (the relay's)."""
-
-    def __init__(self, addr):
-        self.addr = addr
-
-
-@pytest.fixture
-def relay_to():
-    """relay_to(server) -> a FaultRelay in front of it, closed at teardown."""
-    made = []
-
-    def make(server):
-        made.append(FaultRelay(server.addr))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
 
 
 @pytest.fixture
 def relay(server, relay_to):
     return relay_to(server)
-
-
-def assert_stream_over(s):
-    """The local connection was ended (reset or closed), not left hanging."""
-    s.settimeout(scaled(10))
-    try:
-        assert s.recv(10) == b""
-    except ConnectionResetError:
-        pass
 
 
 def echoed(s, msg):
